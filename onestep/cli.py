@@ -1,0 +1,140 @@
+"""The ``onestep`` command line: ``train``, ``sample``, ``quickstart``.
+
+Errors a user can cause print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import OnestepError
+
+EPILOG_TRAIN = """\
+examples:
+  onestep train digits_dmd2                         # a shipped preset (configs/digits_dmd2.yaml)
+  onestep train my.yaml --output-dir runs/x --max_steps 2000 --fake_score lora
+  onestep train digits_dmd2 --resume latest          # continue from the newest checkpoint-* folder
+  accelerate launch --multi_gpu --num_processes 2 -m onestep.cli train digits_dmd2
+
+Any config field can be overridden as --key value (values are read as YAML).
+`onestep train --list-presets` lists the presets; `onestep train CONFIG --show-config`
+prints every field with its help and value.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onestep",
+        description="Distil diffusion models into one-step (and few-step) generators.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="distil a teacher into a student from a YAML config",
+        description="Train a student with the method named in CONFIG (a YAML file or a shipped preset name).",
+        epilog=EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("config", nargs="?", help="YAML config file or preset name (e.g. digits_dmd2)")
+    t.add_argument("--output-dir", help="run folder (default runs/<config name>); the student lands in DIR/student")
+    t.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
+    t.add_argument("--show-config", action="store_true", help="print the resolved config with each field's help and exit")
+
+    s = sub.add_parser(
+        "sample",
+        help="sample an exported student",
+        description="Sample a student folder: PNG pictures plus samples.npz (array 'samples', raw float32).",
+    )
+    s.add_argument("--student", required=True, help="student folder (with onestep.json and generator/)")
+    s.add_argument("--num-samples", type=int, default=16, help="number of samples (default 16)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's own timesteps)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed+i")
+    s.add_argument("--class", dest="label", type=int, default=None, help="class label for class-conditional students (default: cycle 0..C-1)")
+    s.add_argument("--batch-size", type=int, default=256)
+
+    q = sub.add_parser(
+        "quickstart",
+        help="distil the bundled digits teacher with DMD2, sample it and report",
+        description="Distil the bundled digits teacher into a one-step student with DMD2 on this machine, then write "
+        "a labelled comparison grid (samples.png) and timings (report.json) into the output folder.",
+    )
+    q.add_argument("--output-dir", default="runs/quickstart", help="run folder (default runs/quickstart)")
+    q.add_argument("--max-steps", type=int, default=None, help="override the preset's training iterations")
+    q.add_argument("--timing-samples", type=int, default=100, help="images used to time student and teacher sampling")
+    return p
+
+
+def _cmd_train(args, extra: list[str]) -> int:
+    from .config import field_help, list_presets, parse_overrides
+    from .trainers import load_config, make_trainer, method_classes
+
+    if args.list_presets:
+        print("\n".join(list_presets()))
+        return 0
+    if not args.config:
+        raise OnestepError("train needs a CONFIG (a YAML file or a preset; see --list-presets)")
+    config = load_config(args.config, parse_overrides(extra), output_dir=args.output_dir)
+    if args.show_config:
+        cls, _ = method_classes(config.method)
+        for name, _default, help_text in field_help(cls):
+            print(f"{name} = {getattr(config, name)!r}\n    {help_text}")
+        return 0
+    trainer = make_trainer(config)
+    student = trainer.train()
+    if student is not None:
+        print(f"student written to {student}")
+    return 0
+
+
+def _cmd_sample(args, extra: list[str]) -> int:
+    if extra:
+        raise OnestepError(f"unknown arguments: {' '.join(extra)}")
+    from .sampling import sample_to_folder
+
+    if args.num_samples < 1:
+        raise OnestepError("--num-samples must be at least 1")
+    out = sample_to_folder(args.student, args.out, args.num_samples, steps=args.steps, seed=args.seed, label=args.label, batch_size=args.batch_size)
+    print(f"wrote {args.num_samples} samples to {out}")
+    return 0
+
+
+def _cmd_quickstart(args, extra: list[str]) -> int:
+    if extra:
+        raise OnestepError(f"unknown arguments: {' '.join(extra)}")
+    from .quickstart import run_quickstart
+
+    run_quickstart(Path(args.output_dir), max_steps=args.max_steps, timing_samples=args.timing_samples)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command != "train" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    commands = {"train": _cmd_train, "sample": _cmd_sample, "quickstart": _cmd_quickstart}
+    try:
+        return commands[args.command](args, extra)
+    except OnestepError as e:
+        print(f"onestep {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

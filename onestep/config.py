@@ -1,0 +1,129 @@
+"""Config dataclasses: YAML presets with command-line overrides (trl style).
+
+A config file is YAML with a ``method`` key (``dmd2``, ...) and fields of that
+method's dataclass. ``--key value`` overrides any field; values are parsed as YAML
+(``--generator_timesteps "[999, 499]"``, ``--fake_score lora``). Unknown keys and
+out-of-range values raise :class:`~onestep.errors.ConfigError` naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_dir() -> Path:
+    """Where the shipped YAML presets live (the repo's ``configs/``, installed as ``onestep.configs``)."""
+    try:
+        import onestep.configs as c
+
+        return Path(c.__file__).resolve().parent
+    except ImportError:  # pragma: no cover - source tree without install
+        return PRESETS
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a shipped preset (``digits_dmd2``)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    preset = preset_dir() / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"config {name_or_path!r} is neither a YAML file nor a preset (presets: {', '.join(list_presets())})")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--lr_generator", "1e-5", "--ema_decay=0.99"]`` -> ``{"lr_generator": 1e-5, "ema_decay": 0.99}``."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or a == "--":
+            raise ConfigError(f"expected --key value, got {a!r}")
+        key, eq, val = a[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value")
+            val = args[i + 1]
+            i += 1
+        i += 1
+        out[key.replace("-", "_")] = yaml.safe_load(val) if val != "" else ""
+    return out
+
+
+def _coerce(cls, name: str, value: Any) -> Any:
+    hints = typing.get_type_hints(cls)
+    hint = hints.get(name)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = set(typing.get_args(hint)) if is_union else {hint}
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{name} cannot be empty")
+    if bool in allowed and isinstance(value, bool):
+        return value
+    if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if str in allowed and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    for a in allowed:
+        origin = typing.get_origin(a) or a
+        if origin is list and isinstance(value, (list, tuple)):
+            return list(value)
+        if origin is dict and isinstance(value, dict):
+            return value
+    raise ConfigError(f"{name}: {value!r} is not a valid {hint}")
+
+
+def build_config(cls, values: dict[str, Any], source: str = "config"):
+    """Instantiate dataclass ``cls`` from ``values``, with a clear error for unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, sorted(names), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{source}: unknown key {k!r} for {cls.__name__}{hint}")
+    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def field_help(cls) -> list[tuple[str, Any, str]]:
+    """``(name, default, help)`` for every field: what ``onestep train --help-config`` prints."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        rows.append((f.name, default, f.metadata.get("help", "")))
+    return rows

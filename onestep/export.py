@@ -1,0 +1,161 @@
+"""Students on disk.
+
+A student is a folder written only with safetensors::
+
+    student/
+      generator/                 # diffusers save_pretrained: config.json + *.safetensors
+      onestep.json               # how to sample it, with or without onestep
+
+``onestep.json`` holds the format version, the method, the teacher and its hash, the
+prediction type, the schedule (a diffusers scheduler config), the sampling timesteps,
+the conditioning, the sample shape and the clamp range. With it, plain diffusers can
+sample a ``UNet2DModel`` student::
+
+    unet = UNet2DModel.from_pretrained("student/generator")
+    x = noise                                   # N(0, I), shape sample_shape
+    for i, t in enumerate(meta["timesteps"]):
+        eps = unet(x, t, class_labels=y).sample
+        x0 = (x - sqrt(1 - abar[t]) * eps) / sqrt(abar[t])      # prediction_type epsilon
+        x = x0 if last else sqrt(abar[t_next]) * x0 + sqrt(1 - abar[t_next]) * fresh_noise
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .conditioning import Conditioning
+from .denoiser import Denoiser
+from .errors import StudentFormatError
+from .schedule import NoiseSchedule
+from .teachers import PICKLE_SUFFIXES, Teacher
+
+FORMAT_VERSION = 1
+META_FILE = "onestep.json"
+
+
+def _model_classes() -> dict[str, type]:
+    """The only classes a student may name (no import by string from a file)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from .teachers.gmm import MLPDenoiser
+
+    return {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel, "MLPDenoiser": MLPDenoiser}
+
+
+def export_student(
+    out: str | Path,
+    generator: nn.Module,
+    teacher: Teacher,
+    method: str,
+    timesteps: list[int],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``generator`` (a diffusers model) and its sampling metadata to ``out``."""
+    out = Path(out)
+    cls_name = type(generator).__name__
+    if cls_name not in _model_classes():
+        raise StudentFormatError(f"cannot export a {cls_name}: expected one of {sorted(_model_classes())}")
+    out.mkdir(parents=True, exist_ok=True)
+    generator.save_pretrained(out / "generator", safe_serialization=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "model_class": cls_name,
+        "teacher": {"name": teacher.name, "sha256": teacher.sha256},
+        "prediction_type": teacher.prediction_type,
+        "schedule": teacher.schedule.to_dict(),
+        "timesteps": [int(t) for t in timesteps],
+        "conditioning": teacher.conditioning.to_dict(),
+        "sample_shape": list(teacher.sample_shape),
+        "clip": teacher.clip,
+        "guidance": None,
+        "sampling": "x = N(0, I); for each timestep t: x0 = generator(x, t, cond) converted from prediction_type; "
+        "re-noise x0 to the next timestep with fresh noise; the last x0 is the sample",
+    }
+    if extra:
+        meta.update(extra)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+@dataclass
+class Student:
+    """A loaded student: its generator as an x0 :class:`Denoiser` and its metadata."""
+
+    path: Path
+    generator: Denoiser
+    timesteps: list[int]
+    conditioning: Conditioning
+    sample_shape: tuple[int, ...]
+    clip: float | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.generator.schedule
+
+    @property
+    def max_steps(self) -> int:
+        return len(self.timesteps)
+
+    def timesteps_for(self, steps: int | None) -> list[int]:
+        """The sampling timesteps for ``steps`` model calls (default: the trained ones)."""
+        if steps is None or steps == len(self.timesteps):
+            return list(self.timesteps)
+        if steps < 1:
+            raise StudentFormatError("steps must be at least 1")
+        if steps < len(self.timesteps):
+            return list(self.timesteps[:steps])
+        if len(self.timesteps) == 1:
+            # A one-step student may still be run for more steps: denoise, re-noise at evenly spaced labels.
+            t0 = self.timesteps[0]
+            return [int(round(t0 * (steps - i) / steps)) for i in range(steps)]
+        raise StudentFormatError(f"this student was trained for at most {len(self.timesteps)} steps, not {steps}")
+
+
+def load_student(path: str | Path, device: torch.device | str = "cpu") -> Student:
+    """Load a student folder written by :func:`export_student`. Refuses pickle files."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise StudentFormatError(f"student folder {path} does not exist")
+    if not path.is_dir():
+        raise StudentFormatError(f"{path} is not a folder; a student is a folder with onestep.json and generator/")
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise StudentFormatError(f"{path} is not a onestep student: {META_FILE} is missing")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise StudentFormatError(f"{meta_file}: not valid JSON ({e})") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StudentFormatError(f"{meta_file}: unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
+    gen_dir = path / "generator"
+    if not gen_dir.is_dir():
+        raise StudentFormatError(f"{path}: generator/ is missing")
+    pickles = [p.name for p in gen_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise StudentFormatError(f"{gen_dir} holds pickle files ({', '.join(pickles)}); onestep loads safetensors only")
+    if not list(gen_dir.glob("*.safetensors")):
+        raise StudentFormatError(f"{gen_dir}: no .safetensors weights")
+    classes = _model_classes()
+    cls = classes.get(meta.get("model_class", ""))
+    if cls is None:
+        raise StudentFormatError(f"{meta_file}: model_class {meta.get('model_class')!r} is not one of {sorted(classes)}")
+    backbone = cls.from_pretrained(gen_dir, use_safetensors=True).to(device).eval()
+    schedule = NoiseSchedule.from_scheduler_config(meta["schedule"])
+    generator = Denoiser(backbone, schedule, meta["prediction_type"]).eval()
+    return Student(
+        path=path,
+        generator=generator,
+        timesteps=[int(t) for t in meta["timesteps"]],
+        conditioning=Conditioning(**meta["conditioning"]),
+        sample_shape=tuple(meta["sample_shape"]),
+        clip=meta.get("clip"),
+        meta=meta,
+    )

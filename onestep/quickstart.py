@@ -1,0 +1,96 @@
+"""``onestep quickstart``: distil the bundled digits teacher with DMD2, sample, compare, time."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .digits import NUM_CLASSES, classify_digits
+from .export import load_student
+from .teachers import load_teacher
+from .viz import save_comparison
+
+PRESET = "digits_dmd2"
+TEACHER_STEPS = 50
+PER_CLASS = 8
+
+
+def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def compare_student_teacher(student_dir: Path, out: Path, timing_samples: int = 100, batch_size: int = 100) -> dict[str, Any]:
+    """Sample the student (its own steps) and the digits teacher (50 guided DDIM steps) for the same
+    classes and seeds; write ``samples.png``; time both on ``timing_samples`` images."""
+    from onestep.samplers.student import sample_student_from_seeds, teacher_sample_from_seeds
+
+    student = load_student(student_dir)
+    teacher = load_teacher("digits")
+    t_den = teacher.denoiser()
+    labels = [c for c in range(NUM_CLASSES) for _ in range(PER_CLASS)]
+    seeds = list(range(len(labels)))
+    xs, _ = sample_student_from_seeds(student.generator, student, student.timesteps, seeds, labels)
+    xt = teacher_sample_from_seeds(t_den, teacher, seeds, labels, TEACHER_STEPS, teacher.guidance_scale)
+    k = len(student.timesteps)
+    save_comparison(
+        [(f"student: {k} step{'s' if k > 1 else ''}", xs), (f"teacher: {TEACHER_STEPS} DDIM steps, CFG {teacher.guidance_scale:g}", xt)],
+        out / "samples.png",
+        row_labels=[str(c) for c in range(NUM_CLASSES)],
+        per_row=PER_CLASS,
+        title="same classes, same seeds",
+    )
+
+    # Timing: the same images, the same batch size, after one warm-up call each.
+    t_labels = [i % NUM_CLASSES for i in range(timing_samples)]
+    t_seeds = list(range(1000, 1000 + timing_samples))
+    sample_student_from_seeds(student.generator, student, student.timesteps, t_seeds[:2], t_labels[:2])
+    ts_all, s_sec = _timed(sample_student_from_seeds, student.generator, student, student.timesteps, t_seeds, t_labels, batch_size=batch_size)
+    tt_all, t_sec = _timed(
+        teacher_sample_from_seeds, t_den, teacher, t_seeds, t_labels, TEACHER_STEPS, teacher.guidance_scale, batch_size=batch_size
+    )
+    y = torch.tensor(labels + t_labels)
+    acc_s = float((classify_digits(torch.cat([xs, ts_all[0]])) == y).float().mean())
+    acc_t = float((classify_digits(torch.cat([xt, tt_all])) == y).float().mean())
+    return {
+        "student_steps": k,
+        "teacher_steps": TEACHER_STEPS,
+        "teacher_guidance_scale": teacher.guidance_scale,
+        "timing_samples": timing_samples,
+        "timing_batch_size": batch_size,
+        "student_sec_per_image": s_sec / timing_samples,
+        "teacher_sec_per_image": t_sec / timing_samples,
+        "speedup": t_sec / s_sec,
+        "student_class_accuracy": acc_s,
+        "teacher_class_accuracy": acc_t,
+        "class_accuracy_samples": len(y),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_quickstart(out: Path, max_steps: int | None = None, timing_samples: int = 100) -> dict[str, Any]:
+    from onestep.trainers import load_config, make_trainer
+
+    overrides = {"max_steps": max_steps} if max_steps is not None else {}
+    config = load_config(PRESET, overrides, output_dir=str(out))
+    start = time.perf_counter()
+    trainer = make_trainer(config)
+    student_dir = trainer.train()
+    wall = time.perf_counter() - start
+    print(f"distilled the digits teacher with DMD2 in {wall:.0f} s ({config.max_steps} iterations)")
+    print("sampling student and teacher for the comparison grid and timings ...")
+    report = {"preset": PRESET, "student": str(student_dir), "distill_wall_seconds": wall, "iterations": config.max_steps}
+    report.update(compare_student_teacher(Path(student_dir), out, timing_samples=timing_samples))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"student : {report['student_sec_per_image'] * 1e3:8.2f} ms/image ({report['student_steps']} step)")
+    print(f"teacher : {report['teacher_sec_per_image'] * 1e3:8.2f} ms/image ({TEACHER_STEPS} steps, CFG {report['teacher_guidance_scale']:g})")
+    print(f"speed-up: {report['speedup']:.0f}x")
+    print(f"class accuracy: student {report['student_class_accuracy']:.1%}, teacher {report['teacher_class_accuracy']:.1%}")
+    print(f"wrote {out / 'samples.png'}, {out / 'report.json'} and the student in {student_dir}")
+    return report

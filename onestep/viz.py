@@ -1,0 +1,94 @@
+"""Pictures: sample grids for images, scatter plots for 2D teachers, labelled comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(N, C, H, W)`` in [-1, 1] -> ``(N, H, W, C)`` uint8 (the one quantisation used everywhere)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
+    """Tile ``(N, C, H, W)`` images in [-1, 1] into one uint8 array, ``nrow`` images per row."""
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    rows = (n + nrow - 1) // nrow
+    out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = arr[i]
+    return out[..., 0] if c == 1 else out
+
+
+def save_samples_picture(x: torch.Tensor, path: str | Path, title: str = "", nrow: int = 10) -> Path:
+    """Save samples as a picture: an image grid for ``(N, C, H, W)``, a scatter plot for ``(N, 2)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    if x.ndim == 2:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        pts = x.detach().float().cpu().numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.5)
+        ax.set_aspect("equal")
+        lim = max(6.0, float(np.abs(pts).max()) * 1.05) if len(pts) else 6.0
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    else:
+        grid = tile(x, nrow)
+        fig, ax = plt.subplots(figsize=(grid.shape[1] / 25 + 1, grid.shape[0] / 25 + 1))
+        ax.imshow(grid, cmap="gray", interpolation="nearest", vmin=0, vmax=255)
+        ax.axis("off")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_comparison(
+    panels: list[tuple[str, torch.Tensor]],
+    path: str | Path,
+    row_labels: list[str],
+    per_row: int,
+    title: str = "",
+) -> Path:
+    """Side-by-side labelled grids: each panel is ``(heading, images)`` with ``len(row_labels) * per_row``
+    images in row-major order (row ``i`` holds the samples for ``row_labels[i]``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    rows = len(row_labels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.0 * per_row * len(panels), 0.9 * rows + 1.2))
+    axes = np.atleast_1d(axes)
+    for ax, (heading, imgs) in zip(axes, panels):
+        grid = tile(imgs, per_row, pad=2)
+        ax.imshow(grid, cmap="gray", interpolation="nearest", vmin=0, vmax=255)
+        h = imgs.shape[-2] + 2
+        ax.set_yticks([2 + h * i + (h - 2) / 2 for i in range(rows)])
+        ax.set_yticklabels(row_labels)
+        ax.set_xticks([])
+        ax.set_title(heading, fontsize=11)
+        for s in ax.spines.values():
+            s.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,111 @@
+"""One-step and K-step sampling of a student generator (plain functions)."""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from onestep.conditioning import Cond, Conditioning
+from onestep.denoiser import Denoiser
+
+from .noise import per_sample_noise, seed_generators
+
+
+class SampleSpec(Protocol):
+    """What sampling needs to know about a model: a teacher or a loaded student has these."""
+
+    sample_shape: tuple[int, ...]
+    conditioning: Conditioning
+    clip: float | None
+
+
+def student_sample(
+    generator: Denoiser,
+    timesteps: list[int],
+    noise: torch.Tensor,
+    cond: Cond = None,
+    renoise: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """Run a student through ``timesteps``: predict x0, re-noise it to the next timestep, repeat.
+
+    The first step takes pure noise labelled ``timesteps[0]`` (as in training). Between
+    steps ``x = a_next x0 + s_next e`` with fresh ``e = renoise(shape)``. Returns the last
+    x0 prediction. ``len(timesteps)`` model calls, no more.
+    """
+    x = noise
+    n = x.shape[0]
+    schedule = generator.schedule if hasattr(generator, "schedule") else generator.module.schedule
+    for i, t in enumerate(timesteps):
+        tt = torch.full((n,), int(t), dtype=torch.long, device=x.device)
+        x0 = generator(x, tt, cond)
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        if i == len(timesteps) - 1:
+            return x0
+        if renoise is None:
+            raise ValueError("K-step sampling needs a renoise function for the fresh noise between steps")
+        nxt = torch.full((n,), int(timesteps[i + 1]), dtype=torch.long, device=x.device)
+        x = schedule.add_noise(x0, renoise(tuple(x.shape)), nxt)
+    return x
+
+
+@torch.no_grad()
+def sample_student_from_seeds(
+    generator: Denoiser,
+    spec: SampleSpec,
+    timesteps: list[int],
+    seeds: list[int] | range,
+    labels: list[int] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, Cond]:
+    """Sample one image per seed. Each sample's starting and re-noising noise comes from its own
+    seed, so the result for a seed does not depend on the batch size."""
+    seeds = list(seeds)
+    cond_all = spec.conditioning.from_labels(labels if labels is not None else [0] * len(seeds), device)
+    outs = []
+    for i in range(0, len(seeds), batch_size):
+        gens = seed_generators(seeds[i : i + batch_size])
+        noise = per_sample_noise(gens, spec.sample_shape, device)
+        cond = None if cond_all is None else cond_all[i : i + batch_size]
+        outs.append(
+            student_sample(
+                generator, timesteps, noise, cond, renoise=lambda shape: per_sample_noise(gens, shape[1:], device), clip=spec.clip
+            ).cpu()
+        )
+    return torch.cat(outs), cond_all
+
+
+@torch.no_grad()
+def teacher_sample_from_seeds(
+    teacher: Denoiser,
+    spec: SampleSpec,
+    seeds: list[int] | range,
+    labels: list[int] | None = None,
+    num_steps: int = 50,
+    guidance_scale: float = 1.0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM samples of a teacher, one per seed (same per-seed noise as :func:`sample_student_from_seeds`)."""
+    from .ddim import ddim_sample
+
+    seeds = list(seeds)
+    cond_all = spec.conditioning.from_labels(labels if labels is not None else [0] * len(seeds), device)
+    outs = []
+    for i in range(0, len(seeds), batch_size):
+        gens = seed_generators(seeds[i : i + batch_size])
+        noise = per_sample_noise(gens, spec.sample_shape, device)
+        n = noise.shape[0]
+        cond = None if cond_all is None else cond_all[i : i + n]
+        uncond = spec.conditioning.null(n, device)
+        outs.append(
+            ddim_sample(
+                teacher, noise, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
+                clip=spec.clip, progress=progress,
+            ).cpu()
+        )
+    return torch.cat(outs)

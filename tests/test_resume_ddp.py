@@ -1,0 +1,89 @@
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_dmd2_config
+from onestep.trainers import DMD2Trainer
+
+
+def _weights(tr):
+    out = {f"g.{k}": v.clone() for k, v in tr.generator.state_dict().items()}
+    out.update({f"f.{k}": v.clone() for k, v in tr.fake.state_dict().items()})
+    out.update({f"h.{k}": v.clone() for k, v in tr.heads.state_dict().items()})
+    if tr.ema is not None:
+        out.update({f"ema.{i}": p.clone() for i, p in enumerate(tr.ema.shadow_params)})
+    return out
+
+
+def test_killed_and_resumed_run_ends_with_same_weights(tmp_path, tiny_teacher_dir):
+    common = dict(max_steps=6, checkpoint_every=3, ema_decay=0.9, warmup_steps=2, gan_weight_generator=5e-3, export=False)
+    full = DMD2Trainer(tiny_dmd2_config(tmp_path / "a", tiny_teacher_dir, **common))
+    full.train()
+
+    cfg = tiny_dmd2_config(tmp_path / "b", tiny_teacher_dir, **common)
+    killed = DMD2Trainer(cfg)
+    step = killed.train_step
+
+    def dies_at_4():
+        if killed.state.step == 4:
+            raise KeyboardInterrupt("killed")
+        return step()
+
+    killed.train_step = dies_at_4
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    assert [p.name for p in killed.checkpoints()] == ["checkpoint-3"]
+
+    resumed = DMD2Trainer(dataclasses.replace(cfg, resume="latest"))
+    resumed.train()
+    assert resumed.state.step == 6
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # and the run did not simply stand still
+    fresh = DMD2Trainer(tiny_dmd2_config(tmp_path / "c", tiny_teacher_dir, **common))
+    assert any(not torch.equal(v, fresh.generator.state_dict()[k[2:]]) for k, v in a.items() if k.startswith("g."))
+
+
+def test_checkpoint_total_limit(tmp_path, tiny_teacher_dir):
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=5, checkpoint_every=1, checkpoint_total_limit=2, export=False))
+    tr.train()
+    assert [p.name for p in tr.checkpoints()] == ["checkpoint-4", "checkpoint-5"]
+
+
+def _ddp_worker():
+    from accelerate.state import AcceleratorState, PartialState
+
+    # Forked from a pytest process that may already hold a one-process accelerate state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    cfg = tiny_dmd2_config(
+        __import__("pathlib").Path(os.environ["ONESTEP_TEST_DIR"]), os.environ["ONESTEP_TEST_TEACHER"], max_steps=3, export=False
+    )
+    tr = DMD2Trainer(cfg)
+    acc = tr.accelerator
+    first_noise = tr.make_batch()["noise"].sum().reshape(1)
+    tr.train()
+    flat = torch.cat([p.detach().reshape(-1) for p in tr.generator.parameters()])
+    flat_f = torch.cat([p.detach().reshape(-1) for p in tr.fake.parameters()])
+    sums = acc.gather(torch.stack([flat.sum(), flat.abs().sum(), flat_f.abs().sum()]).reshape(1, 3))
+    noises = acc.gather(first_noise)
+    if PartialState().is_main_process:
+        result = {"processes": acc.num_processes, "param_sums": sums.tolist(), "noise": noises.tolist()}
+        (__import__("pathlib").Path(os.environ["ONESTEP_TEST_DIR"]) / "ddp.json").write_text(json.dumps(result))
+
+
+def test_two_process_data_parallel_keeps_ranks_in_sync(tmp_path, tiny_teacher_dir, monkeypatch):
+    from accelerate import debug_launcher
+
+    monkeypatch.setenv("ONESTEP_TEST_DIR", str(tmp_path))
+    monkeypatch.setenv("ONESTEP_TEST_TEACHER", str(tiny_teacher_dir))
+    debug_launcher(_ddp_worker, num_processes=2)
+    r = json.loads((tmp_path / "ddp.json").read_text())
+    assert r["processes"] == 2
+    assert r["noise"][0] != r["noise"][1]  # each rank draws its own batch ...
+    assert r["param_sums"][0] == r["param_sums"][1]  # ... and the weights stay identical

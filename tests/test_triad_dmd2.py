@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from conftest import changed, state_of, tiny_dmd2_config
+from onestep.errors import ConfigError
+from onestep.teachers import load_teacher
+from onestep.trainers import DMD2Trainer
+from onestep.trainers.base import inject_gradient
+from onestep.trainers.dmd2 import dm_gradient
+from onestep.triad import Triad
+
+
+@pytest.mark.parametrize("fake_score", ["copy", "lora"])
+def test_dmd2_steps_train_generator_and_fake_not_teacher(tmp_path, tiny_teacher_dir, fake_score):
+    cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, fake_score=fake_score, lora_rank=4, export=False)
+    tr = DMD2Trainer(cfg)
+    teacher0 = {k: v.clone() for k, v in tr.triad.teacher_parameters().items()}
+    gen0 = state_of(tr.generator)
+    fake_trainable0 = [p.detach().clone() for p in tr.triad.trainable_fake_parameters()]
+    for _ in range(3):  # steps 0 and 2 update the generator (ratio 2)
+        logs = tr.train_step()
+        assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert changed(gen0, tr.generator) > 0
+    fake_after = tr.triad.trainable_fake_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(fake_trainable0, fake_after))
+    for k, v in tr.triad.teacher_parameters().items():
+        assert torch.equal(v, teacher0[k]), k
+
+
+def test_lora_fake_equals_teacher_at_start_and_shares_weights(tiny_teacher_dir):
+    teacher = load_teacher(tiny_teacher_dir)
+    triad = Triad(teacher, fake_score="lora", lora_rank=4)
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 900]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(triad.fake(x, t, y), triad.teacher(x, t, y), rtol=0, atol=0)
+    assert triad.fake.backbone is triad.teacher.backbone  # one copy of the base weights
+    assert all("lora_" in n for n, p in triad.fake.named_parameters() if p.requires_grad)
+    # Perturb the adapters: the fake score moves, the teacher (adapters off) does not.
+    before = triad.teacher(x, t, y).detach()
+    with torch.no_grad():
+        for n, p in triad.fake.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+        assert not torch.allclose(triad.fake(x, t, y), before)
+        torch.testing.assert_close(triad.teacher(x, t, y), before, rtol=0, atol=0)
+
+
+def test_lora_refused_for_analytic_teacher():
+    with pytest.raises(ConfigError, match="analytic"):
+        Triad(load_teacher("gmm-ring8"), fake_score="lora")
+
+
+def test_dm_gradient_hand_made_case():
+    x = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]]])
+    x0_real = torch.tensor([[[[0.0, 0.0], [0.5, 1.0]]]])
+    x0_fake = torch.tensor([[[[1.0, 2.0], [0.5, 0.0]]]])
+    # mean |x - x0_real| = (1 + 1 + 0 + 1) / 4 = 0.75
+    expected = (x0_fake - x0_real) / 0.75
+    torch.testing.assert_close(dm_gradient(x, x0_real, x0_fake), expected)
+
+
+def test_inject_gradient_gives_g_over_numel():
+    x = torch.randn(2, 3, requires_grad=True)
+    g = torch.randn(2, 3)
+    inject_gradient(x, g).backward()
+    torch.testing.assert_close(x.grad, g / x.numel())
+
+
+def test_dmd2_generator_gradient_matches_formula(tmp_path, tiny_teacher_dir):
+    """The generator's output gradient equals the DM formula for the same t and noise."""
+    cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, export=False)
+    tr = DMD2Trainer(cfg)
+    batch = tr.make_batch()
+    rng_state = tr.rng.get_state()
+    captured = {}
+    orig_generate = tr.generate
+
+    def generate(b):
+        x = orig_generate(b)
+        x.retain_grad()
+        captured["x"] = x
+        return x
+
+    tr.generate = generate
+    loss, _ = tr.generator_loss(batch)
+    loss.backward()
+    x = captured["x"].detach()
+    # Replay the random draws after G(z): t, then the noise.
+    tr.rng.set_state(rng_state)
+    n = x.shape[0]
+    t = tr.sample_t(n, cfg.dm_t_min, cfg.dm_t_max)
+    x_t = tr.schedule.add_noise(x, tr.randn(tuple(x.shape)), t)
+    with torch.no_grad():
+        real = tr.teacher.guided(x_t, t, batch["cond"], batch["uncond"], cfg.guidance_scale)
+        fake = tr.fake(x_t, t, batch["cond"])
+    norm = (x - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(captured["x"].grad, (fake - real) / norm / x.numel(), atol=1e-7, rtol=1e-4)
+
+
+def test_gan_head_trains_and_uses_real_data(tmp_path, tiny_teacher_dir):
+    cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, gan_weight_generator=5e-3, gan_weight_discriminator=1e-2, export=False)
+    tr = DMD2Trainer(cfg)
+    head0 = state_of(tr.heads)
+    logs = tr.train_step()
+    assert "loss/gan_g" in logs and "loss/gan_d" in logs
+    assert changed(head0, tr.heads) > 0
+    batch = tr.make_batch()
+    assert batch["real"].shape == (4, 1, 16, 16) and batch["real"].min() >= -1
+
+
+def test_backward_simulation_trains_k_step_student(tmp_path, tiny_teacher_dir):
+    cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, generator_timesteps=[999, 749, 499, 249], export=False)
+    tr = DMD2Trainer(cfg)
+    calls = []
+    backbone = tr.generator.backbone
+    handle = backbone.register_forward_hook(lambda m, i, o: calls.append(int(i[1][0])))
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(6):
+        calls.clear()
+        tr.generate(tr.make_batch())
+        # k no-grad steps along the timesteps, then the trained one: always a prefix of the schedule.
+        assert calls == cfg.generator_timesteps[: len(calls)]
+        seen.add(len(calls))
+    handle.remove()
+    assert len(seen) > 1
+
+
+def test_config_validation():
+    from onestep.trainers import DMD2Config
+
+    with pytest.raises(ConfigError, match="ema_decay"):
+        DMD2Config(ema_decay=1.5)
+    with pytest.raises(ConfigError, match="strictly decreasing"):
+        DMD2Config(generator_timesteps=[249, 999])
+    with pytest.raises(ConfigError, match="dm_t_min"):
+        DMD2Config(dm_t_min=0.9, dm_t_max=0.5)

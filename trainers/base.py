@@ -1,0 +1,523 @@
+"""The one training loop every method shares.
+
+:class:`DistillTrainer` owns the :class:`accelerate.Accelerator`, the triad, the
+optimizers (AdamW with warm-up), gradient clipping, mixed precision, the two
+time-scale schedule (``fake_updates_per_generator`` fake-score updates per
+generator update), the EMA of the generator, checkpoints (``accelerator.save_state``
+into ``checkpoint-{step}``, ``--resume latest``), logging (``accelerator.log``,
+TensorBoard by default), a tqdm bar, preview grids and the export at the end.
+
+A method subclasses it and overrides :meth:`generator_loss` and
+:meth:`fake_score_loss` (and :meth:`build_heads` when it adds networks).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onestep.conditioning import Cond
+from onestep.config import config_to_dict
+from onestep.errors import ConfigError
+from onestep.teachers import Teacher, load_teacher
+from onestep.triad import Triad
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _help(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DistillConfig:
+    """Settings every method shares. Every field can be set in YAML or as ``--key value``."""
+
+    method: str = _help("training method: dmd2", "dmd2")
+    teacher: str = _help("built-in teacher (digits, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25) or a local diffusers pipeline folder", "digits")
+    output_dir: str | None = _help("run folder (default runs/<config name>); the student lands in <output_dir>/student")
+    seed: int = _help("seed for initialisation, noise and data order; the same seed repeats a run", 0)
+    max_steps: int = _help("training iterations; each updates the fake score, the generator every fake_updates_per_generator-th", 1000)
+    batch_size: int = _help("samples per process per iteration", 32)
+    fake_score: str = _help("fake score as a full 'copy' of the teacher or 'lora' adapters on the teacher's own weights", "copy")
+    lora_rank: int = _help("LoRA rank when fake_score is 'lora'", 16)
+    lora_alpha: float | None = _help("LoRA alpha (default: the rank)")
+    lr_generator: float = _help("AdamW learning rate of the generator", 1e-5)
+    lr_fake: float = _help("AdamW learning rate of the fake score (and heads)", 1e-5)
+    adam_beta1: float = _help("AdamW beta1", 0.9)
+    adam_beta2: float = _help("AdamW beta2", 0.999)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    warmup_steps: int = _help("linear learning-rate warm-up, in optimizer steps of each network", 0)
+    max_grad_norm: float = _help("gradient clipping norm (0 disables)", 10.0)
+    mixed_precision: str = _help("'no', 'fp16' or 'bf16' (bf16 recommended on GPU; fp16 diverges for DMD2)", "no")
+    fake_updates_per_generator: int = _help("two time-scale ratio: fake-score updates per generator update", 5)
+    ema_decay: float = _help("EMA decay of the generator (0 disables; the export uses the EMA weights when on)", 0.0)
+    generator_timesteps: list[int] = _help(
+        "timestep labels the generator is evaluated at: one entry for a one-step student, K for K steps "
+        "(first entry: the label of pure-noise input)",
+        factory=lambda: [999],
+    )
+    guidance_scale: float = _help("CFG scale of the teacher (real score) during training; 1 = no guidance", 1.0)
+    regression_warmup_steps: int = _help("iterations of warm start by regression onto teacher ODE samples (0 disables)", 0)
+    regression_pairs: int = _help("noise/sample pairs drawn from the teacher's ODE for the warm start", 2048)
+    regression_ode_steps: int = _help("DDIM steps of the teacher ODE for the warm-start pairs", 50)
+    checkpoint_every: int = _help("save a checkpoint-{step} folder every N iterations (0: only at the end)", 0)
+    checkpoint_total_limit: int = _help("keep at most this many checkpoints (0: keep all)", 2)
+    resume: str | None = _help("'latest' or a checkpoint folder to resume from")
+    log_every: int = _help("log losses every N iterations", 10)
+    log_with: str = _help("'tensorboard' or 'none'", "tensorboard")
+    preview_every: int = _help("write a preview grid every N iterations (0 disables)", 0)
+    preview_num: int = _help("samples in a preview grid", 20)
+    export: bool = _help("export the student to <output_dir>/student at the end", True)
+
+    def __post_init__(self):
+        positive = ("max_steps", "batch_size", "fake_updates_per_generator", "regression_pairs", "regression_ode_steps", "preview_num")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("warmup_steps", "checkpoint_every", "checkpoint_total_limit", "log_every", "preview_every", "regression_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("lr_generator", "lr_fake"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must lie in [0, 1) (got {self.ema_decay})")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION} (got {self.mixed_precision!r})")
+        if self.fake_score not in ("copy", "lora"):
+            raise ConfigError(f"fake_score must be 'copy' or 'lora' (got {self.fake_score!r})")
+        if self.log_with not in ("tensorboard", "none"):
+            raise ConfigError(f"log_with must be 'tensorboard' or 'none' (got {self.log_with!r})")
+        if not self.generator_timesteps or any(not isinstance(t, int) for t in self.generator_timesteps):
+            raise ConfigError("generator_timesteps must be a non-empty list of integers")
+        if sorted(self.generator_timesteps, reverse=True) != list(self.generator_timesteps) or len(set(self.generator_timesteps)) != len(self.generator_timesteps):
+            raise ConfigError(f"generator_timesteps must be strictly decreasing (got {self.generator_timesteps})")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale must be >= 0 (got {self.guidance_scale})")
+
+
+class _LoopState:
+    """Step counter and the trainer's random stream, saved with every checkpoint."""
+
+    def __init__(self, seed: int):
+        self.step = 0
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.rng.set_state(state["rng"])
+
+
+def _warmup_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+class DistillTrainer:
+    """Shared loop; methods override :meth:`generator_loss` and :meth:`fake_score_loss`.
+
+    Args:
+        config: the method's config dataclass.
+        teacher: an already loaded teacher (default: ``load_teacher(config.teacher)``).
+    """
+
+    method_name = "base"
+    uses_real_data = False
+
+    def __init__(self, config: DistillConfig, teacher: Teacher | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.config = c = config
+        if c.output_dir is None:
+            raise ConfigError("output_dir is not set")
+        self.output_dir = Path(c.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=c.mixed_precision,
+            log_with=None if c.log_with == "none" else c.log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        acc = self.accelerator
+        set_seed(c.seed)  # identical initialisation on every process
+        self.teacher_spec = teacher if teacher is not None else load_teacher(c.teacher)
+        T = self.teacher_spec.schedule.num_train_timesteps
+        if max(c.generator_timesteps) >= T or min(c.generator_timesteps) < 0:
+            raise ConfigError(f"generator_timesteps must lie in [0, {T - 1}] for this teacher (got {c.generator_timesteps})")
+        self.triad = Triad(self.teacher_spec, fake_score=c.fake_score, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+        self.schedule = self.triad.schedule
+        self.conditioning = self.triad.conditioning
+        self.heads = nn.ModuleDict(self.build_heads())
+
+        # Each process draws its own noise: the stream depends on the seed and the rank.
+        self.state = _LoopState(c.seed * 7919 + acc.process_index)
+
+        self.generator = self.triad.generator
+        self.fake = self.triad.fake
+        g_params = [p for p in self.generator.parameters() if p.requires_grad]
+        f_params = self.triad.trainable_fake_parameters() + [p for p in self.heads.parameters() if p.requires_grad]
+        adam = dict(betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay)
+        self.opt_g = torch.optim.AdamW(g_params, lr=c.lr_generator, **adam)
+        self.opt_f = torch.optim.AdamW(f_params, lr=c.lr_fake, **adam)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, _warmup_lambda(c.warmup_steps))
+        self.sched_f = torch.optim.lr_scheduler.LambdaLR(self.opt_f, _warmup_lambda(c.warmup_steps))
+
+        self.ema = None
+        if c.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(g_params, decay=c.ema_decay)
+
+        # Models are prepared (device placement, identical start on every rank, safetensors in
+        # save_state) but always called unwrapped: gradients are averaged explicitly after each
+        # backward (_sync_gradients), so any graph between teacher, fake score, heads and
+        # generator is allowed without DistributedDataParallel's one-forward-one-backward rule.
+        models = [self.generator, self.fake] + ([self.heads] if len(list(self.heads.parameters())) else [])
+        prepared = acc.prepare(*models, self.opt_g, self.opt_f, self.sched_g, self.sched_f)
+        self.opt_g, self.opt_f, self.sched_g, self.sched_f = prepared[len(models):]
+        self.generator = acc.unwrap_model(prepared[0])
+        self.fake = acc.unwrap_model(prepared[1])
+        self.heads = acc.unwrap_model(prepared[2]) if len(models) == 3 else self.heads.to(acc.device)
+        self.teacher = self.triad.teacher.to(acc.device)
+        acc.register_for_checkpointing(self.state)
+        if self.ema is not None:
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(self.ema)
+        self._regression_pairs: tuple[torch.Tensor, torch.Tensor, Cond] | None = None
+
+    # ---------------------------------------------------------------- hooks
+    def build_heads(self) -> dict[str, nn.Module]:
+        """Extra trainable networks (GAN head, ...) updated with the fake score."""
+        return {}
+
+    def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- helpers
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rng(self) -> torch.Generator:
+        return self.state.rng
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.rng).to(self.device)
+
+    def sample_t(self, n: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        """Integer timesteps uniform in ``[low*T, high*T)`` (fractions of the schedule)."""
+        T = self.schedule.num_train_timesteps
+        lo, hi = int(round(low * T)), min(T - 1, int(round(high * T)) - (1 if high >= 1 else 0))
+        return self.schedule.sample_t(n, lo, max(lo, hi), generator=self.rng, device=self.device)
+
+    def make_batch(self) -> dict[str, Any]:
+        """Generator inputs for one iteration (noise, conditions) and real data if the method uses it."""
+        n = self.config.batch_size
+        shape = (n, *self.teacher_spec.sample_shape)
+        batch: dict[str, Any] = {
+            "noise": self.randn(shape),
+            "cond": self.conditioning.sample(n, generator=self.rng, device=self.device),
+            "uncond": self.conditioning.null(n, device=self.device),
+        }
+        if self.uses_real_data and self.teacher_spec.real_data is not None:
+            x, y = self.teacher_spec.real_data(n, self.rng)
+            batch["real"] = x.to(self.device)
+            batch["real_cond"] = None if y is None else y.to(self.device)
+        return batch
+
+    def generate(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The generator's sample for ``batch``, with gradient, at the timestep being trained.
+
+        One-step students: ``G(z, t_0)``. K-step students use backward simulation
+        (DMD2): draw ``k`` in ``0..K-1``, run the current generator ``k`` steps without
+        gradient (predict x0, re-noise to the next timestep with fresh noise), then
+        train on its prediction at the ``k``-th timestep.
+        """
+        ts = self.config.generator_timesteps
+        z, cond = batch["noise"], batch["cond"]
+        n = z.shape[0]
+        k = int(torch.randint(0, len(ts), (1,), generator=self.rng)) if len(ts) > 1 else 0
+        x_in = z
+        if k > 0:
+            from onestep.samplers.student import student_sample
+
+            with torch.no_grad():
+                x0 = student_sample(self.generator, ts[:k], z, cond, renoise=lambda shape: self.randn(shape))
+                x_in = self.schedule.add_noise(x0, self.randn(tuple(z.shape)), torch.full((n,), ts[k], device=self.device))
+        t = torch.full((n,), ts[k], dtype=torch.long, device=self.device)
+        return self.generator(x_in, t, cond)
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, t, noise)`` for clean ``x0`` with ``t ~ U{0 .. T-1}`` unless given."""
+        if t is None:
+            t = self.sample_t(x0.shape[0])
+        noise = self.randn(tuple(x0.shape))
+        return self.schedule.add_noise(x0, noise, t), t, noise
+
+    def denoising_loss_of(self, pred_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Plain diffusion loss in the backbone's own prediction space (eps-MSE for eps teachers)."""
+        pt = self.triad.teacher.prediction_type
+        pred = self.schedule.from_x0(pred_x0, x_t, t, pt)
+        target = noise if pt == "epsilon" else self.schedule.from_x0(x0, x_t, t, pt)
+        return F.mse_loss(pred.float(), target.float())
+
+    def denoising_loss(self, net: nn.Module, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """``net``'s diffusion loss on clean ``x0`` at ``t ~ U{0 .. T-1}``."""
+        x_t, t, noise = self.noised(x0)
+        return self.denoising_loss_of(net(x_t, t, cond), x0, x_t, t, noise)
+
+    # ------------------------------------------------------- warm start
+    @torch.no_grad()
+    def _make_regression_pairs(self):
+        from onestep.samplers.ddim import ddim_sample
+
+        c = self.config
+        g = torch.Generator().manual_seed(c.seed + 12345)  # the same pairs on resume and on every rank
+        n = c.regression_pairs
+        z = torch.randn((n, *self.teacher_spec.sample_shape), generator=g)
+        cond = self.conditioning.sample(n, generator=g)
+        uncond = self.conditioning.null(n)
+        ys = []
+        for i in range(0, n, 512):
+            sl = slice(i, i + 512)
+            ys.append(
+                ddim_sample(
+                    self.teacher,
+                    z[sl].to(self.device),
+                    None if cond is None else cond[sl].to(self.device),
+                    None if uncond is None else uncond[sl].to(self.device),
+                    num_steps=c.regression_ode_steps,
+                    guidance_scale=c.guidance_scale,
+                    clip=self.teacher_spec.clip,
+                ).cpu()
+            )
+        return z, torch.cat(ys), cond
+
+    def regression_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """DMD's regression warm start: MSE between ``G(z)`` and the teacher's ODE sample from ``z``."""
+        if self._regression_pairs is None:
+            self._regression_pairs = self._make_regression_pairs()
+        z_all, y_all, c_all = self._regression_pairs
+        idx = torch.randint(0, len(z_all), (self.config.batch_size,), generator=self.rng)
+        z, y = z_all[idx].to(self.device), y_all[idx].to(self.device)
+        cond = None if c_all is None else c_all[idx].to(self.device)
+        t = torch.full((len(idx),), self.config.generator_timesteps[0], dtype=torch.long, device=self.device)
+        x = self.generator(z, t, cond)
+        batch["x_gen"] = x.detach()
+        batch["cond"] = cond
+        loss = F.mse_loss(x.float(), y.float())
+        return loss, {"loss/regression": loss.item()}
+
+    # ---------------------------------------------------------------- loop
+    def _sync_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average gradients over processes in one flat all-reduce (missing gradients count as zero)."""
+        acc = self.accelerator
+        if acc.num_processes == 1 or not params:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        flat = acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
+
+    def _update(self, loss: torch.Tensor, params_of: nn.Module, opt, sched) -> float:
+        acc = self.accelerator
+        params = [p for p in params_of.parameters() if p.requires_grad]
+        acc.backward(loss)
+        self._sync_gradients(params)
+        norm = 0.0
+        if self.config.max_grad_norm > 0:
+            norm = float(acc.clip_grad_norm_(params, self.config.max_grad_norm))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    def is_generator_step(self, step: int) -> bool:
+        return step % self.config.fake_updates_per_generator == 0 or step < self.config.regression_warmup_steps
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration: maybe a generator update, then a fake-score update."""
+        step = self.state.step
+        batch = self.make_batch()
+        logs: dict[str, float] = {}
+        self.generator.train()
+        self.fake.train()
+        if self.is_generator_step(step):
+            if step < self.config.regression_warmup_steps:
+                loss_g, lg = self.regression_loss(batch)
+            else:
+                loss_g, lg = self.generator_loss(batch)
+            logs.update(lg)
+            logs["grad_norm/generator"] = self._update(loss_g, self.generator, self.opt_g, self.sched_g)
+            if self.ema is not None:
+                self.ema.step([p for p in self.generator.parameters() if p.requires_grad])
+        self.opt_f.zero_grad(set_to_none=True)  # drop any gradient the generator step left behind
+        loss_f, lf = self.fake_score_loss(batch)
+        logs.update(lf)
+        params = nn.ModuleList([self.fake, self.heads])
+        logs["grad_norm/fake"] = self._update(loss_f, params, self.opt_f, self.sched_f)
+        self.state.step += 1
+        return logs
+
+    def train(self) -> Path | None:
+        """Run the loop to ``max_steps``; returns the exported student folder (main process)."""
+        from tqdm.auto import tqdm
+
+        acc, c = self.accelerator, self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(c), indent=2) + "\n")
+        if c.resume:
+            self.load_checkpoint(c.resume)
+        if acc.is_main_process and c.log_with != "none":
+            acc.init_trackers("onestep", config=_flat_hparams(config_to_dict(c)))
+        bar = tqdm(
+            total=c.max_steps, initial=self.state.step, desc=f"{self.method_name} distillation", disable=not acc.is_main_process
+        )
+        start = time.time()
+        first = self.state.step
+        while self.state.step < c.max_steps:
+            logs = self.train_step()
+            step = self.state.step
+            bar.update(1)
+            if c.log_every and (step % c.log_every == 0 or step == c.max_steps):
+                logs["lr/generator"] = self.sched_g.get_last_lr()[0]
+                acc.log(logs, step=step)
+                shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")}
+                bar.set_postfix(shown)
+            if c.preview_every and step % c.preview_every == 0:
+                self.save_preview(step)
+            if c.checkpoint_every and step % c.checkpoint_every == 0 and step < c.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.train_seconds = time.time() - start
+        self.steps_run = self.state.step - first
+        self.save_checkpoint()
+        student = self.export() if c.export else None
+        acc.wait_for_everyone()
+        acc.end_training()
+        return student
+
+    # -------------------------------------------------- checkpoint / resume
+    def checkpoints(self) -> list[Path]:
+        found = [p for p in self.output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        path = self.output_dir / f"checkpoint-{self.state.step}"
+        acc.wait_for_everyone()
+        acc.save_state(str(path))
+        if acc.is_main_process and self.config.checkpoint_total_limit:
+            for old in self.checkpoints()[: -self.config.checkpoint_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, which: str) -> None:
+        if which == "latest":
+            found = self.checkpoints()
+            if not found:
+                raise ConfigError(f"--resume latest: no checkpoint-* folder in {self.output_dir}")
+            path = found[-1]
+        else:
+            path = Path(which)
+            if not path.is_dir():
+                raise ConfigError(f"--resume {which}: not a checkpoint folder")
+        self.accelerator.load_state(str(path))
+
+    # ------------------------------------------------------ export / preview
+    def generator_for_export(self) -> nn.Module:
+        """The generator backbone to export (a copy holding the EMA weights when EMA is on)."""
+        import copy
+
+        net = self.generator.backbone
+        if self.ema is None:
+            return net
+        net = copy.deepcopy(net)
+        self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
+        return net
+
+    def export(self) -> Path | None:
+        from onestep.export import export_student
+
+        if not self.accelerator.is_main_process:
+            return None
+        return export_student(
+            self.output_dir / "student",
+            self.generator_for_export(),
+            self.teacher_spec,
+            method=self.method_name,
+            timesteps=list(self.config.generator_timesteps),
+            extra={"config": config_to_dict(self.config)},
+        )
+
+    @torch.no_grad()
+    def preview_samples(self, n: int | None = None) -> tuple[torch.Tensor, Cond]:
+        """Samples of the current generator for fixed seeds (the same across a run)."""
+        from onestep.samplers.student import sample_student_from_seeds
+
+        n = n or self.config.preview_num
+        labels = [i % max(1, self.conditioning.num_classes) for i in range(n)]
+        was_training = self.generator.training
+        self.generator.eval()
+        x, cond = sample_student_from_seeds(
+            self.generator, self.teacher_spec, self.config.generator_timesteps, seeds=range(n), labels=labels, device=self.device
+        )
+        return x, cond
+
+    def save_preview(self, step: int) -> Path | None:
+        from onestep.viz import save_samples_picture
+
+        if not self.accelerator.is_main_process:
+            return None
+        x, _ = self.preview_samples()
+        path = self.output_dir / "previews" / f"step-{step:06d}.png"
+        save_samples_picture(x, path, title=f"{self.method_name} step {step}", nrow=10)
+        return path
+
+
+def _flat_hparams(d: dict[str, Any]) -> dict[str, Any]:
+    """TensorBoard hparams take only scalars and strings."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (int, float, str, bool)):
+            out[k] = v
+        elif v is None:
+            out[k] = "none"
+        else:
+            out[k] = str(v)
+    return out
+
+
+def inject_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Loss whose gradient with respect to ``x`` is ``grad / x.numel()``:
+    ``0.5 * mean((x - sg(x - grad))^2)`` (computed in float32, non-finite values zeroed)."""
+    grad = torch.nan_to_num(grad.float())
+    target = (x.float() - grad).detach()
+    return 0.5 * F.mse_loss(x.float(), target, reduction="mean")
+
+
+__all__ = ["DistillConfig", "DistillTrainer", "inject_gradient"]

@@ -1,0 +1,157 @@
+"""DMD2: Improved Distribution Matching Distillation (Yin et al., 2024, arXiv:2405.14867).
+
+Algorithm, per iteration (maths in METHODS.md, "DMD2"):
+
+1. every ``fake_updates_per_generator``-th iteration, the generator step:
+   x = G(z) (backward simulation for K-step students);
+   t ~ U{0.02T .. 0.98T}, x_t = a_t x + s_t e;
+   x0_real = teacher x0 with CFG s, x0_fake = fake-score x0 without CFG;
+   g = (x0_fake - x0_real) / mean_{CHW}|x - x0_real|      (DMD eq. 7 with its normaliser)
+   loss = 0.5 * mean((x - sg(x - g))^2)  [+ w_G * softplus(-D(x))]
+2. every iteration, the fake-score step on sg(x):
+   plain denoising loss with t ~ U{0 .. T-1}  [+ w_D * (softplus(D(fake)) + softplus(-D(real)))]
+
+The GAN head D sits on the fake score's bottleneck (mid-block) features of noised
+inputs, real images (the teacher's training data) and generated ones both noised at
+t ~ U{0 .. T-1}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onestep.denoiser import frozen
+from onestep.errors import ConfigError
+
+from .base import DistillConfig, DistillTrainer, _help, inject_gradient
+
+
+@dataclass
+class DMD2Config(DistillConfig):
+    """DMD2 settings (paper defaults in METHODS.md; tune per teacher)."""
+
+    dm_t_min: float = _help("lowest timestep of the distribution-matching loss, as a fraction of T", 0.02)
+    dm_t_max: float = _help("highest timestep of the distribution-matching loss, as a fraction of T", 0.98)
+    gan_weight_generator: float = _help("weight of the generator's GAN term softplus(-D(G(z))) (0: no GAN)", 0.0)
+    gan_weight_discriminator: float = _help("weight of the discriminator loss added to the fake-score loss (above 1e-2 the fake score breaks)", 1e-2)
+    gan_head_channels: int = _help("width of the GAN head on the fake score's bottleneck features", 64)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.dm_t_min < self.dm_t_max <= 1:
+            raise ConfigError(f"need 0 <= dm_t_min < dm_t_max <= 1 (got {self.dm_t_min}, {self.dm_t_max})")
+        if self.gan_weight_generator < 0 or self.gan_weight_discriminator < 0:
+            raise ConfigError("GAN weights must be >= 0")
+
+    @property
+    def use_gan(self) -> bool:
+        return self.gan_weight_generator > 0
+
+
+class GANHead(nn.Module):
+    """Small discriminator on bottleneck features: conv features ``(B, C, H, W)`` or vectors ``(B, C)``."""
+
+    def __init__(self, in_channels: int, spatial: bool, width: int = 64):
+        super().__init__()
+        self.spatial = spatial
+        if spatial:
+            groups = 8 if in_channels % 8 == 0 and width % 8 == 0 else 1
+            self.net = nn.Sequential(
+                nn.GroupNorm(groups, in_channels),
+                nn.SiLU(),
+                nn.Conv2d(in_channels, width, 3, padding=1),
+                nn.GroupNorm(groups, width),
+                nn.SiLU(),
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(width, 1),
+            )
+        else:
+            self.net = nn.Sequential(nn.LayerNorm(in_channels), nn.SiLU(), nn.Linear(in_channels, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats.float()).squeeze(-1)
+
+
+def dm_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's distribution-matching gradient ``(x0_fake - x0_real) / mean_{CHW}|x - x0_real|`` (float32)."""
+    x, x0_real, x0_fake = x.float(), x0_real.float(), x0_fake.float()
+    dims = tuple(range(1, x.ndim))
+    norm = (x - x0_real).abs().mean(dim=dims, keepdim=True).clamp(min=1e-8)
+    return torch.nan_to_num((x0_fake - x0_real) / norm)
+
+
+class DMD2Trainer(DistillTrainer):
+    method_name = "dmd2"
+    config: DMD2Config
+
+    @property
+    def uses_real_data(self) -> bool:  # real images only feed the GAN head
+        return self.config.use_gan
+
+    def build_heads(self) -> dict[str, nn.Module]:
+        if not self.config.use_gan:
+            return {}
+        # Probe the fake score's bottleneck once to size the head.
+        spec = self.teacher_spec
+        x = torch.zeros(1, *spec.sample_shape)
+        t = torch.zeros(1, dtype=torch.long)
+        with torch.no_grad():
+            _, feats = self.triad.fake(x, t, spec.conditioning.null(1), return_features=True)
+        return {"gan": GANHead(feats.shape[1], feats.ndim == 4, self.config.gan_head_channels)}
+
+    def discriminate(self, x: torch.Tensor, cond) -> torch.Tensor:
+        """GAN logits of samples ``x`` noised at ``t ~ U{0 .. T-1}``, through the fake score's bottleneck."""
+        x_t, t, _ = self.noised(x)
+        _, feats = self.fake(x_t, t, cond, return_features=True)
+        return self.heads["gan"](feats)
+
+    def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        x = self.generate(batch)
+        batch["x_gen"] = x.detach()
+        cond, uncond = batch["cond"], batch["uncond"]
+        n = x.shape[0]
+
+        # 1. Noise the generator's sample at t ~ U{0.02T .. 0.98T}.
+        t = self.sample_t(n, c.dm_t_min, c.dm_t_max)
+        with torch.no_grad():
+            x_t = self.schedule.add_noise(x.detach(), self.randn(tuple(x.shape)), t)
+            # 2. Real score: teacher with CFG; fake score: no guidance.
+            x0_real = self.teacher.guided(x_t, t, cond, uncond, c.guidance_scale)
+            x0_fake = self.fake(x_t, t, cond)
+            # 3. The normalised distribution-matching gradient.
+            grad = dm_gradient(x.detach(), x0_real, x0_fake)
+        loss = inject_gradient(x, grad)
+        logs = {"loss/dm": loss.item(), "dm/grad_abs": grad.abs().mean().item()}
+        if c.use_gan:
+            # 4. Non-saturating GAN term through the (frozen) fake score and head.
+            with frozen(self.fake, self.heads):
+                loss_gan = F.softplus(-self.discriminate(x, cond)).mean()
+            loss = loss + c.gan_weight_generator * loss_gan
+            logs["loss/gan_g"] = loss_gan.item()
+        return loss, logs
+
+    def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        x = batch.get("x_gen")
+        if x is None:
+            with torch.no_grad():
+                x = self.generate(batch)
+        x = x.detach()
+        loss = self.denoising_loss(self.fake, x, batch["cond"])
+        logs = {"loss/fake": loss.item()}
+        if c.use_gan and "real" in batch:
+            d_fake = self.discriminate(x, batch["cond"])
+            d_real = self.discriminate(batch["real"], batch["real_cond"])
+            loss_d = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
+            loss = loss + c.gan_weight_discriminator * loss_d
+            logs["loss/gan_d"] = loss_d.item()
+        return loss, logs
