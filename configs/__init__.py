@@ -1,0 +1,1 @@
+"""YAML presets, one per (teacher, method); installed as onestep.configs."""

@@ -1,0 +1,1 @@
+"""The Gradio demo for one-step sampling."""

@@ -1,0 +1,1 @@
+"""Evaluation (FID/KID, CLIP score, reports): see the evaluation issue."""

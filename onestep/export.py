@@ -54,9 +54,13 @@ def export_student(
     teacher: Teacher,
     method: str,
     timesteps: list[int],
+    prediction_type: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``generator`` (a diffusers model) and its sampling metadata to ``out``."""
+    """Write ``generator`` (a diffusers model) and its sampling metadata to ``out``.
+
+    ``prediction_type`` is what the generator outputs (default: the teacher's).
+    """
     out = Path(out)
     cls_name = type(generator).__name__
     if cls_name not in _model_classes():
@@ -68,7 +72,7 @@ def export_student(
         "method": method,
         "model_class": cls_name,
         "teacher": {"name": teacher.name, "sha256": teacher.sha256},
-        "prediction_type": teacher.prediction_type,
+        "prediction_type": prediction_type or teacher.trainable_prediction_type,
         "schedule": teacher.schedule.to_dict(),
         "timesteps": [int(t) for t in timesteps],
         "conditioning": teacher.conditioning.to_dict(),

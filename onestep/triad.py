@@ -52,7 +52,7 @@ class Triad:
         self.schedule = teacher.schedule
         self.conditioning = teacher.conditioning
         self.fake_score_kind = fake_score
-        pt = teacher.prediction_type
+        pt = teacher.trainable_prediction_type
 
         # Generator: a trainable copy of the teacher (or a fresh net for analytic teachers).
         self.generator = Denoiser(teacher.new_backbone(), self.schedule, pt)

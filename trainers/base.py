@@ -272,7 +272,7 @@ class DistillTrainer:
 
     def denoising_loss_of(self, pred_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Plain diffusion loss in the backbone's own prediction space (eps-MSE for eps teachers)."""
-        pt = self.triad.teacher.prediction_type
+        pt = self.fake.prediction_type
         pred = self.schedule.from_x0(pred_x0, x_t, t, pt)
         target = noise if pt == "epsilon" else self.schedule.from_x0(x0, x_t, t, pt)
         return F.mse_loss(pred.float(), target.float())
@@ -470,6 +470,7 @@ class DistillTrainer:
             self.generator_for_export(),
             self.teacher_spec,
             method=self.method_name,
+            prediction_type=self.generator.prediction_type,
             timesteps=list(self.config.generator_timesteps),
             extra={"config": config_to_dict(self.config)},
         )

@@ -1,0 +1,1 @@
+"""Shipped weights (the digits teacher) as safetensors."""

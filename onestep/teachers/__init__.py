@@ -46,6 +46,9 @@ class Teacher:
         real_data: draws ``(x0, cond)`` from the teacher's training data, if there is any.
         student_factory: builds a fresh student backbone when the generator cannot be a
             copy of the teacher (analytic teachers); None means "copy the teacher".
+        student_prediction_type: what such fresh networks predict (default: the teacher's).
+            Analytic teachers use ``v_prediction``: an eps-predicting generator at t = T-1
+            would amplify its errors by s_T / a_T (about 150 for the gmm schedule).
         analytic: True when the teacher has no weights (exact score).
     """
 
@@ -60,6 +63,7 @@ class Teacher:
     sha256: str = ""
     real_data: RealSampler | None = None
     student_factory: Callable[[], nn.Module] | None = None
+    student_prediction_type: str | None = None
     analytic: bool = False
     meta: dict = field(default_factory=dict)
 
@@ -69,6 +73,11 @@ class Teacher:
 
     def denoiser(self) -> Denoiser:
         return Denoiser(self.backbone, self.schedule, self.prediction_type)
+
+    @property
+    def trainable_prediction_type(self) -> str:
+        """Prediction type of the networks :meth:`new_backbone` builds."""
+        return self.student_prediction_type or self.prediction_type
 
     def new_backbone(self) -> nn.Module:
         """A trainable network shaped for this teacher: a copy of it, or a fresh student."""
@@ -225,6 +234,7 @@ def _gmm_teacher(name: str) -> Teacher:
         sha256=hashlib.sha256(definition.encode()).hexdigest(),
         real_data=draw,
         student_factory=lambda: MLPDenoiser(),
+        student_prediction_type="v_prediction",
         analytic=True,
         meta={"mixture": name},
     )
