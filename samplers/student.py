@@ -51,6 +51,26 @@ def student_sample(
     return x
 
 
+def _by_seed(
+    spec: SampleSpec,
+    seeds: list[int] | range,
+    labels: list[int] | None,
+    device: torch.device | str,
+    batch_size: int,
+    run: Callable[[torch.Tensor, Cond, list[torch.Generator]], torch.Tensor],
+) -> tuple[torch.Tensor, Cond]:
+    """Call ``run(noise, cond, generators)`` over batches; each sample's noise comes from its own seed."""
+    seeds = list(seeds)
+    cond_all = spec.conditioning.from_labels(labels if labels is not None else [0] * len(seeds), device)
+    outs = []
+    for i in range(0, len(seeds), batch_size):
+        gens = seed_generators(seeds[i : i + batch_size])
+        noise = per_sample_noise(gens, spec.sample_shape, device)
+        cond = None if cond_all is None else cond_all[i : i + len(gens)]
+        outs.append(run(noise, cond, gens).cpu())
+    return torch.cat(outs), cond_all
+
+
 @torch.no_grad()
 def sample_student_from_seeds(
     generator: Denoiser,
@@ -63,19 +83,12 @@ def sample_student_from_seeds(
 ) -> tuple[torch.Tensor, Cond]:
     """Sample one image per seed. Each sample's starting and re-noising noise comes from its own
     seed, so the result for a seed does not depend on the batch size."""
-    seeds = list(seeds)
-    cond_all = spec.conditioning.from_labels(labels if labels is not None else [0] * len(seeds), device)
-    outs = []
-    for i in range(0, len(seeds), batch_size):
-        gens = seed_generators(seeds[i : i + batch_size])
-        noise = per_sample_noise(gens, spec.sample_shape, device)
-        cond = None if cond_all is None else cond_all[i : i + batch_size]
-        outs.append(
-            student_sample(
-                generator, timesteps, noise, cond, renoise=lambda shape: per_sample_noise(gens, shape[1:], device), clip=spec.clip
-            ).cpu()
-        )
-    return torch.cat(outs), cond_all
+
+    def run(noise, cond, gens):
+        renoise = lambda shape: per_sample_noise(gens, shape[1:], device)  # noqa: E731
+        return student_sample(generator, timesteps, noise, cond, renoise=renoise, clip=spec.clip)
+
+    return _by_seed(spec, seeds, labels, device, batch_size, run)
 
 
 @torch.no_grad()
@@ -93,19 +106,11 @@ def teacher_sample_from_seeds(
     """DDIM samples of a teacher, one per seed (same per-seed noise as :func:`sample_student_from_seeds`)."""
     from .ddim import ddim_sample
 
-    seeds = list(seeds)
-    cond_all = spec.conditioning.from_labels(labels if labels is not None else [0] * len(seeds), device)
-    outs = []
-    for i in range(0, len(seeds), batch_size):
-        gens = seed_generators(seeds[i : i + batch_size])
-        noise = per_sample_noise(gens, spec.sample_shape, device)
-        n = noise.shape[0]
-        cond = None if cond_all is None else cond_all[i : i + n]
-        uncond = spec.conditioning.null(n, device)
-        outs.append(
-            ddim_sample(
-                teacher, noise, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
-                clip=spec.clip, progress=progress,
-            ).cpu()
+    def run(noise, cond, gens):
+        uncond = spec.conditioning.null(noise.shape[0], device)
+        return ddim_sample(
+            teacher, noise, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
+            clip=spec.clip, generators=gens, progress=progress,
         )
-    return torch.cat(outs)
+
+    return _by_seed(spec, seeds, labels, device, batch_size, run)[0]
