@@ -87,3 +87,22 @@ def test_two_process_data_parallel_keeps_ranks_in_sync(tmp_path, tiny_teacher_di
     assert r["processes"] == 2
     assert r["noise"][0] != r["noise"][1]  # each rank draws its own batch ...
     assert r["param_sums"][0] == r["param_sums"][1]  # ... and the weights stay identical
+
+
+def test_documented_accelerate_launch_command_runs_two_processes(tmp_path, tiny_teacher_dir):
+    """The README's CPU command: one run, two ranks (a random state saved per rank), one student."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "onestep.cli", "train", "digits_dmd2",
+        "--teacher", str(tiny_teacher_dir), "--max_steps", "2", "--batch_size", "2", "--log_with", "none",
+        "--output-dir", str(tmp_path / "run"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("student written to") == 1
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]

@@ -108,18 +108,28 @@ class DistillConfig:
 
 
 class _LoopState:
-    """Step counter and the trainer's random stream, saved with every checkpoint."""
+    """The step counter, saved with every checkpoint.
 
-    def __init__(self, seed: int):
+    The trainer's random stream is re-seeded from ``(seed, rank, step)`` at every
+    iteration, so a resumed run draws exactly what an uninterrupted one would, on any
+    number of processes, without storing a generator state per rank.
+    """
+
+    def __init__(self, seed: int, rank: int):
         self.step = 0
-        self.rng = torch.Generator().manual_seed(seed)
+        self.seed, self.rank = seed, rank
+        self.rng = torch.Generator()
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.rng.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "rng": self.rng.get_state()}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.rng.set_state(state["rng"])
+        self.reseed()
 
 
 def _warmup_lambda(warmup: int):
@@ -161,8 +171,8 @@ class DistillTrainer:
         self.conditioning = self.triad.conditioning
         self.heads = nn.ModuleDict(self.build_heads())
 
-        # Each process draws its own noise: the stream depends on the seed and the rank.
-        self.state = _LoopState(c.seed * 7919 + acc.process_index)
+        # Each process draws its own noise: the stream depends on the seed, the rank and the step.
+        self.state = _LoopState(c.seed, acc.process_index)
 
         self.generator = self.triad.generator
         self.fake = self.triad.fake
@@ -360,6 +370,7 @@ class DistillTrainer:
     def train_step(self) -> dict[str, float]:
         """One iteration: maybe a generator update, then a fake-score update."""
         step = self.state.step
+        self.state.reseed()
         batch = self.make_batch()
         logs: dict[str, float] = {}
         self.generator.train()
