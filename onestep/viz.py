@@ -17,6 +17,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, dpi: int) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(N, C, H, W)`` in [-1, 1] -> ``(N, H, W, C)`` uint8 (the one quantisation used everywhere)."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -55,10 +62,7 @@ def save_samples_picture(x: torch.Tensor, path: str | Path, title: str = "", nro
         ax.axis("off")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def save_comparison(
@@ -88,7 +92,4 @@ def save_comparison(
             s.set_visible(False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)

@@ -63,7 +63,9 @@ def test_mlp_student_roundtrip(tmp_path):
     export_student(tmp_path / "s", net, teacher, method="dmd2", timesteps=[999])
     student = load_student(tmp_path / "s")
     x, t = torch.randn(5, 2), torch.full((5,), 999)
-    ref = teacher.schedule.to_x0(net(x, t).sample, x, t, "epsilon")
+    # Fresh MLP students of analytic teachers predict v (see Teacher.student_prediction_type).
+    assert student.meta["prediction_type"] == teacher.trainable_prediction_type == "v_prediction"
+    ref = teacher.schedule.to_x0(net(x, t).sample, x, t, "v_prediction")
     torch.testing.assert_close(student.generator(x, t), ref, rtol=0, atol=0)
     assert student.sample_shape == (2,) and student.clip is None
 

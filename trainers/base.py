@@ -26,6 +26,7 @@ from torch import nn
 
 from onestep.conditioning import Cond
 from onestep.config import config_to_dict
+from onestep.denoiser import Denoiser
 from onestep.errors import ConfigError
 from onestep.teachers import Teacher, load_teacher
 from onestep.triad import Triad
@@ -409,8 +410,9 @@ class DistillTrainer:
         )
         start = time.time()
         first = self.state.step
+        logs: dict[str, float] = {}
         while self.state.step < c.max_steps:
-            logs = self.train_step()
+            logs.update(self.train_step())  # the latest value of every key since the last log
             step = self.state.step
             bar.update(1)
             if c.log_every and (step % c.log_every == 0 or step == c.max_steps):
@@ -418,6 +420,7 @@ class DistillTrainer:
                 acc.log(logs, step=step)
                 shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")}
                 bar.set_postfix(shown)
+                logs = {}
             if c.preview_every and step % c.preview_every == 0:
                 self.save_preview(step)
             if c.checkpoint_every and step % c.checkpoint_every == 0 and step < c.max_steps:
@@ -488,16 +491,19 @@ class DistillTrainer:
 
     @torch.no_grad()
     def preview_samples(self, n: int | None = None) -> tuple[torch.Tensor, Cond]:
-        """Samples of the current generator for fixed seeds (the same across a run)."""
+        """Samples of the generator that would be exported now (EMA weights when EMA is on),
+        for fixed seeds (the same across a run)."""
         from onestep.samplers.student import sample_student_from_seeds
 
         n = n or self.config.preview_num
         labels = [i % max(1, self.conditioning.num_classes) for i in range(n)]
+        gen = Denoiser(self.generator_for_export(), self.schedule, self.generator.prediction_type)
         was_training = self.generator.training
-        self.generator.eval()
+        gen.eval()
         x, cond = sample_student_from_seeds(
-            self.generator, self.teacher_spec, self.config.generator_timesteps, seeds=range(n), labels=labels, device=self.device
+            gen, self.teacher_spec, self.config.generator_timesteps, seeds=range(n), labels=labels, device=self.device
         )
+        gen.train(was_training)
         return x, cond
 
     def save_preview(self, step: int) -> Path | None:
