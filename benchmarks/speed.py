@@ -40,7 +40,7 @@ def sampling_ratio(student_dir: str, num_images: int, batch_size: int) -> dict:
     t = time.perf_counter() - t0
     return {
         "num_images": num_images,
-        "batch_size": batch_size,
+        "sampling_batch_size": batch_size,
         "student_steps": len(student.timesteps),
         "student_sec_per_image": s / num_images,
         "teacher_sec_per_image": t / num_images,
@@ -62,7 +62,7 @@ def dmd2_step_time(iterations: int) -> dict:
         for _ in range(iterations):
             tr.train_step()
         dt = (time.perf_counter() - t0) / iterations
-    return {"dmd2_sec_per_iteration": dt, "batch_size": cfg.batch_size, "fake_updates_per_generator": cfg.fake_updates_per_generator}
+    return {"dmd2_sec_per_iteration": dt, "dmd2_batch_size": cfg.batch_size, "fake_updates_per_generator": cfg.fake_updates_per_generator}
 
 
 def main() -> None:
