@@ -1,6 +1,9 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,53 +58,31 @@ def test_checkpoint_total_limit(tmp_path, tiny_teacher_dir):
     assert [p.name for p in tr.checkpoints()] == ["checkpoint-4", "checkpoint-5"]
 
 
-def _ddp_worker():
-    from accelerate.state import AcceleratorState, PartialState
-
-    # Forked from a pytest process that may already hold a one-process accelerate state.
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-    cfg = tiny_dmd2_config(
-        __import__("pathlib").Path(os.environ["ONESTEP_TEST_DIR"]), os.environ["ONESTEP_TEST_TEACHER"], max_steps=3, export=False
-    )
-    tr = DMD2Trainer(cfg)
-    acc = tr.accelerator
-    first_noise = tr.make_batch()["noise"].sum().reshape(1)
-    tr.train()
-    flat = torch.cat([p.detach().reshape(-1) for p in tr.generator.parameters()])
-    flat_f = torch.cat([p.detach().reshape(-1) for p in tr.fake.parameters()])
-    sums = acc.gather(torch.stack([flat.sum(), flat.abs().sum(), flat_f.abs().sum()]).reshape(1, 3))
-    noises = acc.gather(first_noise)
-    if PartialState().is_main_process:
-        result = {"processes": acc.num_processes, "param_sums": sums.tolist(), "noise": noises.tolist()}
-        (__import__("pathlib").Path(os.environ["ONESTEP_TEST_DIR"]) / "ddp.json").write_text(json.dumps(result))
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def test_two_process_data_parallel_keeps_ranks_in_sync(tmp_path, tiny_teacher_dir, monkeypatch):
-    from accelerate import debug_launcher
+def _launch(args: list[str]) -> subprocess.CompletedProcess:
+    # Fresh interpreters per rank (forking a process that has used OpenMP can deadlock).
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    return subprocess.run(LAUNCH + args, capture_output=True, text=True, env=env, timeout=300)
 
-    monkeypatch.setenv("ONESTEP_TEST_DIR", str(tmp_path))
-    monkeypatch.setenv("ONESTEP_TEST_TEACHER", str(tiny_teacher_dir))
-    debug_launcher(_ddp_worker, num_processes=2)
-    r = json.loads((tmp_path / "ddp.json").read_text())
-    assert r["processes"] == 2
-    assert r["noise"][0] != r["noise"][1]  # each rank draws its own batch ...
-    assert r["param_sums"][0] == r["param_sums"][1]  # ... and the weights stay identical
+
+def test_two_process_data_parallel_keeps_ranks_in_sync(tmp_path, tiny_teacher_dir):
+    r = _launch([str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path), str(tiny_teacher_dir)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "ddp.json").read_text())
+    assert res["processes"] == 2
+    assert res["noise"][0] != res["noise"][1]  # each rank draws its own batch ...
+    assert res["param_sums"][0] == res["param_sums"][1]  # ... and the weights stay identical
 
 
 def test_documented_accelerate_launch_command_runs_two_processes(tmp_path, tiny_teacher_dir):
     """The README's CPU command: one run, two ranks (a random state saved per rank), one student."""
-    import subprocess
-    import sys
-
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "onestep.cli", "train", "digits_dmd2",
-        "--teacher", str(tiny_teacher_dir), "--max_steps", "2", "--batch_size", "2", "--log_with", "none",
-        "--output-dir", str(tmp_path / "run"),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    r = _launch([
+        "-m", "onestep.cli", "train", "digits_dmd2", "--teacher", str(tiny_teacher_dir), "--max_steps", "2",
+        "--batch_size", "2", "--log_with", "none", "--output-dir", str(tmp_path / "run"),
+    ])
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("student written to") == 1
     ckpt = tmp_path / "run" / "checkpoint-2"
