@@ -23,28 +23,21 @@ import torch
 
 def sampling_ratio(student_dir: str, num_images: int, batch_size: int) -> dict:
     from onestep.export import load_student
-    from onestep.samplers.student import sample_student_from_seeds, teacher_sample_from_seeds
+    from onestep.quickstart import TEACHER_STEPS, time_student_and_teacher
     from onestep.teachers import load_teacher
 
     student = load_student(student_dir)
     teacher = load_teacher("digits")
-    den = teacher.denoiser()
     labels = [i % 10 for i in range(num_images)]
-    seeds = list(range(num_images))
-    sample_student_from_seeds(student.generator, student, student.timesteps, seeds[:4], labels[:4])  # warm-up
-    t0 = time.perf_counter()
-    sample_student_from_seeds(student.generator, student, student.timesteps, seeds, labels, batch_size=batch_size)
-    s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    teacher_sample_from_seeds(den, teacher, seeds, labels, 50, teacher.guidance_scale, batch_size=batch_size, progress=True)
-    t = time.perf_counter() - t0
+    timed = time_student_and_teacher(student, teacher, list(range(num_images)), labels, batch_size, progress=True)
+    s, t = timed["student_seconds"], timed["teacher_seconds"]
     return {
         "num_images": num_images,
         "sampling_batch_size": batch_size,
         "student_steps": len(student.timesteps),
         "student_sec_per_image": s / num_images,
         "teacher_sec_per_image": t / num_images,
-        "teacher_steps": 50,
+        "teacher_steps": TEACHER_STEPS,
         "teacher_guidance_scale": teacher.guidance_scale,
         "ratio": t / s,
     }

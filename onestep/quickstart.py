@@ -25,6 +25,23 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def time_student_and_teacher(
+    student, teacher, seeds: list[int], labels: list[int], batch_size: int = 100, progress: bool = False
+) -> dict[str, Any]:
+    """Sample the same images (seeds, labels) with the student (its own steps) and the teacher
+    (50 guided DDIM steps) at the same batch size, after a warm-up call; return both sample sets
+    and the seconds each took."""
+    from onestep.samplers.student import sample_student_from_seeds, teacher_sample_from_seeds
+
+    sample_student_from_seeds(student.generator, student, student.timesteps, seeds[:2], labels[:2])
+    (xs, _), s_sec = _timed(sample_student_from_seeds, student.generator, student, student.timesteps, seeds, labels, batch_size=batch_size)
+    xt, t_sec = _timed(
+        teacher_sample_from_seeds, teacher.denoiser(), teacher, seeds, labels, TEACHER_STEPS, teacher.guidance_scale,
+        batch_size=batch_size, progress=progress,
+    )
+    return {"student_samples": xs, "teacher_samples": xt, "student_seconds": s_sec, "teacher_seconds": t_sec}
+
+
 def compare_student_teacher(student_dir: Path, out: Path, timing_samples: int = 100, batch_size: int = 100) -> dict[str, Any]:
     """Sample the student (its own steps) and the digits teacher (50 guided DDIM steps) for the same
     classes and seeds; write ``samples.png``; time both on ``timing_samples`` images."""
@@ -46,17 +63,12 @@ def compare_student_teacher(student_dir: Path, out: Path, timing_samples: int = 
         title="same classes, same seeds",
     )
 
-    # Timing: the same images, the same batch size, after one warm-up call each.
     t_labels = [i % NUM_CLASSES for i in range(timing_samples)]
-    t_seeds = list(range(1000, 1000 + timing_samples))
-    sample_student_from_seeds(student.generator, student, student.timesteps, t_seeds[:2], t_labels[:2])
-    ts_all, s_sec = _timed(sample_student_from_seeds, student.generator, student, student.timesteps, t_seeds, t_labels, batch_size=batch_size)
-    tt_all, t_sec = _timed(
-        teacher_sample_from_seeds, t_den, teacher, t_seeds, t_labels, TEACHER_STEPS, teacher.guidance_scale, batch_size=batch_size
-    )
+    timed = time_student_and_teacher(student, teacher, list(range(1000, 1000 + timing_samples)), t_labels, batch_size)
+    s_sec, t_sec = timed["student_seconds"], timed["teacher_seconds"]
     y = torch.tensor(labels + t_labels)
-    acc_s = float((classify_digits(torch.cat([xs, ts_all[0]])) == y).float().mean())
-    acc_t = float((classify_digits(torch.cat([xt, tt_all])) == y).float().mean())
+    acc_s = float((classify_digits(torch.cat([xs, timed["student_samples"]])) == y).float().mean())
+    acc_t = float((classify_digits(torch.cat([xt, timed["teacher_samples"]])) == y).float().mean())
     return {
         "student_steps": k,
         "teacher_steps": TEACHER_STEPS,
