@@ -24,6 +24,10 @@ def main(out: Path, teacher: str) -> None:
     if acc.is_main_process:
         result = {"processes": acc.num_processes, "param_sums": sums.tolist(), "noise": noises.tolist()}
         (out / "ddp.json").write_text(json.dumps(result))
+    # Leave together and close the group: a rank that exits while its peer still holds the gloo
+    # connection can be aborted at teardown.
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

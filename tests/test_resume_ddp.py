@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,15 +63,29 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
           "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(args: list[str]) -> subprocess.CompletedProcess:
-    # Fresh interpreters per rank (forking a process that has used OpenMP can deadlock).
+    # Fresh interpreters per rank (forking a process that has used OpenMP can deadlock), and a port
+    # of our own: the default 29500 may belong to another job on a shared CI machine.
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    return subprocess.run(LAUNCH + args, capture_output=True, text=True, env=env, timeout=300)
+    cmd = LAUNCH + ["--main_process_port", str(_free_port())] + args
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _why(r: subprocess.CompletedProcess) -> str:
+    """The ranks' own tracebacks come first in stderr, the launcher's summary last: show both ends."""
+    err = r.stderr
+    return err if len(err) < 6000 else err[:4000] + "\n[...]\n" + err[-2000:]
 
 
 def test_two_process_data_parallel_keeps_ranks_in_sync(tmp_path, tiny_teacher_dir):
     r = _launch([str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path), str(tiny_teacher_dir)])
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _why(r)
     res = json.loads((tmp_path / "ddp.json").read_text())
     assert res["processes"] == 2
     assert res["noise"][0] != res["noise"][1]  # each rank draws its own batch ...
@@ -83,7 +98,7 @@ def test_documented_accelerate_launch_command_runs_two_processes(tmp_path, tiny_
         "-m", "onestep.cli", "train", "digits_dmd2", "--teacher", str(tiny_teacher_dir), "--max_steps", "2",
         "--batch_size", "2", "--log_with", "none", "--output-dir", str(tmp_path / "run"),
     ])
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _why(r)
     assert r.stdout.count("student written to") == 1
     ckpt = tmp_path / "run" / "checkpoint-2"
     assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
