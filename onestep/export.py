@@ -84,8 +84,41 @@ def export_student(
     }
     if extra:
         meta.update(extra)
+    if meta.get("consistency") and cls_name == "UNet2DConditionModel":
+        write_lcm_scheduler(out / "scheduler", meta)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def write_lcm_scheduler(out: str | Path, meta: dict[str, Any]) -> Path:
+    """Write an ``LCMScheduler`` config for a consistency student, so that plain diffusers samples
+    it in K steps (``scheduler.set_timesteps(K)`` picks the same timesteps as onestep).
+
+    Only a student whose grid is LCM's own (``N`` points up to ``T - 1``) can be described this
+    way; others raise (their timesteps stay in ``onestep.json``).
+    """
+    from diffusers import LCMScheduler
+
+    from onestep.samplers.consistency import lcm_grid
+
+    cm = meta["consistency"]
+    schedule = dict(meta["schedule"])
+    T = NoiseSchedule.from_scheduler_config(schedule).num_train_timesteps
+    n = len(cm["grid"])
+    if cm["parameterisation"] != "lcm" or cm["grid"] != lcm_grid(T, n) or T % n:
+        raise StudentFormatError("an LCMScheduler describes only LCM-parameterised students on the full N-step grid (max_timestep = T - 1)")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+    scheduler = LCMScheduler(
+        **{k: schedule[k] for k in keys if schedule.get(k) is not None},
+        original_inference_steps=n,
+        timestep_scaling=cm["timestep_scaling"],
+        prediction_type=meta["prediction_type"],
+        clip_sample=meta.get("clip") is not None,
+        clip_sample_range=float(meta.get("clip") or 1.0),
+        set_alpha_to_one=True,
+    )
+    scheduler.save_pretrained(out)
+    return Path(out)
 
 
 @dataclass
@@ -112,6 +145,13 @@ class Student:
         """The sampling timesteps for ``steps`` model calls (default: the trained ones)."""
         if steps is None or steps == len(self.timesteps):
             return list(self.timesteps)
+        cm = self.meta.get("consistency")
+        if cm:
+            from onestep.samplers.consistency import lcm_timesteps
+
+            if cm["parameterisation"] == "segments":
+                raise StudentFormatError(f"this multistep consistency student samples in exactly {len(self.timesteps)} steps")
+            return lcm_timesteps(cm["grid"], steps)
         if steps < 1:
             raise StudentFormatError("steps must be at least 1")
         if steps < len(self.timesteps):
@@ -121,6 +161,19 @@ class Student:
             t0 = self.timesteps[0]
             return [int(round(t0 * (steps - i) / steps)) for i in range(steps)]
         raise StudentFormatError(f"this student was trained for at most {len(self.timesteps)} steps, not {steps}")
+
+
+def _generator_from_meta(backbone: nn.Module, schedule: NoiseSchedule, meta: dict[str, Any]) -> Denoiser:
+    """The x0 view of a student: a plain :class:`Denoiser`, or a consistency student's ``f``."""
+    cm = meta.get("consistency")
+    if not cm:
+        return Denoiser(backbone, schedule, meta["prediction_type"])
+    from onestep.samplers.consistency import ConsistencyDenoiser, GuidanceInput
+
+    guidance = GuidanceInput(**meta["guidance"]) if meta.get("guidance") else None
+    return ConsistencyDenoiser(
+        backbone, schedule, meta["prediction_type"], cm["parameterisation"], cm["sigma_data"], cm["timestep_scaling"], guidance
+    )
 
 
 def load_student(path: str | Path, device: torch.device | str = "cpu") -> Student:
@@ -153,7 +206,7 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
         raise StudentFormatError(f"{meta_file}: model_class {meta.get('model_class')!r} is not one of {sorted(classes)}")
     backbone = cls.from_pretrained(gen_dir, use_safetensors=True).to(device).eval()
     schedule = NoiseSchedule.from_scheduler_config(meta["schedule"])
-    generator = Denoiser(backbone, schedule, meta["prediction_type"]).eval()
+    generator = _generator_from_meta(backbone, schedule, meta).eval()
     return Student(
         path=path,
         generator=generator,

@@ -44,9 +44,13 @@ def student_sample(
             x0 = x0.clamp(-clip, clip)
         if i == len(timesteps) - 1:
             return x0
+        nxt = torch.full((n,), int(timesteps[i + 1]), dtype=torch.long, device=x.device)
+        if getattr(generator, "ddim_between_steps", False):
+            # Segment consistency students (MLCM) move along the DDIM line: no fresh noise.
+            x = schedule.add_noise(x0, schedule.eps_from_x0(x0, x, tt), nxt)
+            continue
         if renoise is None:
             raise ValueError("K-step sampling needs a renoise function for the fresh noise between steps")
-        nxt = torch.full((n,), int(timesteps[i + 1]), dtype=torch.long, device=x.device)
         x = schedule.add_noise(x0, renoise(tuple(x.shape)), nxt)
     return x
 

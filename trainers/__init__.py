@@ -13,10 +13,12 @@ from onestep.config import build_config, read_yaml, resolve_config_path
 from onestep.errors import ConfigError
 
 from .base import DistillConfig, DistillTrainer
+from .consistency import ConsistencyConfig, ConsistencyTrainer
 from .dmd2 import DMD2Config, DMD2Trainer
 
 METHODS: dict[str, tuple[type[DistillConfig], type[DistillTrainer]]] = {
     "dmd2": (DMD2Config, DMD2Trainer),
+    "consistency": (ConsistencyConfig, ConsistencyTrainer),
 }
 
 

@@ -1,0 +1,244 @@
+"""Consistency students: the boundary condition, the LCM timestep grid and the guidance input.
+
+A consistency student (LCM, Luo et al., 2023, arXiv:2310.04378) maps any ``x_t`` on a
+teacher ODE trajectory to that trajectory's end. Its output is
+``f(x, t) = c_skip(t) x + c_out(t) x0(x, t)`` (LCM eq. 9) with the discrete-time scalings
+``c_skip = sd^2 / ((10 t)^2 + sd^2)`` and ``c_out = 10 t / sqrt((10 t)^2 + sd^2)``
+(``sd = 0.5``), so ``f(x, 0) = x`` holds exactly. Multistep students (MLCM) use the plain
+x0 prediction instead: their boundary condition is the DDIM projection to a segment edge.
+
+Sampling (LCMScheduler's rule): K timesteps picked evenly from the student's grid; at each,
+predict ``f``, then re-noise it to the next timestep with fresh noise (or, for segment
+students, move along the DDIM line to it). The student folder records the grid, so any
+K up to the grid size works; ``timesteps_by_steps`` in ``onestep.json`` lists 1, 2, 4, 8.
+
+Guidance. A student trained on a range of guidance scales receives its scale as an input:
+
+- ``timestep_cond`` (``UNet2DConditionModel`` with ``time_cond_proj_dim``): LCM's
+  sinusoidal embedding of ``w * 1000``, ``w = s - 1`` in LCM's convention, exactly what
+  diffusers' ``LatentConsistencyModelPipeline`` feeds;
+- ``class_table`` (class-conditional ``UNet2DModel`` and ``MLPDenoiser``, whose class
+  embedding is a table): the scale is snapped to one of L levels and the label becomes
+  ``class + level * stride`` in a table of ``stride * L`` rows (``stride`` = the teacher's
+  number of class embeddings, null class included). The student stays a plain diffusers
+  model: ``unet(x, t, class_labels=y + level * stride)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from onestep.conditioning import Cond, scale_to_lcm_w
+from onestep.denoiser import Denoiser
+from onestep.errors import ConfigError
+from onestep.schedule import NoiseSchedule, expand_like
+
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+PARAMETERISATIONS = ("lcm", "segments")
+
+
+def boundary_scalings(
+    t: torch.Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's ``(c_skip, c_out)`` for integer timesteps ``t`` (float32; computed in float64)."""
+    st = torch.as_tensor(t).double() * timestep_scaling
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / (st**2 + sigma_data**2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def lcm_grid(num_train_timesteps: int, num_steps: int, max_timestep: int | None = None) -> list[int]:
+    """The N-point DDIM grid, ascending: ``t_j = round(j (t_max + 1) / N) - 1`` for ``j = 1 .. N``.
+
+    With ``t_max = T - 1`` and N dividing T this is LCM's (and LCMScheduler's) grid
+    ``k - 1, 2k - 1, .., T - 1`` with skip ``k = T / N``. A lower ``t_max`` keeps the grid
+    off timesteps where an eps-predicting network cannot resolve x0 (``sqrt(abar)`` tiny).
+    """
+    t_max = num_train_timesteps - 1 if max_timestep is None else int(max_timestep)
+    if not 0 < t_max < num_train_timesteps:
+        raise ConfigError(f"max_timestep must lie in [1, {num_train_timesteps - 1}] (got {max_timestep})")
+    if not 1 <= num_steps <= t_max + 1:
+        raise ConfigError(f"the DDIM grid needs 1 to {t_max + 1} points (got {num_steps})")
+    grid = [int(round(j * (t_max + 1) / num_steps)) - 1 for j in range(1, num_steps + 1)]
+    return sorted(set(grid))
+
+
+def lcm_timesteps(grid: list[int], steps: int) -> list[int]:
+    """LCMScheduler's K-step timesteps on ``grid``: indices ``floor(linspace(0, N, K, endpoint=False))``
+    of the grid in descending order. The first is always the grid's top."""
+    rev = sorted(grid, reverse=True)
+    if not 1 <= steps <= len(rev):
+        raise ConfigError(f"a consistency student on a {len(rev)}-point grid samples in 1 to {len(rev)} steps (got {steps})")
+    idx = np.floor(np.linspace(0, len(rev), num=steps, endpoint=False)).astype(np.int64)
+    return [int(rev[i]) for i in idx]
+
+
+def segment_edges(grid: list[int], num_segments: int) -> list[int]:
+    """Ascending edges ``[0, e_1, .., e_M]`` of M segments (MLCM): 0 and the M-step LCM timesteps.
+
+    Timestep ``t`` lies in segment ``m`` when ``e_m < t <= e_{m+1}``; its consistency target is
+    the DDIM projection to ``e_m``.
+    """
+    return [0] + sorted(lcm_timesteps(grid, num_segments))
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of LCM guidance ``w`` (``(B,)`` -> ``(B, dim)``), as diffusers'
+    ``LatentConsistencyModelPipeline`` computes it: frequencies ``10000^(-i / (dim/2 - 1))``
+    applied to ``1000 w``, sines then cosines, zero-padded to an odd ``dim``."""
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(-torch.arange(half, dtype=torch.float32) * (np.log(10000.0) / (half - 1)))
+    ang = w[:, None] * freqs[None, :]
+    emb = torch.cat([ang.sin(), ang.cos()], dim=1)
+    return nn.functional.pad(emb, (0, dim % 2))
+
+
+@dataclass
+class GuidanceInput:
+    """How a student receives its guidance scale ``s`` (our convention, ``s = 1``: no guidance).
+
+    Attributes:
+        kind: ``"timestep_cond"`` or ``"class_table"`` (module docstring).
+        default_scale: the scale used when a caller gives none (sampling).
+        embedding_dim: ``time_cond_proj_dim`` for ``timestep_cond``.
+        scales: the L guidance levels of a ``class_table``.
+        stride: rows per level in a ``class_table`` (the teacher's class embeddings, null included).
+    """
+
+    kind: str
+    default_scale: float
+    embedding_dim: int = 0
+    scales: list[float] = field(default_factory=list)
+    stride: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("timestep_cond", "class_table"):
+            raise ConfigError(f"guidance input kind must be 'timestep_cond' or 'class_table' (got {self.kind!r})")
+        if self.kind == "class_table" and (not self.scales or self.stride < 1):
+            raise ConfigError("a class_table guidance input needs scales and a stride")
+        if self.kind == "timestep_cond" and self.embedding_dim < 2:
+            raise ConfigError("a timestep_cond guidance input needs embedding_dim >= 2")
+
+    def snap(self, scale: torch.Tensor) -> torch.Tensor:
+        """The scale each sample actually gets (nearest level for a table; unchanged otherwise)."""
+        if self.kind != "class_table":
+            return scale.float()
+        return torch.as_tensor(self.scales, dtype=torch.float32, device=scale.device)[self.level(scale)]
+
+    def level(self, scale: torch.Tensor) -> torch.Tensor:
+        levels = torch.as_tensor(self.scales, dtype=torch.float32, device=scale.device)
+        return (scale.float()[:, None] - levels[None, :]).abs().argmin(dim=1)
+
+    def apply(self, cond: Cond, scale: float | torch.Tensor | None, n: int, device: torch.device | str) -> Cond:
+        """The backbone's conditioning for scale ``scale`` (a float or ``(B,)``; None: the default)."""
+        scale = self.default_scale if scale is None else scale
+        s = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1).expand(n)
+        if self.kind == "timestep_cond":
+            emb = guidance_scale_embedding(scale_to_lcm_w(s).cpu(), self.embedding_dim).to(device)
+            base = {} if cond is None else dict(cond)
+            return {**base, "timestep_cond": emb}
+        if cond is None or isinstance(cond, dict):
+            raise ConfigError("a class_table guidance input needs class labels as the condition")
+        return cond + self.stride * self.level(s).to(cond.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ConsistencyDenoiser(Denoiser):
+    """A consistency student: ``f(x, t) = c_skip x + c_out x0(x, t)`` (``parameterisation="lcm"``)
+    or the plain x0 prediction (``"segments"``, MLCM), with the guidance scale fed as an input.
+
+    Args:
+        backbone, schedule, prediction_type: as for :class:`~onestep.denoiser.Denoiser`.
+        parameterisation: ``"lcm"`` or ``"segments"``.
+        sigma_data, timestep_scaling: the boundary-condition constants (LCM: 0.5 and 10).
+        guidance: how the scale reaches the backbone (None: the student takes no scale).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        parameterisation: str = "lcm",
+        sigma_data: float = SIGMA_DATA,
+        timestep_scaling: float = TIMESTEP_SCALING,
+        guidance: GuidanceInput | None = None,
+    ):
+        super().__init__(backbone, schedule, prediction_type)
+        if parameterisation not in PARAMETERISATIONS:
+            raise ConfigError(f"parameterisation must be one of {PARAMETERISATIONS} (got {parameterisation!r})")
+        self.parameterisation = parameterisation
+        self.sigma_data = sigma_data
+        self.timestep_scaling = timestep_scaling
+        self.guidance = guidance
+
+    @property
+    def ddim_between_steps(self) -> bool:
+        """Segment students move along the DDIM line between sampling steps instead of re-noising."""
+        return self.parameterisation == "segments"
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, guidance_scale=None, return_features: bool = False):
+        """The backbone's x0 prediction, with the guidance input added to ``cond``."""
+        if self.guidance is not None:
+            cond = self.guidance.apply(cond, guidance_scale, x_t.shape[0], x_t.device)
+        return super().forward(x_t, t, cond, return_features=return_features)
+
+    def boundary(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """``f`` from an x0 prediction: ``c_skip x + c_out x0`` (lcm) or ``x0`` itself (segments)."""
+        if self.parameterisation != "lcm":
+            return x0
+        c_skip, c_out = (expand_like(c.to(x_t.device), x_t) for c in boundary_scalings(t, self.sigma_data, self.timestep_scaling))
+        return c_skip * x_t.float() + c_out * x0
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, return_features: bool = False, guidance_scale=None):
+        """``f(x_t, t)`` (float32)."""
+        out = self.x0(x_t, t, cond, guidance_scale, return_features)
+        x0, feats = out if return_features else (out, None)
+        f = self.boundary(x_t, t, x0)
+        return (f, feats) if return_features else f
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    t_next: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DDIM step from ``t`` to ``t_next`` given the x0 prediction (the project's DDIM sampler's update):
+    ``eps = (x_t - a_t x0) / s_t``, ``x_next = a_n x0 + sqrt(s_n^2 - sig^2) eps + sig z`` with
+    ``sig = eta sqrt(s_n^2 / s_t^2) sqrt(1 - a_t^2 / a_n^2)`` (``eta = 0``: deterministic).
+    With ``t_next == t`` and ``eta = 0`` it returns ``x_t`` (up to rounding)."""
+    eps = schedule.eps_from_x0(x0, x_t, t)
+    a, s = (expand_like(v, x_t) for v in schedule.alpha_sigma(t.to(x_t.device)))
+    an, sn = (expand_like(v, x_t) for v in schedule.alpha_sigma(t_next.to(x_t.device)))
+    x0 = x0.float()
+    if eta <= 0:
+        return an * x0 + sn * eps
+    if noise is None:
+        raise ValueError("a stochastic DDIM step (eta > 0) needs noise")
+    sig = eta * (sn**2 / s**2).sqrt() * (1 - a**2 / an**2).clamp(min=0).sqrt()
+    return an * x0 + (sn**2 - sig**2).clamp(min=0).sqrt() * eps + sig * noise.float()
+
+
+__all__ = [
+    "ConsistencyDenoiser",
+    "GuidanceInput",
+    "boundary_scalings",
+    "ddim_step",
+    "guidance_scale_embedding",
+    "lcm_grid",
+    "lcm_timesteps",
+    "segment_edges",
+]

@@ -1,0 +1,456 @@
+"""Consistency distillation: LCM-style students, with SCott, MLCM and iCT as options.
+
+Papers: LCM (Luo et al., 2023, arXiv:2310.04378), consistency models (Song et al., 2023,
+arXiv:2303.01469), SCott (Liu et al., 2024, arXiv:2403.01505), MLCM (Xie et al., 2024,
+arXiv:2406.05768), iCT (Song & Dhariwal, 2023, arXiv:2310.14189). Maths in METHODS.md,
+"Consistency distillation".
+
+Algorithm, per iteration (LCM Alg. 1 in this project's notation):
+
+1. draw real ``x0`` (with its class), a guidance scale ``s`` per sample (fixed, or from
+   ``guidance_scale_range``; the student gets ``s`` as an input) and a grid pair
+   ``t_lo < t_hi`` adjacent on the N-point DDIM grid ``[0, t_1, .., t_N]``;
+2. ``x_hi = a x0 + s e`` at ``t_hi``;
+3. teacher step: ``x_lo = DDIM(x_hi, x0_teacher, t_hi -> t_lo)`` with the teacher's x0 under
+   CFG ``s`` (our ``s`` is LCM's ``w + 1``, see :mod:`onestep.conditioning`); SCott: ``eta > 0``.
+   iCT has no teacher: ``x_lo = a x0 + s e`` at ``t_lo`` with the same ``e``;
+4. ``loss = d(f_student(x_hi, t_hi), sg(f_target(x_lo, t_lo)))`` with ``d`` L2, Huber
+   ``sqrt((a - b)^2 + c^2) - c`` or iCT's pseudo-Huber on the whole sample;
+   ``f = c_skip x + c_out x0`` (LCM eq. 9), so ``f(x, 0) = x``;
+   MLCM: ``f`` is the DDIM projection of the x0 prediction to the lower edge of ``t_hi``'s
+   segment, which gives the boundary condition for free;
+   SCott: ``+ gan_weight * softplus(-D(f_student))``, ``D`` a GAN head (DMD2's) on the frozen
+   teacher's bottleneck features of noised samples; the head is trained against real ``x0``;
+5. update the student, then the target: ``theta_target <- mu theta_target + (1 - mu) theta``
+   (``mu = target_ema_decay``; 0 makes the target the student itself, as MLCM and iCT do).
+
+The EMA target lives in the shared loop's fake-score slot (a full copy of the student's
+network, prepared, checkpointed and resumed with it); no fake score is trained. It is not
+the export EMA (``ema_decay``), which the loop keeps as for every method.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from torch import nn
+
+from onestep.config import config_to_dict
+from onestep.denoiser import frozen
+from onestep.errors import ConfigError
+from onestep.samplers.consistency import (
+    ConsistencyDenoiser,
+    GuidanceInput,
+    ddim_step,
+    lcm_grid,
+    lcm_timesteps,
+    segment_edges,
+)
+from onestep.teachers import Teacher, load_teacher
+
+from .base import DistillConfig, DistillTrainer, _help
+from .dmd2 import GANHead
+
+logger = get_logger(__name__)
+
+LOSSES = ("l2", "huber", "pseudo_huber")
+
+
+@dataclass
+class ConsistencyConfig(DistillConfig):
+    """Consistency distillation settings (LCM defaults in METHODS.md; tune per teacher).
+
+    ``guidance_scale`` is the fixed teacher CFG scale, or, with ``guidance_scale_range``, the
+    student's default scale at sampling. ``generator_timesteps`` and
+    ``fake_updates_per_generator`` are not used: the student's timesteps come from the grid.
+    """
+
+    method: str = _help("training method", "consistency")
+    num_ddim_timesteps: int = _help("N: points of the DDIM grid the teacher steps along (skip k = T / N)", 50)
+    max_timestep: int | None = _help(
+        "top of the grid, the label pure noise gets at sampling (default T-1; keep sqrt(abar) there "
+        "above ~0.05 for eps-predicting students)"
+    )
+    target_ema_decay: float = _help("EMA rate mu of the target network; 0: the target is the student itself (MLCM, iCT)", 0.95)
+    loss: str = _help("'l2', 'huber' (LCM, per element) or 'pseudo_huber' (iCT, on the whole sample)", "l2")
+    huber_c: float | None = _help("c of the (pseudo-)Huber loss (default 0.001; pseudo_huber: 0.00054 sqrt(dim))")
+    sigma_data: float = _help("sigma_data of the boundary condition", 0.5)
+    timestep_scaling: float = _help("timestep scaling of the boundary condition (LCM: 10)", 10.0)
+    guidance_scale_range: list[float] | None = _help(
+        "[min, max]: draw the teacher's CFG scale per sample from this range (our convention; LCM's "
+        "w in [5, 15] is [6, 16] here) and feed it to the student as an input"
+    )
+    guidance_levels: int = _help("class-conditional students without timestep_cond: guidance levels of the class table", 9)
+    guidance_embedding_dim: int = _help("UNet2DConditionModel students: time_cond_proj_dim of the guidance embedding", 256)
+    eta: float = _help("SCott: eta of the stochastic DDIM teacher step (0: deterministic, plain LCM)", 0.0)
+    gan_weight: float = _help("SCott: weight of the adversarial term softplus(-D(f)) (0: none; paper 0.4)", 0.0)
+    gan_head_channels: int = _help("width of the GAN head on the teacher's bottleneck features", 64)
+    num_segments: int = _help("MLCM: M segments of the trajectory (1: one-segment LCM); the student samples in M steps", 1)
+    teacher_free: bool = _help("iCT: consistency training without the teacher (x_lo uses the same noise at t_lo)", False)
+    ict_initial_steps: int = _help("iCT: grid size at the start of the doubling schedule", 10)
+    ict_final_steps: int = _help("iCT: largest grid size of the doubling schedule", 640)
+    ict_p_mean: float = _help("iCT: mean of the lognormal over sigma = s_t / a_t for drawing grid pairs", -1.1)
+    ict_p_std: float = _help("iCT: std of that lognormal", 2.0)
+    sampling_steps: int = _help("default sampling steps recorded in the student (segments: num_segments)", 4)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_ddim_timesteps", "guidance_levels", "num_segments", "sampling_steps", "ict_initial_steps", "gan_head_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not 0 <= self.target_ema_decay < 1:
+            raise ConfigError(f"target_ema_decay must lie in [0, 1) (got {self.target_ema_decay})")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES} (got {self.loss!r})")
+        if self.huber_c is not None and self.huber_c <= 0:
+            raise ConfigError(f"huber_c must be > 0 (got {self.huber_c})")
+        if self.sigma_data <= 0 or self.timestep_scaling <= 0:
+            raise ConfigError("sigma_data and timestep_scaling must be > 0")
+        if self.guidance_scale_range is not None:
+            r = self.guidance_scale_range
+            if len(r) != 2 or not 0 <= r[0] <= r[1]:
+                raise ConfigError(f"guidance_scale_range must be [min, max] with 0 <= min <= max (got {r})")
+        if self.guidance_embedding_dim < 2:
+            raise ConfigError("guidance_embedding_dim must be at least 2")
+        if self.eta < 0 or self.gan_weight < 0:
+            raise ConfigError("eta and gan_weight must be >= 0")
+        if self.num_segments > self.num_ddim_timesteps:
+            raise ConfigError(f"num_segments ({self.num_segments}) cannot exceed num_ddim_timesteps ({self.num_ddim_timesteps})")
+        if self.teacher_free and (self.guidance_scale_range is not None or self.eta > 0 or self.num_segments > 1):
+            raise ConfigError("teacher_free (iCT) has no teacher step: it takes no guidance range, eta or segments")
+        if self.ict_final_steps < self.ict_initial_steps:
+            raise ConfigError("ict_final_steps must be >= ict_initial_steps")
+        if self.fake_score != "copy":
+            raise ConfigError("consistency distillation keeps its EMA target in the fake-score slot: use fake_score: copy")
+        if self.regression_warmup_steps:
+            raise ConfigError("regression_warmup_steps is a DMD warm start; consistency distillation does not use it (set 0)")
+
+    @property
+    def parameterisation(self) -> str:
+        return "segments" if self.num_segments > 1 else "lcm"
+
+
+# ------------------------------------------------------------------- losses
+
+
+def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float) -> torch.Tensor:
+    """Per-sample distance ``(B,)``: mean squared error, LCM's per-element Huber
+    ``mean(sqrt((a - b)^2 + c^2) - c)`` or iCT's pseudo-Huber ``sqrt(|a - b|^2 + c^2) - c``."""
+    diff = (a.float() - b.float()).flatten(1)
+    if kind == "l2":
+        return (diff**2).mean(1)
+    if kind == "huber":
+        return ((diff**2 + c**2).sqrt() - c).mean(1)
+    if kind == "pseudo_huber":
+        return ((diff**2).sum(1) + c**2).sqrt() - c
+    raise ConfigError(f"unknown consistency loss {kind!r}; expected one of {LOSSES}")
+
+
+def ict_num_steps(step: int, max_steps: int, initial: int, final: int) -> int:
+    """iCT's doubling schedule: ``min(s0 * 2^floor(k / K'), s1)`` with ``K' = floor(K / (log2(s1 / s0) + 1))``."""
+    k_prime = max(1, math.floor(max_steps / (math.log2(final / initial) + 1)))
+    return min(initial * 2 ** (step // k_prime), final)
+
+
+# ------------------------------------------------------ the guided student
+
+
+def with_guidance_input(backbone: nn.Module, guidance: GuidanceInput) -> nn.Module:
+    """A trainable copy of ``backbone`` that also takes the guidance scale, equal to it at start.
+
+    ``timestep_cond``: the same class with ``time_cond_proj_dim`` set and the new projection
+    zero-initialised. ``class_table``: ``num_class_embeds`` times the number of levels, each
+    level a copy of the original table.
+    """
+    cfg = {k: v for k, v in dict(backbone.config).items() if not k.startswith("_")}
+    state = backbone.state_dict()
+    if guidance.kind == "timestep_cond":
+        if cfg.get("time_cond_proj_dim") == guidance.embedding_dim:
+            net = copy.deepcopy(backbone)
+        else:
+            cfg["time_cond_proj_dim"] = guidance.embedding_dim
+            net = type(backbone).from_config(cfg)
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if unexpected or any("cond_proj" not in k for k in missing):
+                raise ConfigError(f"cannot add a guidance embedding to this {type(backbone).__name__}: {missing + unexpected}")
+            nn.init.zeros_(net.time_embedding.cond_proj.weight)
+    else:
+        if getattr(backbone, "class_embedding", None) is None or not isinstance(backbone.class_embedding, nn.Embedding):
+            raise ConfigError(f"{type(backbone).__name__} has no class-embedding table to carry the guidance scale")
+        cfg["num_class_embeds"] = guidance.stride * len(guidance.scales)
+        net = type(backbone).from_config(cfg)
+        state = dict(state)
+        state["class_embedding.weight"] = state["class_embedding.weight"].repeat(len(guidance.scales), 1)
+        net.load_state_dict(state)
+    net.requires_grad_(True)
+    net.train()
+    return net
+
+
+def guidance_input_for(config: ConsistencyConfig, teacher: Teacher) -> GuidanceInput | None:
+    """How this teacher's student receives a per-sample guidance scale (None: fixed scale)."""
+    if config.guidance_scale_range is None:
+        return None
+    if not teacher.conditioning.guidable and type(teacher.backbone).__name__ != "UNet2DConditionModel":
+        raise ConfigError(f"guidance_scale_range needs a guidable (conditional) teacher; {teacher.name} is unconditional")
+    lo, hi = config.guidance_scale_range
+    default = min(max(config.guidance_scale, lo), hi)
+    if type(teacher.backbone).__name__ == "UNet2DConditionModel":
+        return GuidanceInput("timestep_cond", default, embedding_dim=config.guidance_embedding_dim)
+    n = config.guidance_levels if hi > lo else 1
+    scales = [lo + (hi - lo) * i / max(1, n - 1) for i in range(n)]
+    return GuidanceInput("class_table", default, scales=scales, stride=int(teacher.backbone.config.num_class_embeds))
+
+
+# ---------------------------------------------------------------- trainer
+
+
+class ConsistencyTrainer(DistillTrainer):
+    method_name = "consistency"
+    uses_real_data = True
+    config: ConsistencyConfig
+
+    def __init__(self, config: ConsistencyConfig, teacher: Teacher | None = None):
+        teacher = teacher if teacher is not None else load_teacher(config.teacher)
+        if teacher.real_data is None:
+            raise ConfigError(
+                f"consistency distillation noises real samples, and teacher {teacher.name} brings no data "
+                "(built-in digits and gmm-* teachers do; for a diffusers folder set 'data' in onestep_teacher.json)"
+            )
+        self.guidance_input = guidance_input_for(config, teacher)
+        if self.guidance_input is not None:
+            g, base_net = self.guidance_input, teacher.backbone
+            teacher = dataclasses.replace(teacher, student_factory=lambda: with_guidance_input(base_net, g))
+        super().__init__(config, teacher)
+        c = self.config
+        T = self.schedule.num_train_timesteps
+        self.grid = lcm_grid(T, c.num_ddim_timesteps, c.max_timestep)
+        if c.num_segments > len(self.grid):
+            raise ConfigError(f"num_segments ({c.num_segments}) exceeds the grid's {len(self.grid)} points")
+        self.edges = segment_edges(self.grid, c.num_segments) if c.num_segments > 1 else [0]
+        self.sampling_timesteps = lcm_timesteps(self.grid, c.num_segments if c.num_segments > 1 else min(c.sampling_steps, len(self.grid)))
+        self.student = self._consistency_view(self.generator.backbone)
+        # The EMA target: the fake-score slot's network, started equal to the student.
+        with torch.no_grad():
+            self.fake.backbone.load_state_dict(self.generator.backbone.state_dict())
+        self.fake.requires_grad_(False)
+        self.target = self._consistency_view(self.fake.backbone) if c.target_ema_decay > 0 else self.student
+        if c.huber_c is not None:
+            self.huber_c = c.huber_c
+        elif c.loss == "pseudo_huber":
+            self.huber_c = 0.00054 * math.sqrt(math.prod(self.teacher_spec.sample_shape))
+        else:
+            self.huber_c = 0.001
+
+    def _consistency_view(self, backbone: nn.Module) -> ConsistencyDenoiser:
+        c = self.config
+        return ConsistencyDenoiser(
+            backbone, self.schedule, self.generator.prediction_type, c.parameterisation, c.sigma_data, c.timestep_scaling, self.guidance_input
+        )
+
+    def build_heads(self) -> dict[str, nn.Module]:
+        if self.config.gan_weight <= 0:
+            return {}
+        spec = self.teacher_spec
+        x, t = torch.zeros(1, *spec.sample_shape), torch.zeros(1, dtype=torch.long)
+        try:
+            with torch.no_grad():
+                _, feats = self.triad.teacher(x, t, spec.conditioning.null(1), return_features=True)
+        except ValueError as e:
+            raise ConfigError(f"SCott's GAN term reads the teacher's bottleneck: {e}") from e
+        return {"gan": GANHead(feats.shape[1], feats.ndim == 4, self.config.gan_head_channels)}
+
+    # ------------------------------------------------------------ draws
+    def current_grid(self) -> list[int]:
+        """The grid of this iteration (iCT grows it by doubling; otherwise fixed)."""
+        c = self.config
+        if not c.teacher_free:
+            return self.grid
+        T = self.schedule.num_train_timesteps
+        n = ict_num_steps(self.state.step, c.max_steps, c.ict_initial_steps, c.ict_final_steps)
+        t_max = T - 1 if c.max_timestep is None else c.max_timestep
+        return lcm_grid(T, min(n, t_max + 1), c.max_timestep)
+
+    def draw_timesteps(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjacent pairs ``(t_hi, t_lo)`` on ``[0] + grid``: uniform over the grid, or iCT's lognormal."""
+        pts = torch.tensor([0] + self.current_grid(), dtype=torch.long)
+        if self.config.teacher_free:
+            a, s = self.schedule.alpha_sigma(pts)
+            log_sigma = (s.double() / a.double()).log()
+            cdf = torch.erf((log_sigma - self.config.ict_p_mean) / (math.sqrt(2) * self.config.ict_p_std))
+            probs = (cdf[1:] - cdf[:-1]).clamp(min=0)
+            j = torch.multinomial(probs.float() + 1e-12, n, replacement=True, generator=self.rng) + 1
+        else:
+            j = torch.randint(1, len(pts), (n,), generator=self.rng)
+        return pts[j].to(self.device), pts[j - 1].to(self.device)
+
+    def draw_guidance(self, n: int) -> torch.Tensor:
+        """Per-sample CFG scales (our convention): fixed, or uniform in the range (snapped to the student's levels)."""
+        c = self.config
+        if self.guidance_input is None:
+            return torch.full((n,), c.guidance_scale, device=self.device)
+        lo, hi = c.guidance_scale_range
+        s = lo + (hi - lo) * torch.rand(n, generator=self.rng)
+        return self.guidance_input.snap(s).to(self.device)
+
+    def segment_edge(self, t: torch.Tensor) -> torch.Tensor:
+        """The lower edge of each timestep's segment (MLCM): the largest edge strictly below ``t``."""
+        edges = torch.tensor(self.edges, dtype=torch.long, device=t.device)
+        return edges[torch.searchsorted(edges, t, right=False) - 1]
+
+    # ------------------------------------------------------------ losses
+    def consistency_output(self, net: ConsistencyDenoiser, x: torch.Tensor, t: torch.Tensor, cond, scale, edge) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f, x0)``: LCM's ``f(x, t)``, or for segments the DDIM projection of x0 to ``edge``."""
+        x0 = net.x0(x, t, cond, scale)
+        if net.parameterisation == "lcm":
+            return net.boundary(x, t, x0), x0
+        return ddim_step(self.schedule, x, x0, t, edge), x0
+
+    def teacher_step(self, x_hi, t_hi, t_lo, cond, uncond, scale, x0, noise) -> torch.Tensor:
+        """``x_lo``: one (guided, maybe stochastic) DDIM step of the teacher; iCT: the same noise at ``t_lo``."""
+        c = self.config
+        if c.teacher_free:
+            return self.schedule.add_noise(x0, noise, t_lo)
+        if not self.conditioning.guidable:
+            guided = 1.0
+        elif self.guidance_input is None:
+            guided = c.guidance_scale
+        else:
+            guided = scale
+        x0_t = self.teacher.guided(x_hi, t_hi, cond, uncond, guided)
+        if self.teacher_spec.clip is not None:
+            x0_t = x0_t.clamp(-self.teacher_spec.clip, self.teacher_spec.clip)
+        z = self.randn(tuple(x_hi.shape)) if c.eta > 0 else None
+        return ddim_step(self.schedule, x_hi, x0_t, t_hi, t_lo, eta=c.eta, noise=z)
+
+    def discriminate(self, x: torch.Tensor, cond) -> torch.Tensor:
+        """GAN logits of ``x`` noised at ``t ~ U{0 .. T-1}``, through the frozen teacher's bottleneck."""
+        x_t, t, _ = self.noised(x)
+        _, feats = self.teacher(x_t, t, cond, return_features=True)
+        return self.heads["gan"](feats)
+
+    def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        x0, cond = batch["real"], batch.get("real_cond")
+        n = x0.shape[0]
+        uncond = self.conditioning.null(n, device=self.device)
+        # 1. Guidance scale and an adjacent grid pair t_lo < t_hi.
+        scale = self.draw_guidance(n)
+        t_hi, t_lo = self.draw_timesteps(n)
+        edge = self.segment_edge(t_hi) if c.num_segments > 1 else None
+        # 2. Forward process at t_hi.
+        noise = self.randn(tuple(x0.shape))
+        x_hi = self.schedule.add_noise(x0, noise, t_hi)
+        # 3. Student.
+        pred, pred_x0 = self.consistency_output(self.student, x_hi, t_hi, cond, scale, edge)
+        with torch.no_grad():
+            # 4. Teacher ODE step (or iCT's same-noise point), then the target's output there.
+            x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, uncond, scale, x0, noise)
+            target, _ = self.consistency_output(self.target, x_lo, t_lo, cond, scale, edge)
+        # 5. Distance.
+        loss = consistency_distance(pred, target, c.loss, self.huber_c).mean()
+        logs = {"loss/consistency": loss.item()}
+        batch["x_gen"] = pred_x0.detach()
+        if c.gan_weight > 0:
+            # 6. SCott: non-saturating GAN term through the frozen teacher and head.
+            with frozen(self.heads):
+                loss_gan = F.softplus(-self.discriminate(pred_x0, cond)).mean()
+            loss = loss + c.gan_weight * loss_gan
+            logs["loss/gan_g"] = loss_gan.item()
+        return loss, logs
+
+    def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The GAN head's loss (SCott); there is no fake score to train."""
+        cond = batch.get("real_cond")
+        d_fake = self.discriminate(batch["x_gen"], cond)
+        d_real = self.discriminate(batch["real"], cond)
+        loss = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
+        return loss, {"loss/gan_d": loss.item()}
+
+    # ------------------------------------------------------------ loop
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """``theta_target <- mu theta_target + (1 - mu) theta_student`` (no-op when the target is the student)."""
+        mu = self.config.target_ema_decay
+        if mu <= 0:
+            return
+        for p_t, p_s in zip(self.fake.backbone.parameters(), self.generator.backbone.parameters()):
+            p_t.lerp_(p_s.detach().to(p_t.dtype), 1 - mu)
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration: a student update, the EMA target, and the GAN head (SCott)."""
+        self.state.reseed()
+        batch = self.make_batch()
+        self.generator.train()
+        loss, logs = self.generator_loss(batch)
+        logs["grad_norm/generator"] = self._update(loss, self.generator, self.opt_g, self.sched_g)
+        self.update_target()
+        if self.ema is not None:
+            self.ema.step([p for p in self.generator.parameters() if p.requires_grad])
+        if self.config.gan_weight > 0:
+            self.opt_f.zero_grad(set_to_none=True)
+            loss_d, ld = self.fake_score_loss(batch)
+            logs.update(ld)
+            logs["grad_norm/gan_head"] = self._update(loss_d, self.heads, self.opt_f, self.sched_f)
+        self.state.step += 1
+        return logs
+
+    # ------------------------------------------------------ export / preview
+    def student_meta(self) -> dict[str, Any]:
+        """What ``onestep.json`` records about the consistency parameterisation and guidance."""
+        c = self.config
+        if c.num_segments > 1:
+            by_steps = {str(c.num_segments): list(self.sampling_timesteps)}
+        else:
+            by_steps = {str(k): lcm_timesteps(self.grid, k) for k in (1, 2, 4, 8) if k <= len(self.grid)}
+        return {
+            "consistency": {
+                "parameterisation": c.parameterisation,
+                "sigma_data": c.sigma_data,
+                "timestep_scaling": c.timestep_scaling,
+                "grid": list(self.grid),
+                "segment_edges": list(self.edges) if c.num_segments > 1 else None,
+                "timesteps_by_steps": by_steps,
+                "between_steps": "ddim" if c.num_segments > 1 else "renoise",
+            },
+            "guidance": None if self.guidance_input is None else self.guidance_input.to_dict(),
+            "sampling": (
+                "x = N(0, I); for each timestep t: x0 = generator(x, t, cond) converted from prediction_type, "
+                "f = c_skip(t) x + c_out(t) x0 (lcm) or f = x0 (segments); clamp to clip; then "
+                "x = a_next f + s_next e with fresh e (renoise) or e = (x - a_t f) / s_t (ddim); the last f is the sample"
+            ),
+        }
+
+    def export(self):
+        from onestep.export import export_student
+
+        if not self.accelerator.is_main_process:
+            return None
+        return export_student(
+            self.output_dir / "student",
+            self.generator_for_export(),
+            self.teacher_spec,
+            method=self.method_name,
+            prediction_type=self.generator.prediction_type,
+            timesteps=list(self.sampling_timesteps),
+            extra={"config": config_to_dict(self.config), **self.student_meta()},
+        )
+
+    @torch.no_grad()
+    def preview_samples(self, n: int | None = None):
+        from onestep.samplers.student import sample_student_from_seeds
+
+        n = n or self.config.preview_num
+        labels = [i % max(1, self.conditioning.num_classes) for i in range(n)]
+        gen = self._consistency_view(self.generator_for_export()).eval()
+        return sample_student_from_seeds(gen, self.teacher_spec, self.sampling_timesteps, seeds=range(n), labels=labels, device=self.device)
+
+
+__all__ = ["ConsistencyConfig", "ConsistencyTrainer", "consistency_distance", "ict_num_steps", "with_guidance_input"]
