@@ -49,7 +49,12 @@ def tiny_teacher(tiny_teacher_dir):
 
 
 def tiny_dmd2_config(tmp_path, teacher_dir, **overrides):
-    from onestep.trainers import DMD2Config
+    return tiny_config("dmd2", tmp_path, teacher_dir, **overrides)
+
+
+def tiny_config(method: str, tmp_path, teacher_dir, **overrides):
+    """A few-step config of ``method`` on the tiny teacher (settings shared by every method's tests)."""
+    from onestep.trainers import method_classes
 
     values = dict(
         teacher=str(teacher_dir),
@@ -65,7 +70,7 @@ def tiny_dmd2_config(tmp_path, teacher_dir, **overrides):
         seed=0,
     )
     values.update(overrides)
-    return DMD2Config(**values)
+    return method_classes(method)[0](**values)
 
 
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:

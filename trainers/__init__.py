@@ -13,12 +13,32 @@ from onestep.config import build_config, read_yaml, resolve_config_path
 from onestep.errors import ConfigError
 
 from .base import DistillConfig, DistillTrainer
+from .disback import (
+    DisBackDMD2Config,
+    DisBackDMD2Trainer,
+    DisBackFDistillConfig,
+    DisBackFDistillTrainer,
+    DisBackSiDConfig,
+    DisBackSiDTrainer,
+    DisBackVSDConfig,
+    DisBackVSDTrainer,
+)
 from .consistency import ConsistencyConfig, ConsistencyTrainer
 from .dmd2 import DMD2Config, DMD2Trainer
+from .fdistill import FDistillConfig, FDistillTrainer
+from .sid import SiDConfig, SiDTrainer
+from .vsd import VSDConfig, VSDTrainer
 
 METHODS: dict[str, tuple[type[DistillConfig], type[DistillTrainer]]] = {
     "dmd2": (DMD2Config, DMD2Trainer),
     "consistency": (ConsistencyConfig, ConsistencyTrainer),
+    "vsd": (VSDConfig, VSDTrainer),
+    "fdistill": (FDistillConfig, FDistillTrainer),
+    "sid": (SiDConfig, SiDTrainer),
+    "disback-dmd2": (DisBackDMD2Config, DisBackDMD2Trainer),
+    "disback-vsd": (DisBackVSDConfig, DisBackVSDTrainer),
+    "disback-fdistill": (DisBackFDistillConfig, DisBackFDistillTrainer),
+    "disback-sid": (DisBackSiDConfig, DisBackSiDTrainer),
 }
 
 
@@ -51,4 +71,18 @@ def make_trainer(config: DistillConfig, **kwargs) -> DistillTrainer:
     return trainer_cls(config, **kwargs)
 
 
-__all__ = ["METHODS", "DistillConfig", "DistillTrainer", "DMD2Config", "DMD2Trainer", "load_config", "make_trainer"]
+__all__ = [
+    "METHODS",
+    "DistillConfig",
+    "DistillTrainer",
+    "DMD2Config",
+    "DMD2Trainer",
+    "FDistillConfig",
+    "FDistillTrainer",
+    "SiDConfig",
+    "SiDTrainer",
+    "VSDConfig",
+    "VSDTrainer",
+    "load_config",
+    "make_trainer",
+]

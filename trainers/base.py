@@ -44,7 +44,7 @@ def _help(text: str, default=None, factory=None):
 class DistillConfig:
     """Settings every method shares. Every field can be set in YAML or as ``--key value``."""
 
-    method: str = _help("training method: dmd2", "dmd2")
+    method: str = _help("training method: dmd2, vsd, fdistill, sid, consistency, disback-<base> (see onestep train --list-presets)", "dmd2")
     teacher: str = _help("built-in teacher (digits, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25) or a local diffusers pipeline folder", "digits")
     output_dir: str | None = _help("run folder (default runs/<config name>); the student lands in <output_dir>/student")
     seed: int = _help("seed for initialisation, noise and data order; the same seed repeats a run", 0)
@@ -274,6 +274,15 @@ class DistillTrainer:
         t = torch.full((n,), ts[k], dtype=torch.long, device=self.device)
         return self.generator(x_in, t, cond)
 
+    def detached_sample(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The generator sample of this iteration without gradient: the one the generator step
+        made (``batch["x_gen"]``) or, on fake-score-only iterations, a fresh one."""
+        x = batch.get("x_gen")
+        if x is None:
+            with torch.no_grad():
+                x = self.generate(batch)
+        return x.detach()
+
     def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, t, noise)`` for clean ``x0`` with ``t ~ U{0 .. T-1}`` unless given."""
         if t is None:
@@ -368,6 +377,10 @@ class DistillTrainer:
     def is_generator_step(self, step: int) -> bool:
         return step % self.config.fake_updates_per_generator == 0 or step < self.config.regression_warmup_steps
 
+    def is_fake_step(self, step: int) -> bool:
+        """Whether iteration ``step`` updates the fake score (and heads): every iteration by default."""
+        return True
+
     def train_step(self) -> dict[str, float]:
         """One iteration: maybe a generator update, then a fake-score update."""
         step = self.state.step
@@ -386,10 +399,11 @@ class DistillTrainer:
             if self.ema is not None:
                 self.ema.step([p for p in self.generator.parameters() if p.requires_grad])
         self.opt_f.zero_grad(set_to_none=True)  # drop any gradient the generator step left behind
-        loss_f, lf = self.fake_score_loss(batch)
-        logs.update(lf)
-        params = nn.ModuleList([self.fake, self.heads])
-        logs["grad_norm/fake"] = self._update(loss_f, params, self.opt_f, self.sched_f)
+        if self.is_fake_step(step):
+            loss_f, lf = self.fake_score_loss(batch)
+            logs.update(lf)
+            params = nn.ModuleList([self.fake, self.heads])
+            logs["grad_norm/fake"] = self._update(loss_f, params, self.opt_f, self.sched_f)
         self.state.step += 1
         return logs
 

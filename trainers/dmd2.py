@@ -113,6 +113,13 @@ class DMD2Trainer(DistillTrainer):
         _, feats = self.fake(x_t, t, cond, return_features=True)
         return self.heads["gan"](feats)
 
+    #: f-distill reads the fake score's bottleneck features at the DM noise level.
+    wants_dm_features = False
+
+    def weight_dm_gradient(self, grad: torch.Tensor, t: torch.Tensor, feats: torch.Tensor | None, logs: dict[str, float]) -> torch.Tensor:
+        """Hook for a per-sample weight on the DM gradient; DMD2 (reverse KL) leaves it as it is."""
+        return grad
+
     def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         x = self.generate(batch)
@@ -126,11 +133,16 @@ class DMD2Trainer(DistillTrainer):
             x_t = self.schedule.add_noise(x.detach(), self.randn(tuple(x.shape)), t)
             # 2. Real score: teacher with CFG; fake score: no guidance.
             x0_real = self.teacher.guided(x_t, t, cond, uncond, c.guidance_scale)
-            x0_fake = self.fake(x_t, t, cond)
-            # 3. The normalised distribution-matching gradient.
+            if self.wants_dm_features:
+                x0_fake, feats = self.fake(x_t, t, cond, return_features=True)
+            else:
+                x0_fake, feats = self.fake(x_t, t, cond), None
+            # 3. The normalised distribution-matching gradient (times a per-sample weight in f-distill).
             grad = dm_gradient(x.detach(), x0_real, x0_fake)
+            logs: dict[str, float] = {}
+            grad = self.weight_dm_gradient(grad, t, feats, logs)
         loss = inject_gradient(x, grad)
-        logs = {"loss/dm": loss.item(), "dm/grad_abs": grad.abs().mean().item()}
+        logs.update({"loss/dm": loss.item(), "dm/grad_abs": grad.abs().mean().item()})
         if c.use_gan:
             # 4. Non-saturating GAN term through the (frozen) fake score and head.
             with frozen(self.fake, self.heads):
@@ -141,11 +153,7 @@ class DMD2Trainer(DistillTrainer):
 
     def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        x = batch.get("x_gen")
-        if x is None:
-            with torch.no_grad():
-                x = self.generate(batch)
-        x = x.detach()
+        x = self.detached_sample(batch)
         loss = self.denoising_loss(self.fake, x, batch["cond"])
         logs = {"loss/fake": loss.item()}
         if c.use_gan and "real" in batch:

@@ -1,0 +1,249 @@
+"""DisBack: distribution backtracking around a score-distillation method
+(Zhang et al., 2024, "Distribution Backtracking Builds a Faster Convergence Trajectory
+for Diffusion Distillation", arXiv:2408.15991).
+
+Wraps DMD2, VSD, f-distill or SiD (``method: disback-dmd2`` ...). Iterations run in stages:
+
+0. (only with ``regression_warmup_steps``, for students that cannot start as a copy of the
+   teacher, e.g. the analytic gmm teachers) the generator's regression warm start, while the
+   fake score learns the teacher's own data, so that it starts stage 1 close to the teacher.
+1. degradation recording, ``disback_record_steps`` iterations: the generator G0 is frozen;
+   the fake score is trained with the base method's fake-score loss on G0's samples, and
+   N + 1 nodes of it are saved along the way (``disback/node-00.safetensors`` at the start,
+   close to the teacher, ... ``node-N`` at the end, close to the score of G0's samples).
+2. backtracking: the fake score continues from node N; the generator is trained with the
+   base method, its "real" score being node N-1, then N-2, ... each for
+   ``disback_interval`` generator steps, and finally the teacher itself, to the end.
+
+Nodes hold the fake score's trainable weights (the whole network for a full copy, the
+adapters for LoRA) and load strictly: a missing or unexpected tensor is an error. The
+current stage and target are derived from the step, so a resumed run continues with the
+same target; ``disback/state.json`` shows them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from onestep.errors import ConfigError
+
+from .base import _help
+from .dmd2 import DMD2Config, DMD2Trainer
+from .fdistill import FDistillConfig, FDistillTrainer
+from .sid import SiDConfig, SiDTrainer
+from .vsd import VSDConfig, VSDTrainer
+
+
+@dataclass
+class DisBackFields:
+    """The DisBack settings added to the base method's config."""
+
+    disback_nodes: int = _help("N: the degradation path is saved as N + 1 fake-score nodes", 4)
+    disback_record_steps: int = _help("iterations of stage 1 (degradation recording, generator frozen)", 200)
+    disback_interval: int = _help("generator steps spent on each intermediate target in stage 2", 50)
+
+    def check_disback(self) -> None:
+        if self.disback_nodes < 1 or self.disback_record_steps < self.disback_nodes or self.disback_interval < 1:
+            raise ConfigError(
+                "need disback_nodes >= 1, disback_record_steps >= disback_nodes and disback_interval >= 1 "
+                f"(got {self.disback_nodes}, {self.disback_record_steps}, {self.disback_interval})"
+            )
+
+
+def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a node stores: every trainable parameter of ``net``, by name."""
+    return {n: p.detach().cpu().contiguous().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def load_node(net: nn.Module, path: Path, names: list[str]) -> None:
+    """Load node ``path`` into the parameters ``names`` of ``net``, strictly."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ConfigError(f"DisBack node {path} is missing; was stage 1 of this run completed in this folder?")
+    tensors = load_file(str(path))
+    missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
+    if missing or unexpected:
+        raise ConfigError(f"DisBack node {path} does not match the fake score: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            if params[n].shape != tensors[n].shape:
+                raise ConfigError(f"DisBack node {path}: {n} has shape {tuple(tensors[n].shape)}, expected {tuple(params[n].shape)}")
+            params[n].copy_(tensors[n])
+
+
+class DisBackMixin:
+    """Stages and targets of DisBack on top of a distribution-matching trainer."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self.real_teacher = self.teacher
+        self.node_dir = self.output_dir / "disback"
+        self.node_names = [n for n, p in self.fake.named_parameters() if p.requires_grad]
+        self._target_net: nn.Module | None = None
+        self.current_target: int | None = None
+        if self.teacher_spec.student_factory is not None and config.regression_warmup_steps == 0:
+            raise ConfigError(
+                f"DisBack on {self.teacher_spec.name}: the fake score is a fresh network, not a copy of the teacher; "
+                "set regression_warmup_steps > 0 so it learns the teacher's data before recording the path"
+            )
+
+    # ------------------------------------------------------------- stages
+    @property
+    def record_start(self) -> int:
+        return self.config.regression_warmup_steps
+
+    @property
+    def backtrack_start(self) -> int:
+        return self.record_start + self.config.disback_record_steps
+
+    def node_step(self, i: int) -> int:
+        """The iteration count (``state.step``) at which node ``i`` is saved."""
+        c = self.config
+        return self.record_start + round(i * c.disback_record_steps / c.disback_nodes)
+
+    def node_path(self, i: int) -> Path:
+        return self.node_dir / f"node-{i:02d}.safetensors"
+
+    def stage(self, step: int) -> str:
+        if step < self.record_start:
+            return "warmup"
+        return "record" if step < self.backtrack_start else "backtrack"
+
+    def generator_steps_since_backtrack(self, step: int) -> int:
+        """Generator updates in iterations ``[backtrack_start, step)``."""
+        r, b = self.config.fake_updates_per_generator, self.backtrack_start
+        return max(0, -(-step // r) - (-(-b // r)))
+
+    def target_index(self, step: int) -> int:
+        """Node used as the real score at ``step`` in stage 2: N-1, N-2, ..., then 0 (the teacher)."""
+        c = self.config
+        return max(0, c.disback_nodes - 1 - self.generator_steps_since_backtrack(step) // c.disback_interval)
+
+    def is_generator_step(self, step: int) -> bool:
+        if self.stage(step) == "record":
+            return False  # G0 stays frozen while the path is recorded
+        return super().is_generator_step(step)
+
+    # -------------------------------------------------------------- loop
+    @property
+    def uses_real_data(self) -> bool:
+        return self.config.regression_warmup_steps > 0 or super().uses_real_data
+
+    def fake_score_loss(self, batch: dict[str, Any]):
+        if self.stage(self.state.step) == "warmup":
+            # Stage 0: the fresh fake score learns the teacher's data.
+            loss = self.denoising_loss(self.fake, batch["real"], batch["real_cond"])
+            return loss, {"loss/fake_teacher_data": loss.item()}
+        return super().fake_score_loss(batch)
+
+    def train_step(self) -> dict[str, float]:
+        step = self.state.step
+        if step == self.node_step(0):
+            self.save_node(0)
+        if self.stage(step) == "backtrack":
+            self.set_target(self.target_index(step))
+        logs = super().train_step()
+        for i in range(1, self.config.disback_nodes + 1):
+            if self.state.step == self.node_step(i):
+                self.save_node(i)
+        if self.current_target is not None:
+            logs["disback/target"] = self.current_target
+        return logs
+
+    # ------------------------------------------------------------ nodes
+    def save_node(self, i: int) -> Path:
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        path = self.node_path(i)
+        if acc.is_main_process:
+            self.node_dir.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(self.fake), str(path), metadata={"node": str(i), "step": str(self.state.step)})
+            self.write_state()
+        acc.wait_for_everyone()
+        return path
+
+    def set_target(self, i: int) -> None:
+        """Make node ``i`` the real score of the generator step (node 0 is the teacher itself)."""
+        if i == self.current_target:
+            return
+        if i == 0:
+            self.teacher = self.real_teacher
+        else:
+            if self._target_net is None:
+                self._target_net = copy.deepcopy(self.fake).requires_grad_(False).eval()
+            load_node(self._target_net, self.node_path(i), self.node_names)
+            self.teacher = self._target_net
+        self.current_target = i
+        if self.accelerator.is_main_process:
+            self.write_state()
+
+    def write_state(self) -> None:
+        saved = sorted(p.name for p in self.node_dir.glob("node-*.safetensors"))
+        target = None if self.current_target is None else ("teacher" if self.current_target == 0 else f"node-{self.current_target:02d}")
+        state = {"stage": self.stage(self.state.step), "step": self.state.step, "target": target, "nodes": saved}
+        (self.node_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+# One explicit (config, trainer) pair per base method.
+
+
+@dataclass
+class DisBackDMD2Config(DMD2Config, DisBackFields):
+    method: str = _help("training method", "disback-dmd2")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_disback()
+
+
+@dataclass
+class DisBackVSDConfig(VSDConfig, DisBackFields):
+    method: str = _help("training method", "disback-vsd")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_disback()
+
+
+@dataclass
+class DisBackFDistillConfig(FDistillConfig, DisBackFields):
+    method: str = _help("training method", "disback-fdistill")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_disback()
+
+
+@dataclass
+class DisBackSiDConfig(SiDConfig, DisBackFields):
+    method: str = _help("training method", "disback-sid")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_disback()
+
+
+class DisBackDMD2Trainer(DisBackMixin, DMD2Trainer):
+    method_name = "disback-dmd2"
+
+
+class DisBackVSDTrainer(DisBackMixin, VSDTrainer):
+    method_name = "disback-vsd"
+
+
+class DisBackFDistillTrainer(DisBackMixin, FDistillTrainer):
+    method_name = "disback-fdistill"
+
+
+class DisBackSiDTrainer(DisBackMixin, SiDTrainer):
+    method_name = "disback-sid"
