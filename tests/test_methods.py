@@ -9,7 +9,7 @@ import torch
 from conftest import changed, state_of, tiny_config
 from onestep.errors import ConfigError
 from onestep.trainers import make_trainer
-from onestep.trainers.disback import load_node
+from onestep.trainers.base import load_trainable, save_trainable
 from onestep.trainers.fdistill import F_WEIGHTS, RatioNormaliser, density_ratio, f_weight, normalise_batch_mean
 from onestep.trainers.sid import sid_loss
 from onestep.trainers.vsd import ClampedClipLoss, vsd_gradient
@@ -255,7 +255,7 @@ def _targets(tr, upto):
 
 def test_disback_records_nodes_then_backtracks_to_the_teacher(tmp_path, tiny_teacher_dir):
     tr = make_trainer(tiny_config("disback-dmd2", tmp_path, tiny_teacher_dir, max_steps=18, **DISBACK))
-    teacher_weights = {n: p.detach().clone() for n, p in tr.teacher.named_parameters()}
+    teacher_weights = {n: p.detach().clone() for n, p in tr.teacher.backbone.named_parameters()}
     seen = _targets(tr, 18)
     nodes = sorted(p.name for p in (tr.output_dir / "disback").glob("node-*.safetensors"))
     assert nodes == ["node-00.safetensors", "node-01.safetensors", "node-02.safetensors", "node-03.safetensors"]
@@ -300,17 +300,29 @@ def test_disback_resumed_run_continues_with_same_target_and_weights(tmp_path, ti
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_disback_nodes_load_strictly(tmp_path, tiny_teacher_dir):
+def test_nodes_and_init_weights_load_strictly(tmp_path, tiny_teacher_dir):
     from safetensors.torch import save_file
 
     tr = make_trainer(tiny_config("disback-dmd2", tmp_path, tiny_teacher_dir, max_steps=2, **DISBACK))
-    names = tr.node_names
-    good = {n: p.detach().clone() for n, p in tr.fake.named_parameters()}
+    net = tr.fake.backbone
+    good = {n: p.detach().clone() for n, p in net.named_parameters()}
     save_file({**good, "extra.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ConfigError, match="unexpected"):
-        load_node(tr.fake, tmp_path / "bad.safetensors", names)
+        load_trainable(net, tmp_path / "bad.safetensors")
     save_file({k: v for k, v in list(good.items())[1:]}, str(tmp_path / "short.safetensors"))
     with pytest.raises(ConfigError, match="missing"):
-        load_node(tr.fake, tmp_path / "short.safetensors", names)
+        load_trainable(net, tmp_path / "short.safetensors")
     with pytest.raises(ConfigError, match="missing"):
-        load_node(tr.fake, tmp_path / "absent.safetensors", names)
+        load_trainable(net, tmp_path / "absent.safetensors")
+    # init_generator / init_fake_score start a run from saved weights, exactly.
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    save_trainable(net, tmp_path / "fake.safetensors")
+    again = make_trainer(tiny_config("dmd2", tmp_path / "b", tiny_teacher_dir, init_fake_score=str(tmp_path / "fake.safetensors"), init_generator=str(tmp_path / "fake.safetensors")))
+    for n, p in again.fake.backbone.named_parameters():
+        assert torch.equal(p, good[n] + 0.01), n
+    for n, p in again.generator.backbone.named_parameters():
+        assert torch.equal(p, good[n] + 0.01), n
+    with pytest.raises(ConfigError, match="pickles"):
+        make_trainer(tiny_config("dmd2", tmp_path / "c", tiny_teacher_dir, init_generator=str(tmp_path / "x.pt")))

@@ -75,6 +75,14 @@ class DistillConfig:
     checkpoint_every: int = _help("save a checkpoint-{step} folder every N iterations (0: only at the end)", 0)
     checkpoint_total_limit: int = _help("keep at most this many checkpoints (0: keep all)", 2)
     resume: str | None = _help("'latest' or a checkpoint folder to resume from")
+    init_generator: str | None = _help(
+        "start the generator from these weights instead of the teacher's: a student folder or a .safetensors "
+        "file of the generator network (loaded strictly)"
+    )
+    init_fake_score: str | None = _help(
+        "start the fake score from a .safetensors file of its trainable weights (as DisBack nodes and "
+        "save_trainable write them; loaded strictly)"
+    )
     log_every: int = _help("log losses every N iterations", 10)
     log_with: str = _help("'tensorboard' or 'none'", "tensorboard")
     preview_every: int = _help("write a preview grid every N iterations (0 disables)", 0)
@@ -170,6 +178,10 @@ class DistillTrainer:
         self.triad = Triad(self.teacher_spec, fake_score=c.fake_score, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
         self.schedule = self.triad.schedule
         self.conditioning = self.triad.conditioning
+        if c.init_generator:
+            load_trainable(self.triad.generator.backbone, _weights_file(c.init_generator), "init_generator")
+        if c.init_fake_score:
+            load_trainable(self.triad.fake.backbone, _weights_file(c.init_fake_score), "init_fake_score")
         self.heads = nn.ModuleDict(self.build_heads())
 
         # Each process draws its own noise: the stream depends on the seed, the rank and the step.
@@ -544,6 +556,55 @@ def _flat_hparams(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _weights_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "generator" / "diffusion_pytorch_model.safetensors"
+    if p.suffix != ".safetensors":
+        raise ConfigError(f"{path}: weights load only from .safetensors files (or a student folder), never from pickles")
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such weights file")
+    return p
+
+
+def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter of ``net`` by name (a full network, or only the adapters of a LoRA one)."""
+    return {n: p.detach().cpu().contiguous().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def save_trainable(net: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write :func:`trainable_state` of ``net`` to a safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(net), str(path), metadata=metadata)
+    return Path(path)
+
+
+def load_trainable(net: nn.Module, path: str | Path, what: str = "weights") -> None:
+    """Load a safetensors file into ``net`` strictly: its keys must be exactly ``net``'s state dict
+    (a full save) or exactly its trainable parameters (:func:`save_trainable`), with matching shapes."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: {path} is missing")
+    tensors = load_file(str(path))
+    full = set(net.state_dict())
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    if set(tensors) == full:
+        expected = net.state_dict()
+    elif set(tensors) == set(trainable):
+        expected = dict(net.named_parameters())
+    else:
+        missing, unexpected = sorted(set(trainable) - set(tensors)), sorted(set(tensors) - full)
+        raise ConfigError(f"{what}: {path} does not match the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for n, v in tensors.items():
+            if expected[n].shape != v.shape:
+                raise ConfigError(f"{what}: {path}: {n} has shape {tuple(v.shape)}, expected {tuple(expected[n].shape)}")
+            expected[n].copy_(v)
+
+
 def inject_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Loss whose gradient with respect to ``x`` is ``grad / x.numel()``:
     ``0.5 * mean((x - sg(x - grad))^2)`` (computed in float32, non-finite values zeroed)."""
@@ -552,4 +613,4 @@ def inject_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x.float(), target, reduction="mean")
 
 
-__all__ = ["DistillConfig", "DistillTrainer", "inject_gradient"]
+__all__ = ["DistillConfig", "DistillTrainer", "inject_gradient", "load_trainable", "save_trainable", "trainable_state"]

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from onestep.errors import ConfigError
 
-from .base import _help
+from .base import _help, load_trainable, save_trainable
 from .dmd2 import DMD2Config, DMD2Trainer
 from .fdistill import FDistillConfig, FDistillTrainer
 from .sid import SiDConfig, SiDTrainer
@@ -57,29 +56,6 @@ class DisBackFields:
             )
 
 
-def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a node stores: every trainable parameter of ``net``, by name."""
-    return {n: p.detach().cpu().contiguous().clone() for n, p in net.named_parameters() if p.requires_grad}
-
-
-def load_node(net: nn.Module, path: Path, names: list[str]) -> None:
-    """Load node ``path`` into the parameters ``names`` of ``net``, strictly."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ConfigError(f"DisBack node {path} is missing; was stage 1 of this run completed in this folder?")
-    tensors = load_file(str(path))
-    missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
-    if missing or unexpected:
-        raise ConfigError(f"DisBack node {path} does not match the fake score: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    params = dict(net.named_parameters())
-    with torch.no_grad():
-        for n in names:
-            if params[n].shape != tensors[n].shape:
-                raise ConfigError(f"DisBack node {path}: {n} has shape {tuple(tensors[n].shape)}, expected {tuple(params[n].shape)}")
-            params[n].copy_(tensors[n])
-
-
 class DisBackMixin:
     """Stages and targets of DisBack on top of a distribution-matching trainer."""
 
@@ -87,13 +63,13 @@ class DisBackMixin:
         super().__init__(config, **kwargs)
         self.real_teacher = self.teacher
         self.node_dir = self.output_dir / "disback"
-        self.node_names = [n for n, p in self.fake.named_parameters() if p.requires_grad]
         self._target_net: nn.Module | None = None
         self.current_target: int | None = None
-        if self.teacher_spec.student_factory is not None and config.regression_warmup_steps == 0:
+        if self.teacher_spec.student_factory is not None and not (config.regression_warmup_steps or config.init_fake_score):
             raise ConfigError(
                 f"DisBack on {self.teacher_spec.name}: the fake score is a fresh network, not a copy of the teacher; "
-                "set regression_warmup_steps > 0 so it learns the teacher's data before recording the path"
+                "set regression_warmup_steps > 0 (it then learns the teacher's data meanwhile) or init_fake_score "
+                "to a fake score fitted to the teacher"
             )
 
     # ------------------------------------------------------------- stages
@@ -161,13 +137,11 @@ class DisBackMixin:
 
     # ------------------------------------------------------------ nodes
     def save_node(self, i: int) -> Path:
-        from safetensors.torch import save_file
-
         acc = self.accelerator
         path = self.node_path(i)
         if acc.is_main_process:
             self.node_dir.mkdir(parents=True, exist_ok=True)
-            save_file(trainable_state(self.fake), str(path), metadata={"node": str(i), "step": str(self.state.step)})
+            save_trainable(self.fake.backbone, path, metadata={"node": str(i), "step": str(self.state.step)})
             self.write_state()
         acc.wait_for_everyone()
         return path
@@ -181,7 +155,7 @@ class DisBackMixin:
         else:
             if self._target_net is None:
                 self._target_net = copy.deepcopy(self.fake).requires_grad_(False).eval()
-            load_node(self._target_net, self.node_path(i), self.node_names)
+            load_trainable(self._target_net.backbone, self.node_path(i), f"DisBack node {i}")
             self.teacher = self._target_net
         self.current_target = i
         if self.accelerator.is_main_process:
