@@ -1,4 +1,4 @@
-"""The ``onestep`` command line: ``train``, ``sample``, ``quickstart``.
+"""The ``onestep`` command line: ``train``, ``sample``, ``quickstart``, ``demo``.
 
 Errors a user can cause print one line on stderr and exit with code 2.
 """
@@ -67,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default="runs/quickstart", help="run folder (default runs/quickstart)")
     q.add_argument("--max-steps", type=int, default=None, help="override the preset's training iterations")
     q.add_argument("--timing-samples", type=int, default=100, help="images used to time student and teacher sampling")
+
+    d = sub.add_parser(
+        "demo",
+        help="serve a Gradio page that samples a student (and its teacher side by side)",
+        description="Load a student folder once and serve a Gradio page: pick a class (or a prompt), a seed, steps "
+        "and a number of images; see the images and the latency per image. With --teacher, the teacher's DDIM "
+        "samples for the same seeds appear beside the student's. Needs: pip install 'onestep[demo]'.",
+    )
+    d.add_argument("--student", required=True, help="student folder (with onestep.json and generator/)")
+    d.add_argument("--teacher", default=None, help="teacher to compare with: a built-in name (digits) or a diffusers folder")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    d.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (needs internet)")
     return p
 
 
@@ -113,6 +126,15 @@ def _cmd_quickstart(args, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_demo(args, extra: list[str]) -> int:
+    if extra:
+        raise OnestepError(f"unknown arguments: {' '.join(extra)}")
+    from onestep.demo.app import launch_demo
+
+    launch_demo(args.student, args.teacher, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -124,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    commands = {"train": _cmd_train, "sample": _cmd_sample, "quickstart": _cmd_quickstart}
+    commands = {"train": _cmd_train, "sample": _cmd_sample, "quickstart": _cmd_quickstart, "demo": _cmd_demo}
     try:
         return commands[args.command](args, extra)
     except OnestepError as e:

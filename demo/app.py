@@ -1,0 +1,207 @@
+"""The Gradio page: inputs on the left, the student's images (and the teacher's) on the right.
+
+Changing an input regenerates the student at once (one step is instant); *Generate* also runs
+the teacher for the side-by-side comparison. The API endpoint ``/generate`` is what the
+button calls, so ``gradio_client`` sees exactly what the page sees.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from onestep.errors import OnestepError
+
+from .model import MAX_SEED, MAX_TEACHER_STEPS, DemoModel, DemoRequest, DemoResult, gallery_items
+
+# Tiny images (16x16 digits) are shown at their own resolution and scaled up without blurring.
+CSS = """
+#student-gallery img, #teacher-gallery img { image-rendering: pixelated; }
+#demo-status { min-height: 3em; }
+"""
+ALL_CLASSES = "all"
+
+
+def _gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise OnestepError("the demo needs gradio: pip install 'onestep[demo]'") from e
+    return gr
+
+
+def format_status(result: DemoResult) -> str:
+    """The latency line shown above the galleries (Markdown)."""
+    lat = result.latency()
+    s = lat["student"]
+    n = lat["num_images"]
+    what = "points" if result.student_samples.ndim == 2 else ("image" if n == 1 else "images")
+    line = (
+        f"**student**, {s['steps']} step{'s' if s['steps'] > 1 else ''}: **{s['ms_per_image']:.2f} ms per image** "
+        f"({n} {what} in {s['ms_total']:.1f} ms)"
+    )
+    if lat["teacher"] is not None:
+        t = lat["teacher"]
+        line += (
+            f"  \n**teacher**, {t['steps']} DDIM steps, CFG {t['guidance_scale']:g}: **{t['ms_per_image']:.2f} ms per image** "
+            f"({t['ms_total']:.1f} ms), the student is **{lat['speedup']:.0f}x** faster"
+        )
+    device = "GPU (cuda)" if lat["gpu"] else "CPU, no GPU"
+    return f"{line}  \nmeasured around the sampler call on {device}"
+
+
+def _class_choices(model: DemoModel) -> list[tuple[str, str]]:
+    return [(ALL_CLASSES, ALL_CLASSES)] + [(str(c), str(c)) for c in range(model.num_classes)]
+
+
+def _count_label(model: DemoModel) -> str:
+    return "number of points (one scatter picture)" if model.is_points else "number of images"
+
+
+def _default_count(model: DemoModel) -> int:
+    return 1000 if model.is_points else 8
+
+
+def build_app(model: DemoModel):
+    """Build the ``gradio.Blocks`` page for ``model`` (call ``.launch()`` on it, or use :func:`launch_demo`)."""
+    gr = _gradio()
+
+    def request(label, prompt, negative, alpha, seed, steps, count, teacher_steps, with_teacher: bool) -> DemoRequest:
+        return DemoRequest(
+            label=None if label in (None, "", ALL_CLASSES) else int(label),
+            prompt=prompt or "",
+            negative_prompt=negative or "",
+            nasa_alpha=float(alpha or 0.0),
+            seed=None if seed is None else int(seed),
+            steps=None if steps is None else int(steps),
+            num_images=None if count is None else int(count),
+            teacher_steps=int(teacher_steps or 1),
+            with_teacher=with_teacher,
+        )
+
+    def generate(with_teacher: bool):
+        # A generator: the student's images reach the page before the (much slower) teacher runs.
+        def fn(label, prompt, negative, alpha, seed, steps, count, teacher_steps):
+            req = request(label, prompt, negative, alpha, seed, steps, count, teacher_steps, with_teacher)
+            try:
+                result = model.run_student(req)
+                student = gallery_items(result.student_samples, result.seeds, result.labels, title=f"{len(result.timesteps)}-step student")
+                if model.teacher is None or not with_teacher:
+                    yield format_status(result), student, None, result.latency()
+                    return
+                pending = f"  \n**teacher**: sampling {req.teacher_steps} DDIM steps for the same seeds ..."
+                yield format_status(result) + pending, student, None, result.latency()
+                model.run_teacher(req, result)
+            except OnestepError as e:
+                raise gr.Error(str(e), print_exception=False) from e
+            teacher = gallery_items(result.teacher_samples, result.seeds, result.labels, title=f"teacher, {result.teacher_steps} steps")
+            yield format_status(result), student, teacher, result.latency()
+
+        return fn
+
+    def load_student(path: str):
+        try:
+            model.swap_student(path)
+        except OnestepError as e:
+            raise gr.Error(f"{e} (still serving {model.student.path})", print_exception=False) from e
+        return (
+            model.describe(),
+            gr.Radio(choices=_class_choices(model), value=ALL_CLASSES, visible=model.kind == "class"),
+            gr.Textbox(visible=model.kind == "text"),
+            gr.Textbox(visible=model.kind == "text"),
+            gr.Slider(visible=model.kind == "text"),
+            gr.Slider(maximum=model.max_steps, value=1),
+            gr.Slider(maximum=model.max_count, value=_default_count(model), label=_count_label(model)),
+            f"loaded {model.student.path}",
+            None,
+            None,
+            None,
+        )
+
+    has_teacher = model.teacher is not None
+    with gr.Blocks(title="onestep demo", analytics_enabled=False) as app:
+        gr.Markdown("# onestep: one-step sampling")
+        header = gr.Markdown(model.describe(), elem_id="demo-header")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                label = gr.Radio(
+                    _class_choices(model), value=ALL_CLASSES, label="class", visible=model.kind == "class", elem_id="class-picker"
+                )
+                prompt = gr.Textbox(label="prompt", lines=2, visible=model.kind == "text", elem_id="prompt")
+                negative = gr.Textbox(label="negative prompt", visible=model.kind == "text", elem_id="negative-prompt")
+                alpha = gr.Slider(
+                    0.0, 1.0, value=0.0, step=0.05, label="NASA alpha (negative prompt strength; 0 turns it off)",
+                    visible=model.kind == "text", elem_id="nasa-alpha",
+                )
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="seed (image i uses seed + i)", elem_id="seed", scale=3)
+                    randomize = gr.Button("random", elem_id="random-seed", scale=1)
+                steps = gr.Slider(1, model.max_steps, value=1, step=1, label="student steps", elem_id="steps")
+                count = gr.Slider(1, model.max_count, value=_default_count(model), step=1, label=_count_label(model), elem_id="count")
+                teacher_steps = gr.Slider(
+                    1, MAX_TEACHER_STEPS, value=50, step=1, label="teacher DDIM steps", visible=has_teacher, elem_id="teacher-steps"
+                )
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                gr.Markdown(
+                    "Changing an input redraws the student at once"
+                    + ("; **Generate** also runs the teacher for the comparison." if has_teacher else ".")
+                )
+                with gr.Accordion("student folder", open=False):
+                    folder = gr.Textbox(value=str(model.student.path), label="student folder", elem_id="student-folder")
+                    load = gr.Button("Load student", elem_id="load-student")
+            with gr.Column(scale=2):
+                status = gr.Markdown(elem_id="demo-status")
+                student_gallery = gr.Gallery(
+                    label="student", columns=4, object_fit="contain", format="png", elem_id="student-gallery", height="auto"
+                )
+                teacher_gallery = gr.Gallery(
+                    label="teacher (same seeds and classes)", columns=4, object_fit="contain", format="png",
+                    elem_id="teacher-gallery", visible=has_teacher, height="auto",
+                )
+                with gr.Accordion("latency (JSON)", open=False):
+                    latency = gr.JSON(elem_id="latency")
+
+        inputs = [label, prompt, negative, alpha, seed, steps, count, teacher_steps]
+        outputs = [status, student_gallery, teacher_gallery, latency]
+        button.click(generate(True), inputs, outputs, api_name="generate", trigger_mode="always_last")
+        gr.on(
+            [label.change, seed.change, steps.release, count.release, prompt.change, negative.change, alpha.release],
+            generate(False), inputs, outputs, api_visibility="private", trigger_mode="always_last", show_progress="minimal",
+        )
+        randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private")
+        load.click(
+            load_student, folder,
+            [header, label, prompt, negative, alpha, steps, count, status, student_gallery, teacher_gallery, latency],
+            api_name="load_student",
+        )
+    return app
+
+
+def launch_demo(
+    student: str | Path,
+    teacher: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    share: bool = False,
+    block: bool = True,
+) -> Any:
+    """Load the models once, build the page and serve it on ``host:port`` (127.0.0.1: this machine only).
+
+    With ``block=False`` the server runs in a thread and the ``gradio.Blocks`` app is returned.
+    """
+    if importlib.util.find_spec("gradio") is None:  # say so before spending time on loading the models
+        raise OnestepError("the demo needs gradio: pip install 'onestep[demo]'")
+    model = DemoModel.load(student, teacher)
+    app = build_app(model)
+    try:
+        app.launch(
+            server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False, css=CSS,
+            prevent_thread_lock=not block, footer_links=["api"],
+        )
+    except OSError as e:
+        raise OnestepError(f"cannot serve the demo on {host}:{port} ({e}); pick another --port") from e
+    return app

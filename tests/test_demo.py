@@ -1,0 +1,253 @@
+"""The Gradio demo: its sampling (no server), the launched app through gradio_client, and a real
+headless Chromium clicking Generate. The app runs as its own process and is stopped by its PID."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onestep.demo import DemoInputError, DemoModel, DemoRequest
+from onestep.demo.model import MAX_IMAGES, gallery_items
+from onestep.export import export_student, load_student
+from onestep.samplers.student import sample_student_from_seeds, teacher_sample_from_seeds
+from onestep.teachers import load_teacher
+from onestep.viz import to_uint8
+
+
+def _require(module: str):
+    """The demo's test dependencies are in the test extra: CI must have them, a developer may not."""
+    if os.environ.get("CI"):
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+@pytest.fixture(scope="module")
+def demo_student(tmp_path_factory, tiny_teacher_dir):
+    """A one-step student of the tiny teacher (its generator is a perturbed copy of the teacher)."""
+    teacher = load_teacher(tiny_teacher_dir)
+    net = teacher.new_backbone()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return export_student(tmp_path_factory.mktemp("demo") / "student", net, teacher, method="dmd2", timesteps=[800])
+
+
+@pytest.fixture(scope="module")
+def gmm_student(tmp_path_factory):
+    from onestep.teachers.gmm import MLPDenoiser
+
+    return export_student(tmp_path_factory.mktemp("demo_gmm") / "student", MLPDenoiser(), load_teacher("gmm-ring8"), "dmd2", [999])
+
+
+# The sampling behind the page (no server) -------------------------------------------------------
+
+
+def test_demo_samples_through_the_same_samplers_as_onestep_sample(demo_student, tiny_teacher_dir):
+    model = DemoModel.load(demo_student, tiny_teacher_dir, device="cpu", warm_up=False)
+    result = model.run(DemoRequest(label=3, seed=5, num_images=3, steps=1, teacher_steps=4))
+    student, teacher = load_student(demo_student), load_teacher(tiny_teacher_dir)
+    ref, _ = sample_student_from_seeds(student.generator, student, [800], [5, 6, 7], [3, 3, 3])
+    torch.testing.assert_close(result.student_samples, ref, rtol=0, atol=0)
+    ref_t = teacher_sample_from_seeds(teacher.denoiser(), teacher, [5, 6, 7], [3, 3, 3], 4, teacher.guidance_scale)
+    torch.testing.assert_close(result.teacher_samples, ref_t, rtol=0, atol=0)
+    lat = result.latency()
+    assert lat["student"]["ms_per_image"] > 0 and lat["teacher"]["ms_per_image"] > 0 and lat["speedup"] > 0
+    assert lat["gpu"] is False and lat["num_images"] == 3 and lat["teacher"]["steps"] == 4
+    # "all" classes cycles 0, 1, 2, ... like `onestep sample`; two steps re-noise at evenly spaced labels.
+    two = model.run(DemoRequest(label=None, seed=0, num_images=4, steps=2, with_teacher=False))
+    assert two.labels == [0, 1, 2, 3] and two.timesteps == [800, 400] and two.teacher_samples is None
+    items = gallery_items(result.student_samples, result.seeds, result.labels)
+    assert [c for _, c in items] == ["class 3, seed 5", "class 3, seed 6", "class 3, seed 7"]
+    np.testing.assert_array_equal(items[0][0], to_uint8(ref)[0, ..., 0])
+
+
+@pytest.mark.parametrize(
+    "req, message",
+    [
+        (dict(steps=0), r"steps must lie in \[1, 4\]"),
+        (dict(steps=5), r"steps must lie in \[1, 4\]"),
+        (dict(num_images=MAX_IMAGES + 1), r"number of images must lie in \[1, 16\]"),
+        (dict(num_images=0), "number of images"),
+        (dict(seed=-1), "seed must be a whole number"),
+        (dict(label=10), r"class must lie in \[0, 9\]"),
+        (dict(teacher_steps=0), "teacher steps"),
+    ],
+)
+def test_demo_refuses_bad_requests_with_a_message(demo_student, tiny_teacher_dir, req, message):
+    model = DemoModel(load_student(demo_student), load_teacher(tiny_teacher_dir), device="cpu")
+    with pytest.raises(DemoInputError, match=message):
+        model.run(DemoRequest(**req))
+
+
+def test_text_inputs_are_checked_for_text_students(demo_student):
+    # No text-to-image student exists yet: pretend the conditioning is text to check the prompt rules.
+    model = DemoModel(load_student(demo_student), device="cpu")
+    model.student.conditioning.kind = "text"
+    with pytest.raises(DemoInputError, match="prompt is empty"):
+        model.check(DemoRequest(prompt="   "))
+    with pytest.raises(DemoInputError, match="NASA alpha"):
+        model.check(DemoRequest(prompt="a cat", nasa_alpha=2.0))
+    model.check(DemoRequest(prompt="a cat", negative_prompt="blurry", nasa_alpha=0.2))
+    with pytest.raises(DemoInputError, match="cannot be sampled yet"):
+        model.run(DemoRequest(prompt="a cat"))
+
+
+def test_2d_student_gives_one_scatter_picture_and_a_mismatched_teacher_is_refused(gmm_student, tiny_teacher_dir):
+    model = DemoModel.load(gmm_student, device="cpu", warm_up=False)
+    assert model.is_points and model.kind == "none" and model.max_count > MAX_IMAGES
+    result = model.run(DemoRequest(seed=0, num_images=300))
+    assert result.student_samples.shape == (300, 2) and result.labels is None
+    (pic, caption), = gallery_items(result.student_samples, result.seeds, None)
+    assert pic.ndim == 3 and pic.shape[2] == 3 and pic.std() > 0 and caption == "300 points, seeds 0-299"
+    with pytest.raises(DemoInputError, match="not class-conditional"):
+        model.check(DemoRequest(label=1))
+    with pytest.raises(DemoInputError, match="shape"):
+        DemoModel(load_student(gmm_student), load_teacher(tiny_teacher_dir))
+
+
+def test_swap_student_keeps_the_current_one_on_error(demo_student, tmp_path):
+    from onestep.errors import StudentFormatError
+
+    model = DemoModel(load_student(demo_student), device="cpu")
+    with pytest.raises(StudentFormatError, match="onestep.json is missing"):
+        model.swap_student(tmp_path)
+    with pytest.raises(DemoInputError, match="folder is empty"):
+        model.swap_student(" ")
+    assert model.student.path == Path(demo_student)
+
+
+def test_cli_demo_with_a_folder_that_is_not_a_student_exits_2(capsys, tmp_path):
+    from onestep.cli import main
+
+    assert main(["demo", "--student", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "onestep.json is missing" in err and len(err.strip().splitlines()) == 1
+
+
+# The launched app -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_student, tiny_teacher_dir, tmp_path_factory):
+    """``onestep demo`` as its own process on a free localhost port; stopped by its PID at the end."""
+    _require("gradio")
+    from onestep.demo.testing import start_demo, stop_demo
+
+    log = tmp_path_factory.mktemp("demo_server") / "demo.log"
+    proc, url = start_demo(demo_student, teacher=tiny_teacher_dir, log=log)
+    try:
+        yield proc, url
+    finally:
+        stop_demo(proc)
+        assert proc.poll() is not None
+
+
+def _image_size(item) -> tuple[int, int]:
+    from PIL import Image
+
+    path = item["image"] if isinstance(item["image"], str) else item["image"]["path"]
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_client_generate_returns_images_and_latency(demo_server, demo_student):
+    client_mod = _require("gradio_client")
+    proc, url = demo_server
+    client = client_mod.Client(url, verbose=False)
+    status, student, teacher, latency = client.predict("3", "", "", 0.0, 5, 1, 3, 4, api_name="/generate")
+    assert len(student) == 3 and len(teacher) == 3
+    assert [_image_size(i) for i in student + teacher] == [(16, 16)] * 6
+    assert [i["caption"] for i in student] == ["class 3, seed 5", "class 3, seed 6", "class 3, seed 7"]
+    assert latency["student"]["ms_per_image"] > 0 and latency["teacher"]["ms_per_image"] > 0
+    assert latency["gpu"] is False and latency["student"]["timesteps"] == [800]
+    assert "ms per image" in status and "faster" in status
+    # The pixels are the samplers' own output (one inference path).
+    from PIL import Image
+
+    s = load_student(demo_student)
+    ref, _ = sample_student_from_seeds(s.generator, s, [800], [5, 6, 7], [3, 3, 3])
+    path = student[0]["image"] if isinstance(student[0]["image"], str) else student[0]["image"]["path"]
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("L")), to_uint8(ref)[0, ..., 0])
+
+
+def test_client_bad_input_returns_a_message_and_the_app_keeps_serving(demo_server, tmp_path):
+    client_mod = _require("gradio_client")
+    from gradio_client.exceptions import AppError
+
+    proc, url = demo_server
+    client = client_mod.Client(url, verbose=False)
+    for args, message in [
+        (("3", "", "", 0.0, 0, 9, 2, 4), "greater than maximum value 4"),  # steps out of range
+        (("3", "", "", 0.0, 0, 1, 99, 4), "greater than maximum value 16"),  # too many images
+        (("3", "", "", 0.0, -3, 1, 2, 4), "seed must be a whole number"),
+    ]:
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, api_name="/generate")
+    with pytest.raises(AppError, match="onestep.json is missing.*still serving"):
+        client.predict(str(tmp_path), api_name="/load_student")
+    assert proc.poll() is None
+    _, student, _, latency = client.predict("all", "", "", 0.0, 0, 1, 2, 1, api_name="/generate")
+    assert len(student) == 2 and latency["student"]["ms_total"] > 0
+
+
+def test_browser_sets_a_class_clicks_generate_and_sees_images(demo_server, tmp_path):
+    _require("selenium")
+    from onestep.demo import testing
+
+    if testing.find_chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium and chromedriver are missing (.ci/run installs them with apt-get)")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, url = demo_server
+    driver = testing.headless_chromium(tmp_path / "profile")
+    shot = tmp_path / "demo.png"
+    try:
+        driver.get(url)
+        testing.wait_for(driver, "#generate")
+        driver.find_element(By.CSS_SELECTOR, '#class-picker [data-testid="7-radio-label"]').click()
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+
+        def shows(gallery: str, text: str, n: int = 8) -> bool:
+            """The gallery shows ``n`` loaded images and a caption holding ``text``."""
+            return driver.execute_script(
+                "const g = document.querySelector(arguments[0]);"
+                "const ok = Array.from(g.querySelectorAll('img')).filter(i => i.complete && i.naturalWidth > 0);"
+                "return ok.length === arguments[2] && g.innerText.includes(arguments[1]);",
+                gallery, text, n,
+            )
+
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: shows("#student-gallery", "class 7, seed 7"))
+        wait.until(lambda d: shows("#teacher-gallery", "class 7, seed 0"))
+        assert "ms per image" in driver.find_element(By.CSS_SELECTOR, "#demo-status").text
+        driver.save_screenshot(str(shot))
+        # A bad seed: a message in the page, and the page keeps working.
+        seed = driver.find_element(By.CSS_SELECTOR, "#seed input")
+        seed.send_keys(Keys.CONTROL, "a")
+        seed.send_keys("-1", Keys.ENTER)
+        wait.until(lambda d: d.find_elements(By.XPATH, "//*[contains(text(), 'seed must be a whole number')]"))
+        seed.send_keys(Keys.CONTROL, "a")
+        seed.send_keys("40", Keys.ENTER)
+        wait.until(lambda d: shows("#student-gallery", "class 7, seed 47"))
+    finally:
+        if not shot.exists():
+            driver.save_screenshot(str(shot))
+        driver.quit()
+        if os.environ.get("ONESTEP_TEST_ARTIFACTS") and shot.exists():
+            out = Path(os.environ["ONESTEP_TEST_ARTIFACTS"])
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, out / "demo_browser.png")
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size[0] > 800 and im.getextrema() != ((255, 255), (255, 255), (255, 255))
