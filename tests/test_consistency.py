@@ -1,0 +1,294 @@
+"""Consistency distillation (issue 4): boundary condition, DDIM solver, EMA target, sampling, guidance input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import changed, state_of
+from onestep.errors import ConfigError
+from onestep.export import load_student
+from onestep.samplers.consistency import (
+    ConsistencyDenoiser,
+    GuidanceInput,
+    boundary_scalings,
+    ddim_step,
+    guidance_scale_embedding,
+    lcm_grid,
+    lcm_timesteps,
+    segment_edges,
+)
+from onestep.samplers.student import sample_student_from_seeds
+from onestep.schedule import NoiseSchedule
+from onestep.trainers import ConsistencyConfig, ConsistencyTrainer
+from onestep.trainers.consistency import consistency_distance, ict_num_steps, with_guidance_input
+
+
+def tiny_cd_config(tmp_path, teacher_dir, **overrides):
+    values = dict(
+        teacher=str(teacher_dir),
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        batch_size=4,
+        num_ddim_timesteps=20,
+        max_timestep=959,
+        guidance_scale=2.0,
+        lr_generator=1e-3,
+        log_with="none",
+        seed=0,
+    )
+    values.update(overrides)
+    return ConsistencyConfig(**values)
+
+
+def tiny_cond_unet(time_cond_proj_dim=None):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+
+
+# ------------------------------------------------------------ the maths
+
+
+def test_boundary_condition_gives_identity_at_t_min(tiny_teacher):
+    f = ConsistencyDenoiser(tiny_teacher.backbone, tiny_teacher.schedule, "epsilon")
+    x = torch.randn(3, 1, 16, 16)
+    y = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        out = f(x, torch.zeros(3, dtype=torch.long), y)
+        torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
+        # Away from 0 the network's x0 takes over: c_out(19) = 190 / sqrt(190^2 + 0.25).
+        c_skip, c_out = boundary_scalings(torch.tensor([0, 19]))
+        torch.testing.assert_close(c_skip, torch.tensor([1.0, 0.25 / (190**2 + 0.25)]))
+        torch.testing.assert_close(c_out, torch.tensor([0.0, 190 / math.sqrt(190**2 + 0.25)]))
+        t = torch.full((3,), 19)
+        torch.testing.assert_close(f(x, t, y), c_skip[1] * x + c_out[1] * f.x0(x, t, y))
+
+
+def test_ddim_step_matches_hand_computation():
+    # abar = [1, 0.64, 0.36]: (a, s) = (0.8, 0.6) at t = 1 and (0.6, 0.8) at t = 2.
+    sched = NoiseSchedule(torch.tensor([1.0, 0.64, 0.36]))
+    x, x0 = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.0]])
+    t, tn = torch.tensor([2]), torch.tensor([1])
+    # eps = (x - 0.6 x0) / 0.8 = [0.875, -2.5]; x_next = 0.8 x0 + 0.6 eps
+    torch.testing.assert_close(ddim_step(sched, x, x0, t, tn), torch.tensor([[0.925, -1.5]]))
+    # Stochastic (eta = 1): sig = sqrt(s_n^2 / s^2) sqrt(1 - a^2 / a_n^2), fresh noise z.
+    sig = math.sqrt(0.36 / 0.64) * math.sqrt(1 - 0.36 / 0.64)
+    z = torch.tensor([[1.0, 1.0]])
+    expected = 0.8 * x0 + math.sqrt(0.36 - sig**2) * torch.tensor([[0.875, -2.5]]) + sig * z
+    torch.testing.assert_close(ddim_step(sched, x, x0, t, tn, eta=1.0, noise=z), expected)
+    # A zero-length step returns x (the segment students' boundary condition).
+    torch.testing.assert_close(ddim_step(sched, x, x0, t, t), x)
+
+
+def test_grid_and_timesteps_match_lcm_scheduler():
+    from diffusers import LCMScheduler
+
+    grid = lcm_grid(1000, 50)
+    assert grid[:2] == [19, 39] and grid[-1] == 999 and len(grid) == 50
+    sched = LCMScheduler(original_inference_steps=50)
+    for k in (1, 2, 4, 8):
+        sched.set_timesteps(k)
+        assert lcm_timesteps(grid, k) == sched.timesteps.tolist()
+    assert lcm_grid(1000, 48, max_timestep=959) == grid[:48]
+    assert segment_edges(grid, 4) == [0, 259, 499, 759, 999]
+
+
+def test_losses_and_ict_schedule_hand_values():
+    a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])
+    torch.testing.assert_close(consistency_distance(a, b, "l2", 0.0), torch.tensor([12.5]))
+    huber = ((math.sqrt(9 + 1) - 1) + (math.sqrt(16 + 1) - 1)) / 2
+    torch.testing.assert_close(consistency_distance(a, b, "huber", 1.0), torch.tensor([huber]))
+    torch.testing.assert_close(consistency_distance(a, b, "pseudo_huber", 1.0), torch.tensor([math.sqrt(26) - 1]))
+    # 10 -> 1280 in 8 stages over K = 800 steps: K' = 100.
+    assert [ict_num_steps(k, 800, 10, 1280) for k in (0, 99, 100, 250, 799)] == [10, 10, 20, 40, 1280]
+
+
+def test_guidance_embedding_matches_diffusers_lcm_pipeline():
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.tensor([0.0, 1.5, 7.0])
+    ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=32)
+    torch.testing.assert_close(guidance_scale_embedding(w, 32), ref)
+
+
+# ------------------------------------------------------------ training
+
+
+def test_steps_train_student_not_teacher_and_move_target_by_rate(tmp_path, tiny_teacher_dir):
+    cfg = tiny_cd_config(tmp_path, tiny_teacher_dir, target_ema_decay=0.9, export=False)
+    tr = ConsistencyTrainer(cfg)
+    teacher0 = state_of(tr.teacher.backbone)
+    student0 = state_of(tr.generator.backbone)
+    assert changed(student0, tr.fake.backbone) == 0  # the target starts as the student
+    for _ in range(2):
+        target_before = [p.detach().clone() for p in tr.fake.backbone.parameters()]
+        logs = tr.train_step()
+        assert math.isfinite(logs["loss/consistency"])
+        for p_t, before, p_s in zip(tr.fake.backbone.parameters(), target_before, tr.generator.backbone.parameters()):
+            torch.testing.assert_close(p_t, 0.9 * before + 0.1 * p_s, rtol=1e-6, atol=1e-7)
+    assert changed(student0, tr.generator.backbone) > 0
+    assert changed(teacher0, tr.teacher.backbone) == 0
+    assert not any(p.grad is not None for p in tr.fake.parameters())
+
+
+def test_teacher_step_is_guided_ddim_on_the_grid(tmp_path, tiny_teacher_dir):
+    cfg = tiny_cd_config(tmp_path, tiny_teacher_dir, export=False)
+    tr = ConsistencyTrainer(cfg)
+    t_hi, t_lo = tr.draw_timesteps(256)
+    grid = [0] + tr.grid
+    assert all(grid[grid.index(h) - 1] == lo for h, lo in zip(t_hi.tolist(), t_lo.tolist()))
+    assert int(t_hi.max()) <= 959
+    x = torch.randn(4, 1, 16, 16)
+    y, u = torch.tensor([0, 1, 2, 3]), torch.full((4,), 10)
+    th, tl = torch.full((4,), 459), torch.full((4,), 439)
+    with torch.no_grad():
+        got = tr.teacher_step(x, th, tl, y, u, torch.full((4,), 2.0), None, None)
+        x0 = tr.teacher(x, th, u) + 2.0 * (tr.teacher(x, th, y) - tr.teacher(x, th, u))
+        want = ddim_step(tr.schedule, x, x0.clamp(-1, 1), th, tl)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_variants_run_and_train(tmp_path, tiny_teacher_dir):
+    # SCott (stochastic step + GAN head), MLCM (segments, no EMA), iCT (no teacher).
+    for i, extra in enumerate(
+        [dict(eta=0.3, gan_weight=0.4), dict(num_segments=4, target_ema_decay=0.0), dict(teacher_free=True, loss="pseudo_huber", target_ema_decay=0.0)]
+    ):
+        tr = ConsistencyTrainer(tiny_cd_config(tmp_path / str(i), tiny_teacher_dir, export=False, **extra))
+        student0, heads0 = state_of(tr.generator), state_of(tr.heads)
+        logs = tr.train_step()
+        assert math.isfinite(logs["loss/consistency"]) and changed(student0, tr.generator) > 0
+        if "gan_weight" in extra:
+            assert "loss/gan_d" in logs and changed(heads0, tr.heads) > 0
+        if "num_segments" in extra:
+            assert tr.target is tr.student and tr.sampling_timesteps == [959, 719, 479, 239]
+            assert tr.segment_edge(torch.tensor([959, 720, 719, 19])).tolist() == [719, 719, 479, 0]
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="loss"):
+        ConsistencyConfig(loss="l1")
+    with pytest.raises(ConfigError, match="teacher_free"):
+        ConsistencyConfig(teacher_free=True, eta=0.5)
+    with pytest.raises(ConfigError, match="fake_score"):
+        ConsistencyConfig(fake_score="lora")
+    with pytest.raises(ConfigError, match="guidance_scale_range"):
+        ConsistencyConfig(guidance_scale_range=[3.0, 1.0])
+
+
+# ------------------------------------------------------------ students
+
+
+def test_student_samples_in_1_2_4_8_steps_with_that_many_calls(tmp_path, tiny_teacher_dir):
+    tr = ConsistencyTrainer(tiny_cd_config(tmp_path, tiny_teacher_dir))
+    student_dir = tr.train()
+    meta = json.loads((student_dir / "onestep.json").read_text())
+    assert meta["method"] == "consistency" and meta["consistency"]["parameterisation"] == "lcm"
+    assert meta["timesteps"] == [959, 719, 479, 239]
+    student = load_student(student_dir)
+    calls = []
+    student.generator.backbone.register_forward_hook(lambda m, i, o: calls.append(int(i[1][0])))
+    for k in (1, 2, 4, 8):
+        calls.clear()
+        ts = student.timesteps_for(k)
+        assert ts == meta["consistency"]["timesteps_by_steps"][str(k)]
+        x, _ = sample_student_from_seeds(student.generator, student, ts, seeds=range(3), labels=[0, 1, 2])
+        assert calls == ts and x.shape == (3, 1, 16, 16) and x.abs().max() <= 1
+    # One step is f at the top of the grid applied to the seed's noise.
+    x1, _ = sample_student_from_seeds(student.generator, student, [959], seeds=[5], labels=[3])
+    z = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(x1, student.generator(z, torch.tensor([959]), torch.tensor([3])).clamp(-1, 1))
+
+
+def test_segment_student_moves_along_ddim_between_steps(tmp_path, tiny_teacher_dir):
+    tr = ConsistencyTrainer(tiny_cd_config(tmp_path, tiny_teacher_dir, num_segments=2, target_ema_decay=0.0, max_steps=1))
+    student = load_student(tr.train())
+    assert student.generator.ddim_between_steps and student.timesteps == [959, 479]
+    z = torch.randn(2, 1, 16, 16)
+    y = torch.tensor([4, 5])
+    from onestep.samplers.student import student_sample
+
+    with torch.no_grad():
+        got = student_sample(student.generator, student.timesteps, z, y)  # no renoise function needed
+        x0 = student.generator(z, torch.full((2,), 959), y)
+        x = ddim_step(student.schedule, z, x0, torch.full((2,), 959), torch.full((2,), 479))
+        torch.testing.assert_close(got, student.generator(x, torch.full((2,), 479), y))
+    with pytest.raises(Exception, match="exactly 2 steps"):
+        student.timesteps_for(4)
+
+
+def test_class_table_guidance_student_starts_as_teacher_and_reloads(tmp_path, tiny_teacher_dir):
+    cfg = tiny_cd_config(tmp_path, tiny_teacher_dir, guidance_scale_range=[1.0, 3.0], guidance_levels=5, max_steps=1)
+    tr = ConsistencyTrainer(cfg)
+    g = tr.guidance_input
+    assert g.kind == "class_table" and g.scales == [1.0, 1.5, 2.0, 2.5, 3.0] and g.stride == 11
+    assert tr.generator.backbone.config.num_class_embeds == 55
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([300, 700]), torch.tensor([3, 10])
+    with torch.no_grad():
+        ref = tr.teacher(x, t, y)
+        for s in (1.0, 2.6):
+            torch.testing.assert_close(tr.student.x0(x, t, y, guidance_scale=torch.full((2,), s)), ref)
+    assert g.apply(y, torch.tensor([1.1, 2.9]), 2, "cpu").tolist() == [3, 10 + 4 * 11]
+    assert set(tr.draw_guidance(200).tolist()) <= set(g.scales)
+    student = load_student(tr.train())
+    assert student.generator.guidance.to_dict() == g.to_dict()
+    from diffusers import UNet2DModel
+
+    plain = UNet2DModel.from_pretrained(student.path / "generator")  # plain diffusers, level 2 = scale 2.0
+    with torch.no_grad():
+        eps = plain(x, t, class_labels=y + 2 * 11).sample
+        torch.testing.assert_close(student.generator.x0(x, t, y), student.schedule.to_x0(eps, x, t, "epsilon"))
+
+
+def test_timestep_cond_student_and_lcm_scheduler_for_plain_diffusers(tmp_path):
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    from onestep.conditioning import Conditioning
+    from onestep.export import export_student
+    from onestep.teachers import Teacher
+
+    teacher_net = tiny_cond_unet()
+    g = GuidanceInput("timestep_cond", default_scale=7.0, embedding_dim=16)
+    student_net = with_guidance_input(teacher_net, g)
+    assert student_net.config.time_cond_proj_dim == 16
+    schedule = NoiseSchedule.from_scheduler_config(dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    f = ConsistencyDenoiser(student_net, schedule, "epsilon", guidance=g)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 499])
+    cond = {"encoder_hidden_states": torch.randn(2, 3, 8)}
+    with torch.no_grad():
+        ref = teacher_net(x, t, **cond).sample  # zero-initialised projection: the student starts as the teacher
+        torch.testing.assert_close(student_net(x, t, **g.apply(cond, 5.0, 2, "cpu")).sample, ref)
+    teacher = Teacher("tiny-t2i", teacher_net, schedule, "epsilon", Conditioning("none"), (4, 8, 8))
+    grid = lcm_grid(1000, 50)
+    meta = {
+        "consistency": dict(parameterisation="lcm", sigma_data=0.5, timestep_scaling=10.0, grid=grid, segment_edges=None,
+                            timesteps_by_steps={"4": lcm_timesteps(grid, 4)}, between_steps="renoise"),
+        "guidance": g.to_dict(),
+    }
+    out = export_student(tmp_path / "s", student_net, teacher, "consistency", lcm_timesteps(grid, 4), extra=meta)
+    sched = LCMScheduler.from_pretrained(out / "scheduler")
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == load_student(out).timesteps == [999, 759, 499, 259]
+    # One plain-diffusers LCM step (guidance 7 -> w = 6 embedded) is onestep's f.
+    plain = UNet2DConditionModel.from_pretrained(out / "generator")
+    w_emb = guidance_scale_embedding(torch.tensor([6.0, 6.0]), 16)
+    with torch.no_grad():
+        eps = plain(x, torch.tensor([999, 999]), timestep_cond=w_emb, **cond).sample
+        denoised = sched.step(eps, 999, x, return_dict=True).denoised
+        ours = load_student(out).generator(x, torch.tensor([999, 999]), cond)
+    torch.testing.assert_close(ours, denoised, rtol=1e-4, atol=1e-5)
