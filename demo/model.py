@@ -141,6 +141,9 @@ class DemoModel:
     """
 
     def __init__(self, student: Student, teacher: Teacher | None = None, device: torch.device | str | None = None):
+        from accelerate import PartialState
+
+        PartialState()  # accelerate's logger needs the (single-process) state to exist
         self.device = torch.device(device) if device is not None else default_device()
         self.teacher = teacher
         self._teacher_denoiser = teacher.denoiser().to(self.device) if teacher is not None else None

@@ -156,6 +156,7 @@ def _image_size(item) -> tuple[int, int]:
         return im.size
 
 
+@pytest.mark.slow  # the app's process takes 15-30 s to import torch, diffusers and gradio
 def test_client_generate_returns_images_and_latency(demo_server, demo_student):
     client_mod = _require("gradio_client")
     proc, url = demo_server
@@ -176,6 +177,7 @@ def test_client_generate_returns_images_and_latency(demo_server, demo_student):
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("L")), to_uint8(ref)[0, ..., 0])
 
 
+@pytest.mark.slow  # the app's process takes 15-30 s to import torch, diffusers and gradio
 def test_client_bad_input_returns_a_message_and_the_app_keeps_serving(demo_server, tmp_path):
     client_mod = _require("gradio_client")
     from gradio_client.exceptions import AppError
@@ -196,6 +198,27 @@ def test_client_bad_input_returns_a_message_and_the_app_keeps_serving(demo_serve
     assert len(student) == 2 and latency["student"]["ms_total"] > 0
 
 
+@pytest.mark.slow  # the app's process takes 15-30 s to import torch, diffusers and gradio
+def test_client_loads_another_student_and_its_step_range(demo_server, demo_student, tiny_teacher_dir, tmp_path):
+    client_mod = _require("gradio_client")
+    from gradio_client.exceptions import AppError
+
+    teacher = load_teacher(tiny_teacher_dir)
+    two_step = export_student(tmp_path / "two_step", teacher.new_backbone(), teacher, "dmd2", [800, 400])
+    _, url = demo_server
+    client = client_mod.Client(url, verbose=False)
+    try:
+        header, *_ = client.predict(str(two_step), api_name="/load_student")
+        assert "2 steps [800, 400]" in header
+        _, student, _, latency = client.predict("1", "", "", 0.0, 0, 2, 2, 1, api_name="/generate")
+        assert len(student) == 2 and latency["student"]["timesteps"] == [800, 400]
+        with pytest.raises(AppError, match="greater than maximum value 2"):  # a 2-step student: at most 2 steps
+            client.predict("1", "", "", 0.0, 0, 3, 2, 1, api_name="/generate")
+    finally:
+        client.predict(str(demo_student), api_name="/load_student")
+
+
+@pytest.mark.slow  # the app's process takes 15-30 s to import torch, diffusers and gradio
 def test_browser_sets_a_class_clicks_generate_and_sees_images(demo_server, tmp_path):
     _require("selenium")
     from onestep.demo import testing
