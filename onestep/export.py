@@ -17,6 +17,11 @@ sample a ``UNet2DModel`` student::
         eps = unet(x, t, class_labels=y).sample
         x0 = (x - sqrt(1 - abar[t]) * eps) / sqrt(abar[t])      # prediction_type epsilon
         x = x0 if last else sqrt(abar[t_next]) * x0 + sqrt(1 - abar[t_next]) * fresh_noise
+
+Consistency students also record ``consistency`` (parameterisation, grid, timesteps for 1, 2, 4
+and 8 steps) and ``guidance`` (how the student takes its guidance scale); see
+:mod:`onestep.samplers.consistency`. ``UNet2DConditionModel`` ones on LCM's grid get
+``scheduler/``, an ``LCMScheduler`` config.
 """
 
 from __future__ import annotations
@@ -90,12 +95,13 @@ def export_student(
     return out
 
 
-def write_lcm_scheduler(out: str | Path, meta: dict[str, Any]) -> Path:
+def write_lcm_scheduler(out: str | Path, meta: dict[str, Any]) -> Path | None:
     """Write an ``LCMScheduler`` config for a consistency student, so that plain diffusers samples
     it in K steps (``scheduler.set_timesteps(K)`` picks the same timesteps as onestep).
 
-    Only a student whose grid is LCM's own (``N`` points up to ``T - 1``) can be described this
-    way; others raise (their timesteps stay in ``onestep.json``).
+    Only a student whose grid is LCM's own (``N`` points up to ``T - 1``, N dividing T) can be
+    described this way; for others nothing is written and None returned (their timesteps stay
+    in ``onestep.json``).
     """
     from diffusers import LCMScheduler
 
@@ -105,8 +111,8 @@ def write_lcm_scheduler(out: str | Path, meta: dict[str, Any]) -> Path:
     schedule = dict(meta["schedule"])
     T = NoiseSchedule.from_scheduler_config(schedule).num_train_timesteps
     n = len(cm["grid"])
-    if cm["parameterisation"] != "lcm" or cm["grid"] != lcm_grid(T, n) or T % n:
-        raise StudentFormatError("an LCMScheduler describes only LCM-parameterised students on the full N-step grid (max_timestep = T - 1)")
+    if cm["parameterisation"] != "lcm" or T % n or cm["grid"] != lcm_grid(T, n):
+        return None
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
     scheduler = LCMScheduler(
         **{k: schedule[k] for k in keys if schedule.get(k) is not None},
