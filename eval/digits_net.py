@@ -4,7 +4,9 @@ Inception features of 16x16 grey digits say little and cost a 299x299 forward pa
 this network is trained on the same data as the digits teacher (scikit-learn's 8x8 digits
 upsampled to 16x16, see :mod:`onestep.digits`) and ships as safetensors in
 ``onestep/assets/digits-features/`` (made by ``python -m onestep.eval.train_digits_features``).
-Its features are the 64 pre-activations of the layer before the class logits.
+Its features are the 64 pre-activations of the layer before the class logits, standardised
+with the per-unit mean and standard deviation over the 1797 real digits (stored with the
+weights), so that they have Inception-like scale (KID's polynomial kernel assumes it).
 
 One preprocessing for every image, generated or real (:func:`quantize_digits`):
 
@@ -48,8 +50,9 @@ def _asset_dir() -> Path:
 class DigitsFeatureNet(nn.Module):
     """Two conv stages (16x16 -> 8x8 -> 4x4), a 64-unit feature layer, and a 10-way classifier.
 
-    ``features(x)`` returns the feature layer's pre-activations ``(N, 64)``; ``forward(x)``
-    the class logits ``(N, 10)``. ``x`` is ``(N, 1, 16, 16)`` in [-1, 1].
+    ``features(x)`` returns the feature layer's pre-activations ``(N, 64)``, standardised with the
+    buffers ``feature_mean`` and ``feature_std`` (the real digits' statistics; 0 and 1 until set);
+    ``forward(x)`` the class logits ``(N, 10)``. ``x`` is ``(N, 1, 16, 16)`` in [-1, 1].
     """
 
     def __init__(self, width: int = 32, feature_dim: int = FEATURE_DIM, num_classes: int = 10, dropout: float = 0.3):
@@ -68,12 +71,17 @@ class DigitsFeatureNet(nn.Module):
         )
         self.feature = nn.Linear(2 * width * (RESOLUTION // 4) ** 2, feature_dim)
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature(self.conv(x).flatten(1))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.pre_activations(x) - self.feature_mean) / self.feature_std
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.pre_activations(x))
 
 
 @lru_cache(maxsize=1)
@@ -110,7 +118,7 @@ def quantize_digits(images: torch.Tensor) -> torch.Tensor:
 
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise OnestepError(f"digits features need images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
-    x = images.detach().cpu()
+    x = images.detach()
     if x.dtype != torch.uint8:
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     if x.shape[1] == 3:
@@ -140,7 +148,7 @@ def digits_features(images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         ``(N, 64)`` float64 features.
     """
     net = load_digits_feature_net()
-    u8 = quantize_digits(images)
+    u8 = quantize_digits(images.cpu())
     out = [net.features(network_input(u8[i : i + batch_size])).double() for i in range(0, len(u8), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, FEATURE_DIM))
 
@@ -149,7 +157,7 @@ def digits_features(images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
 def digits_logits(images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Class logits ``(N, 10)`` of the shipped digits classifier (same input conventions)."""
     net = load_digits_feature_net()
-    u8 = quantize_digits(images)
+    u8 = quantize_digits(images.cpu())
     return torch.cat([net(network_input(u8[i : i + batch_size])) for i in range(0, len(u8), batch_size)])
 
 

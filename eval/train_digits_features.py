@@ -5,7 +5,8 @@ A :class:`~onestep.eval.digits_net.DigitsFeatureNet` classifies scikit-learn's d
 train it, the other 297 measure its held-out accuracy, which is written into ``config.json``
 next to the weights. Training inputs go through the same uint8 quantisation as evaluation,
 shifted by up to one pixel and with a little noise, so that the features of generated digits
-(which are never pixel-perfect) stay in the range the network has seen.
+(which are never pixel-perfect) stay in the range the network has seen. At the end the
+features are standardised with their per-unit mean and std over all 1797 real digits.
 
     python -m onestep.eval.train_digits_features --out onestep/assets/digits-features
 """
@@ -64,6 +65,10 @@ def train(out: Path, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3, s
             sched.step()
     net.eval()
     with torch.no_grad():
+        # Standardise the features with the real digits' per-unit statistics (all 1797 images).
+        pre = net.pre_activations(network_input(quantize_digits(x))).double()
+        net.feature_mean.copy_(pre.mean(0).float())
+        net.feature_std.copy_(pre.std(0).clamp_min(1e-6).float())
         acc_test = float((net(network_input(quantize_digits(x[te]))).argmax(1) == y[te]).float().mean())
         acc_train = float((net(network_input(quantize_digits(x[tr]))).argmax(1) == y[tr]).float().mean())
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +80,7 @@ def train(out: Path, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3, s
         "width": 32,
         "feature_dim": FEATURE_DIM,
         "num_classes": 10,
-        "features": "pre-activations of the 64-unit layer before the logits",
+        "features": "pre-activations of the 64-unit layer before the logits, standardised per unit with the real digits' mean and std",
         "preprocessing": PREPROCESSING,
         "training": {
             "data": "sklearn load_digits upsampled to 16x16 (onestep.digits)",

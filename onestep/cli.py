@@ -1,4 +1,4 @@
-"""The ``onestep`` command line: ``train``, ``sample``, ``quickstart``, ``demo``.
+"""The ``onestep`` command line: ``train``, ``sample``, ``quickstart``, ``demo``, ``eval``.
 
 Errors a user can cause print one line on stderr and exit with code 2.
 """
@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     d.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     d.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (needs internet)")
+
+    from onestep.eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
@@ -135,6 +139,12 @@ def _cmd_demo(args, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_eval(args, extra: list[str]) -> int:
+    from onestep.eval.cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    commands = {"train": _cmd_train, "sample": _cmd_sample, "quickstart": _cmd_quickstart, "demo": _cmd_demo}
+    commands = {"train": _cmd_train, "sample": _cmd_sample, "quickstart": _cmd_quickstart, "demo": _cmd_demo, "eval": _cmd_eval}
     try:
         return commands[args.command](args, extra)
     except OnestepError as e:

@@ -1,0 +1,260 @@
+"""``onestep eval fid | clip | run``: what each command does, called by :mod:`onestep.cli`.
+
+Each writes ``metrics.json`` into its output folder, prints a short table, and with
+``report=True`` adds ``report.md`` with its plots.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onestep.errors import OnestepError
+
+from .report import format_table, markdown_table, plot_curve, save_grid, student_info, write_metrics, write_report
+
+FID_COLUMNS = ["what", "fid", "kid", "kid_std", "class_acc", "samples", "steps"]
+
+
+def default_out(path: str | Path, command: str) -> Path:
+    """``<parent>/eval-<name>`` next to the evaluated folder (e.g. ``runs/x/eval-student``), or ``<run>/eval`` for runs."""
+    p = Path(path).expanduser()
+    return p / "eval" if command == "run" else p.parent / f"eval-{p.name}"
+
+
+def _device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _is_digits_student(student) -> bool:
+    c = student.conditioning
+    return tuple(student.sample_shape) == (1, 16, 16) and c.kind == "class" and c.num_classes == 10
+
+
+def _class_accuracy(images: torch.Tensor, labels: list[int] | None) -> float | None:
+    """Share of samples the digits SVC (:func:`onestep.digits.classify_digits`) reads as the asked class."""
+    if labels is None:
+        return None
+    from onestep.digits import classify_digits
+
+    return float((classify_digits(images) == torch.tensor(labels)).float().mean())
+
+
+def fid_command(
+    student: str | None = None,
+    images: str | None = None,
+    ref: str | None = "digits",
+    ref_stats: str | None = None,
+    extractor: str = "digits",
+    inception_weights: str | None = None,
+    num_samples: int = 1000,
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    kid: bool = True,
+    kid_subset_size: int = 1000,
+    out: str | None = None,
+    report: bool = False,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """FID/KID of a student (sampled for seeds ``seed .. seed+N-1``) or of a folder of images."""
+    from onestep.export import load_student
+
+    from .fidelity import check_weights_early, compute_fid_kid, resolve_extractor
+
+    if (student is None) == (images is None):
+        raise OnestepError("give exactly one of --student DIR and --images DIR")
+    check_weights_early(extractor, inception_weights)  # the clear error comes before any sampling
+    spec = resolve_extractor(extractor)
+    dev = _device(device)
+    record: dict[str, Any] = {"command": "fid", "extractor": spec.name}
+    t0 = time.perf_counter()
+    labels = None
+    if student is not None:
+        s = load_student(student, device=dev)
+        x, labels, timesteps = sample_student_images(s, num_samples, steps, seed, batch_size, dev, progress)
+        record.update(student=student_info(s), steps=len(timesteps), timesteps=timesteps, seeds=[seed, seed + num_samples - 1], labels="i % num_classes" if labels else None)
+        name = f"student ({len(timesteps)} step{'s' if len(timesteps) > 1 else ''})"
+        src = student
+    else:
+        from .fidelity import load_images
+
+        x = load_images(images)
+        record.update(images=str(images), seeds=None)
+        name, src = Path(images).name, images
+    t1 = time.perf_counter()
+    m = compute_fid_kid(
+        x, ref=ref, extractor=extractor, ref_stats=ref_stats, cache_dir=cache_dir, batch_size=batch_size, device=dev,
+        inception_weights=inception_weights, kid=kid, kid_subset_size=kid_subset_size, seed=seed, progress=progress,
+    )
+    t2 = time.perf_counter()
+    acc = _class_accuracy(x, labels) if student is not None and _is_digits_student(s) else None
+    metrics = {k: m.get(k) for k in ("fid", "kid", "kid_std")} | ({"class_accuracy": acc} if acc is not None else {})
+    record.update(
+        metrics=metrics,
+        num_samples=len(x),
+        reference={"ref": m["ref"], "stats": m["ref_stats"], "cached": m["ref_cached"], "num_images": m["num_ref"]},
+        feature_layer=m["feature_layer"],
+        preprocessing=m["preprocessing"],
+        kid_subset_size=m.get("kid_subset_size"),
+        kid_subsets=m.get("kid_subsets"),
+        batch_size=batch_size,
+        device=str(dev),
+        seconds={"sampling": t1 - t0, "features_and_metrics": t2 - t1},
+    )
+    row = {"what": name, "fid": m["fid"], "kid": m.get("kid"), "kid_std": m.get("kid_std"), "class_acc": acc, "samples": len(x), "steps": record.get("steps")}
+    record["rows"] = [row]
+    outdir = Path(out) if out else default_out(src, "fid")
+    write_metrics(outdir, record)
+    print(format_table([row], FID_COLUMNS))
+    if report:
+        save_grid(x[:100], outdir / "samples.png", title=name)
+        write_report(outdir, f"FID ({spec.name}) of {src}", record, markdown_table([row], FID_COLUMNS), [("samples (first 100)", "samples.png")])
+    record["out"] = str(outdir)
+    return record
+
+
+def sample_student_images(*args, **kwargs):
+    from .generate import sample_student_images as f
+
+    return f(*args, **kwargs)
+
+
+def run_command(
+    run: str,
+    ref: str | None = "digits",
+    ref_stats: str | None = None,
+    extractor: str = "digits",
+    inception_weights: str | None = None,
+    num_samples: int = 500,
+    seed: int = 0,
+    batch_size: int = 256,
+    kid: bool = True,
+    kid_subset_size: int = 1000,
+    out: str | None = None,
+    report: bool = False,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every ``checkpoint-N`` of a training run (raw generator weights) and its exported
+    ``student/`` (the EMA weights when EMA was on) on the same seeds; write the curve."""
+    from onestep.export import load_student
+
+    from .fidelity import check_weights_early, extract_features, fid_kid_from_features, reference_statistics, resolve_extractor
+    from .generate import load_generator_from_checkpoint
+
+    run_dir = Path(run).expanduser()
+    if not run_dir.is_dir():
+        raise OnestepError(f"--run {run_dir}: no such folder")
+    check_weights_early(extractor, inception_weights)
+    spec = resolve_extractor(extractor)
+    if not (run_dir / "student" / "onestep.json").is_file():
+        raise OnestepError(f"{run_dir}: no exported student/ (its onestep.json gives the generator's architecture); finish the run first")
+    dev = _device(device)
+    student = load_student(run_dir / "student", device=dev)
+    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+    max_steps = (student.meta.get("config") or {}).get("max_steps")
+    ref_s = reference_statistics(ref, extractor, ref_stats, cache_dir, batch_size, dev, inception_weights, progress)
+    digits = _is_digits_student(student)
+    points: list[dict[str, Any]] = []
+    last = None
+    entries = [(int(c.name.split("-")[-1]), c.name, c) for c in ckpts] + [(max_steps or (int(ckpts[-1].name.split("-")[-1]) if ckpts else 0), "student (export)", None)]
+    for step, what, ckpt in entries:
+        gen = load_generator_from_checkpoint(student, ckpt) if ckpt is not None else None
+        x, labels, timesteps = sample_student_images(student, num_samples, None, seed, batch_size, dev, progress, generator=gen)
+        feats = extract_features(x, extractor, batch_size, dev, inception_weights, progress)
+        m = fid_kid_from_features(feats, ref_s, kid=kid, kid_subset_size=kid_subset_size, seed=seed)
+        acc = _class_accuracy(x, labels) if digits else None
+        points.append({"what": what, "step": step, "fid": m["fid"], "kid": m.get("kid"), "kid_std": m.get("kid_std"), "class_acc": acc, "samples": len(x), "steps": len(timesteps)})
+        last = (what, x)
+    outdir = Path(out) if out else default_out(run_dir, "run")
+    record = {
+        "command": "run",
+        "run": str(run_dir),
+        "student": student_info(student),
+        "extractor": spec.name,
+        "preprocessing": spec.preprocessing,
+        "num_samples": num_samples,
+        "seeds": [seed, seed + num_samples - 1],
+        "reference": {"ref": ref, "stats": ref_s["path"], "cached": ref_s["cached"]},
+        "weights": "checkpoint-N: the raw generator weights (model.safetensors); student (export): the exported (EMA) weights",
+        "points": points,
+        "device": str(dev),
+    }
+    write_metrics(outdir, record)
+    curve = plot_curve(points, ["fid", "kid", "class_acc"], outdir / "curve.png", title=f"{run_dir.name}: {spec.name}")
+    print(format_table(points, ["what", "step", "fid", "kid", "class_acc", "samples"]))
+    if report:
+        save_grid(last[1][:100], outdir / "samples.png", title=last[0])
+        write_report(
+            outdir, f"Evaluation of the run {run_dir}", record, markdown_table(points, ["what", "step", "fid", "kid", "kid_std", "class_acc", "samples"]),
+            [("metric against training step", curve.name), (f"samples of {last[0]} (first 100)", "samples.png")],
+        )
+    record["out"] = str(outdir)
+    return record
+
+
+def clip_command(
+    prompts: str,
+    clip_model: str,
+    student: str | None = None,
+    images: str | None = None,
+    caption_column: str | None = None,
+    num_samples: int | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    guidance_scale: float = 1.0,
+    batch_size: int = 32,
+    out: str | None = None,
+    report: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """CLIP score of a text-to-image student (a diffusers pipeline folder) or of a folder of images
+    (file ``i`` in name order belongs to prompt ``i``) over a prompt file."""
+    from .clip import CLIP_SCORE_DEFINITION, clip_score, load_clip, read_prompts, sample_pipeline
+
+    if (student is None) == (images is None):
+        raise OnestepError("give exactly one of --student DIR and --images DIR")
+    texts = read_prompts(prompts, caption_column)
+    if num_samples is not None:
+        texts = texts[:num_samples]
+    dev = _device(device)
+    bundle = load_clip(clip_model, dev)
+    record: dict[str, Any] = {"command": "clip", "prompts": str(prompts), "clip_model": str(clip_model), "definition": CLIP_SCORE_DEFINITION}
+    t0 = time.perf_counter()
+    if student is not None:
+        x, info = sample_pipeline(student, texts, steps=steps, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size, device=dev, progress=progress)
+        record.update(student=info, seeds=[seed, seed + len(texts) - 1], guidance_scale=guidance_scale)
+        src = student
+    else:
+        from .fidelity import load_images
+
+        x = load_images(images)
+        if len(x) < len(texts):
+            raise OnestepError(f"{images} holds {len(x)} images for {len(texts)} prompts")
+        x = x[: len(texts)]
+        record.update(images=str(images), seeds=None)
+        src = images
+    t1 = time.perf_counter()
+    res = clip_score(x, texts, bundle, batch_size=batch_size, progress=progress)
+    t2 = time.perf_counter()
+    row = {"what": Path(src).name, "clip_score": res["clip_score"], "samples": len(texts)}
+    record.update(metrics={"clip_score": res["clip_score"], "clip_score_std": res["clip_score_std"]}, num_samples=len(texts), rows=[row],
+                  device=str(dev), seconds={"sampling": t1 - t0, "scoring": t2 - t1})
+    outdir = Path(out) if out else default_out(src, "clip")
+    write_metrics(outdir, record | {"per_sample": res["per_sample"]})
+    print(format_table([row], ["what", "clip_score", "samples"]))
+    if report:
+        save_grid(x[:64].float() / 127.5 - 1 if x.dtype == torch.uint8 else x[:64], outdir / "samples.png", title="samples", nrow=8)
+        write_report(outdir, f"CLIP score of {src}", record, markdown_table([row], ["what", "clip_score", "samples"]) + f"\n\n{CLIP_SCORE_DEFINITION}", [("samples (first 64)", "samples.png")])
+    record["out"] = str(outdir)
+    return record
