@@ -23,6 +23,7 @@ CSS = """
 #demo-status { min-height: 3em; }
 """
 ALL_CLASSES = "all"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _gradio():
@@ -66,8 +67,12 @@ def _default_count(model: DemoModel) -> int:
     return 1000 if model.is_points else 8
 
 
-def build_app(model: DemoModel):
-    """Build the ``gradio.Blocks`` page for ``model`` (call ``.launch()`` on it, or use :func:`launch_demo`)."""
+def build_app(model: DemoModel, allow_load: bool = True):
+    """Build the ``gradio.Blocks`` page for ``model`` (call ``.launch()`` on it, or use :func:`launch_demo`).
+
+    ``allow_load`` adds the "student folder" field that loads another student folder from this
+    machine's disk; leave it off when the page is reachable from other machines.
+    """
     gr = _gradio()
 
     def request(label, prompt, negative, alpha, seed, steps, count, teacher_steps, with_teacher: bool) -> DemoRequest:
@@ -150,7 +155,7 @@ def build_app(model: DemoModel):
                     "Changing an input redraws the student at once"
                     + ("; **Generate** also runs the teacher for the comparison." if has_teacher else ".")
                 )
-                with gr.Accordion("student folder", open=False):
+                with gr.Accordion("student folder", open=False, visible=allow_load):
                     folder = gr.Textbox(value=str(model.student.path), label="student folder", elem_id="student-folder")
                     load = gr.Button("Load student", elem_id="load-student")
             with gr.Column(scale=2):
@@ -173,11 +178,12 @@ def build_app(model: DemoModel):
             generate(False), inputs, outputs, api_visibility="private", trigger_mode="always_last", show_progress="minimal",
         )
         randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private")
-        load.click(
-            load_student, folder,
-            [header, label, prompt, negative, alpha, steps, count, status, student_gallery, teacher_gallery, latency],
-            api_name="load_student",
-        )
+        if allow_load:
+            load.click(
+                load_student, folder,
+                [header, label, prompt, negative, alpha, steps, count, status, student_gallery, teacher_gallery, latency],
+                api_name="load_student",
+            )
     return app
 
 
@@ -196,7 +202,8 @@ def launch_demo(
     if importlib.util.find_spec("gradio") is None:  # say so before spending time on loading the models
         raise OnestepError("the demo needs gradio: pip install 'onestep[demo]'")
     model = DemoModel.load(student, teacher)
-    app = build_app(model)
+    # Only a page served to this machine alone may open other folders on its disk.
+    app = build_app(model, allow_load=host in LOCAL_HOSTS and not share)
     try:
         app.launch(
             server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False, css=CSS,

@@ -122,6 +122,16 @@ def test_swap_student_keeps_the_current_one_on_error(demo_student, tmp_path):
     assert model.student.path == Path(demo_student)
 
 
+def test_page_opens_other_folders_only_when_served_to_this_machine(gmm_student):
+    _require("gradio")
+    from onestep.demo.app import build_app
+
+    model = DemoModel(load_student(gmm_student), device="cpu")
+    endpoints = lambda app: {fn.api_name for fn in app.fns.values() if fn.api_visibility == "public"}  # noqa: E731
+    assert endpoints(build_app(model)) == {"generate", "load_student"}
+    assert endpoints(build_app(model, allow_load=False)) == {"generate"}
+
+
 def test_cli_demo_with_a_folder_that_is_not_a_student_exits_2(capsys, tmp_path):
     from onestep.cli import main
 
