@@ -40,15 +40,15 @@ def format_status(result: DemoResult) -> str:
     lat = result.latency()
     s = lat["student"]
     n = lat["num_images"]
-    what = "points" if result.student_samples.ndim == 2 else ("image" if n == 1 else "images")
+    unit = "point" if result.student_samples.ndim == 2 else "image"
     line = (
-        f"**student**, {s['steps']} step{'s' if s['steps'] > 1 else ''}: **{s['ms_per_image']:.2f} ms per image** "
-        f"({n} {what} in {s['ms_total']:.1f} ms)"
+        f"**student**, {s['steps']} step{'s' if s['steps'] > 1 else ''}: **{s['ms_per_image']:.2f} ms per {unit}** "
+        f"({n} {unit}{'s' if n > 1 else ''} in {s['ms_total']:.1f} ms)"
     )
     if lat["teacher"] is not None:
         t = lat["teacher"]
         line += (
-            f"  \n**teacher**, {t['steps']} DDIM steps, CFG {t['guidance_scale']:g}: **{t['ms_per_image']:.2f} ms per image** "
+            f"  \n**teacher**, {t['steps']} DDIM steps, CFG {t['guidance_scale']:g}: **{t['ms_per_image']:.2f} ms per {unit}** "
             f"({t['ms_total']:.1f} ms), the student is **{lat['speedup']:.0f}x** faster"
         )
     device = "GPU (cuda)" if lat["gpu"] else "CPU, no GPU"
