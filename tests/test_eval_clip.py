@@ -1,0 +1,117 @@
+"""CLIP score on a tiny random transformers CLIPModel with an offline byte-level tokenizer; prompt files."""
+
+import json
+
+import pytest
+import torch
+
+from onestep.cli import main
+from onestep.errors import OnestepError
+from onestep.eval import clip_score, read_prompts
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 byte-level BPE symbols (printable bytes as themselves, the rest shifted past 255)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    d = tmp_path_factory.mktemp("tiny_clip")
+    syms = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(syms)} | {s + "</w>": len(syms) + i for i, s in enumerate(syms)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    eos = vocab["<|endoftext|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(d, safe_serialization=True)
+    return d
+
+
+PROMPTS = ["a photo of a three", "zero", "a seven, drawn badly", "eight", "one one one", "a nine"]
+
+
+def test_clip_score_equals_the_stated_formula(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from onestep.eval.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    torch.manual_seed(1)
+    images = torch.rand(len(PROMPTS), 3, 40, 48) * 2 - 1  # not square, not the model's size
+    res = clip_score(images, PROMPTS, tiny_clip_dir, batch_size=4)
+
+    # By hand: quantise, [0, 1], resize the short side to 32 (bicubic, antialias), centre crop, normalise.
+    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round() / 255
+    x = torch.nn.functional.interpolate(u8, size=(32, 38), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)[..., 3:35]
+    x = (x - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    tok = CLIPTokenizer.from_pretrained(tiny_clip_dir)(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        e_i = model.get_image_features(pixel_values=x).pooler_output
+        e_t = model.get_text_features(**tok).pooler_output
+    cos = (e_i / e_i.norm(dim=-1, keepdim=True) * (e_t / e_t.norm(dim=-1, keepdim=True))).sum(-1)
+    expected = 100 * cos.clamp_min(0)
+    assert torch.allclose(torch.tensor(res["per_sample"], dtype=torch.float32), expected, atol=1e-4)
+    assert res["clip_score"] == pytest.approx(float(expected.double().mean()), abs=1e-4)
+    assert all(0 <= s <= 100 for s in res["per_sample"])
+    # uint8 images give the same scores as the floats they quantise to; the batch size does not matter.
+    as_u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert clip_score(as_u8, PROMPTS, tiny_clip_dir, batch_size=6)["per_sample"] == pytest.approx(res["per_sample"], abs=1e-4)
+
+
+def test_clip_score_checks_its_inputs(tiny_clip_dir, tmp_path):
+    with pytest.raises(OnestepError, match="2 images for 3 prompts"):
+        clip_score(torch.zeros(2, 3, 32, 32), ["a", "b", "c"], tiny_clip_dir)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(OnestepError, match="pickle files are not loaded"):
+        clip_score(torch.zeros(1, 3, 32, 32), ["a"], tmp_path)
+
+
+def test_read_prompts_text_jsonl_csv(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text('{"caption": "a cat", "id": 1}\n\n{"prompt": "a dog"}\n"a bird"\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["a cat", "a dog", "a bird"]
+    (tmp_path / "q.jsonl").write_text('{"txt": "x"}\n')
+    assert read_prompts(tmp_path / "q.jsonl", column="txt") == ["x"]
+    with pytest.raises(OnestepError, match=r"q.jsonl:1: no caption/prompt/text"):
+        read_prompts(tmp_path / "q.jsonl")
+    (tmp_path / "p.csv").write_text('id,caption\n1,"a cat, sitting"\n2,a dog\n')
+    assert read_prompts(tmp_path / "p.csv") == ["a cat, sitting", "a dog"]
+    (tmp_path / "r.csv").write_text("id,desc\n1,x\n")
+    assert read_prompts(tmp_path / "r.csv", column="desc") == ["x"]
+    with pytest.raises(OnestepError, match="no caption column"):
+        read_prompts(tmp_path / "r.csv")
+    with pytest.raises(OnestepError, match="does not exist"):
+        read_prompts(tmp_path / "nope.txt")
+
+
+def test_eval_clip_cli_on_an_image_folder(tmp_path, capsys, tiny_clip_dir):
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    torch.manual_seed(2)
+    x = (torch.rand(3, 3, 32, 32) * 255).round().to(torch.uint8)
+    for i, im in enumerate(x):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(imgs / f"{i:03d}.png")
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS[:3]))
+    out = tmp_path / "ev"
+    argv = ["eval", "clip", "--images", str(imgs), "--prompts", str(tmp_path / "p.txt"), "--clip-model", str(tiny_clip_dir), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    rec = json.loads((out / "metrics.json").read_text())
+    assert rec["num_samples"] == 3 and "100 * max(cos" in rec["definition"]
+    assert rec["metrics"]["clip_score"] == pytest.approx(clip_score(x, PROMPTS[:3], tiny_clip_dir)["clip_score"], abs=1e-4)
+    assert "clip_score" in capsys.readouterr().out
+    # A student folder that is not a text-to-image pipeline: one clear line, exit 2.
+    code = main(argv[:2] + ["--student", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--clip-model", str(tiny_clip_dir)])
+    assert code == 2 and "not a text-to-image student" in capsys.readouterr().err
