@@ -292,3 +292,13 @@ def test_timestep_cond_student_and_lcm_scheduler_for_plain_diffusers(tmp_path):
         denoised = sched.step(eps, 999, x, return_dict=True).denoised
         ours = load_student(out).generator(x, torch.tensor([999, 999]), cond)
     torch.testing.assert_close(ours, denoised, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_fit_warm_start_moves_student_toward_teacher_and_target_follows(tmp_path, tiny_teacher_dir):
+    tr = ConsistencyTrainer(tiny_cd_config(tmp_path, tiny_teacher_dir, teacher_fit_steps=1, export=False))
+    student0 = state_of(tr.generator.backbone)
+    logs = tr.train_step()
+    assert "loss/teacher_fit" in logs and "loss/consistency" not in logs
+    assert changed(student0, tr.generator.backbone) > 0
+    assert changed(state_of(tr.generator.backbone), tr.fake.backbone) == 0  # the target is the student again
+    assert "loss/consistency" in tr.train_step()

@@ -99,6 +99,11 @@ class ConsistencyConfig(DistillConfig):
     ict_p_mean: float = _help("iCT: mean of the lognormal over sigma = s_t / a_t for drawing grid pairs", -1.1)
     ict_p_std: float = _help("iCT: std of that lognormal", 2.0)
     sampling_steps: int = _help("default sampling steps recorded in the student (segments: num_segments)", 4)
+    teacher_fit_steps: int = _help(
+        "first iterations fit the student's x0 to the teacher's (guided) x0 on noised data: the 'initialised "
+        "from the teacher' start for fresh networks (analytic teachers); 0 for students copied from the teacher",
+        0,
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,6 +130,8 @@ class ConsistencyConfig(DistillConfig):
             raise ConfigError(f"num_segments ({self.num_segments}) cannot exceed num_ddim_timesteps ({self.num_ddim_timesteps})")
         if self.teacher_free and (self.guidance_scale_range is not None or self.eta > 0 or self.num_segments > 1):
             raise ConfigError("teacher_free (iCT) has no teacher step: it takes no guidance range, eta or segments")
+        if self.teacher_fit_steps < 0:
+            raise ConfigError(f"teacher_fit_steps must be >= 0 (got {self.teacher_fit_steps})")
         if self.ict_final_steps < self.ict_initial_steps:
             raise ConfigError("ict_final_steps must be >= ict_initial_steps")
         if self.fake_score != "copy":
@@ -366,6 +373,18 @@ class ConsistencyTrainer(DistillTrainer):
             logs["loss/gan_g"] = loss_gan.item()
         return loss, logs
 
+    def teacher_fit_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Warm start: MSE between the student's x0 and the teacher's guided x0 at ``t ~ U{0 .. T-1}``."""
+        x0, cond = batch["real"], batch.get("real_cond")
+        n = x0.shape[0]
+        x_t, t, _ = self.noised(x0)
+        scale = self.draw_guidance(n)
+        with torch.no_grad():
+            guided = scale if self.guidance_input is not None else self.config.guidance_scale
+            target = self.teacher.guided(x_t, t, cond, self.conditioning.null(n, device=self.device), guided if self.conditioning.guidable else 1.0)
+        loss = F.mse_loss(self.student.x0(x_t, t, cond, scale), target.float())
+        return loss, {"loss/teacher_fit": loss.item()}
+
     def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """The GAN head's loss (SCott); there is no fake score to train."""
         cond = batch.get("real_cond")
@@ -389,6 +408,13 @@ class ConsistencyTrainer(DistillTrainer):
         self.state.reseed()
         batch = self.make_batch()
         self.generator.train()
+        if self.state.step < self.config.teacher_fit_steps:
+            loss, logs = self.teacher_fit_loss(batch)
+            logs["grad_norm/generator"] = self._update(loss, self.generator, self.opt_g, self.sched_g)
+            with torch.no_grad():  # the target follows the warm start exactly
+                self.fake.backbone.load_state_dict(self.generator.backbone.state_dict())
+            self.state.step += 1
+            return logs
         loss, logs = self.generator_loss(batch)
         logs["grad_norm/generator"] = self._update(loss, self.generator, self.opt_g, self.sched_g)
         self.update_target()
