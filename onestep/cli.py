@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default="runs/quickstart", help="run folder (default runs/quickstart)")
     q.add_argument("--max-steps", type=int, default=None, help="override the preset's training iterations")
     q.add_argument("--timing-samples", type=int, default=100, help="images used to time student and teacher sampling")
+    q.add_argument("--fid-samples", type=int, default=300, help="images a side for digits-FID and class accuracy (default 300; the grid and timing images count)")
 
     d = sub.add_parser(
         "demo",
@@ -126,7 +127,7 @@ def _cmd_quickstart(args, extra: list[str]) -> int:
         raise OnestepError(f"unknown arguments: {' '.join(extra)}")
     from .quickstart import run_quickstart
 
-    run_quickstart(Path(args.output_dir), max_steps=args.max_steps, timing_samples=args.timing_samples)
+    run_quickstart(Path(args.output_dir), max_steps=args.max_steps, timing_samples=args.timing_samples, fid_samples=args.fid_samples)
     return 0
 
 

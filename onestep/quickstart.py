@@ -1,4 +1,10 @@
-"""``onestep quickstart``: distil the bundled digits teacher with DMD2, sample, compare, time."""
+"""``onestep quickstart``: distil the bundled digits teacher with DMD2, sample, compare, time, score.
+
+The scores compare the one-step student with the teacher's 50-step samples on the same seeds
+and classes (classes in turn, ``FID_SAMPLES`` images a side by default): digits-FID against all
+1797 real digits (:func:`onestep.eval.digits_fid`) and class accuracy (the digits SVC of
+:func:`onestep.digits.classify_digits`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from .viz import save_comparison
 PRESET = "digits_dmd2"
 TEACHER_STEPS = 50
 PER_CLASS = 8
+FID_SAMPLES = 300
 
 
 def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
@@ -42,9 +49,13 @@ def time_student_and_teacher(
     return {"student_samples": xs, "teacher_samples": xt, "student_seconds": s_sec, "teacher_seconds": t_sec}
 
 
-def compare_student_teacher(student_dir: Path, out: Path, timing_samples: int = 100, batch_size: int = 100) -> dict[str, Any]:
+def compare_student_teacher(
+    student_dir: Path, out: Path, timing_samples: int = 100, batch_size: int = 100, fid_samples: int = FID_SAMPLES
+) -> dict[str, Any]:
     """Sample the student (its own steps) and the digits teacher (50 guided DDIM steps) for the same
-    classes and seeds; write ``samples.png``; time both on ``timing_samples`` images."""
+    classes and seeds; write ``samples.png``; time both on ``timing_samples`` images; score both with
+    digits-FID and class accuracy on ``max(fid_samples, 80 + timing_samples)`` images a side (the grid's
+    and the timing images, plus more seeds when needed)."""
     from onestep.samplers.student import sample_student_from_seeds, teacher_sample_from_seeds
 
     student = load_student(student_dir)
@@ -66,9 +77,17 @@ def compare_student_teacher(student_dir: Path, out: Path, timing_samples: int = 
     t_labels = [i % NUM_CLASSES for i in range(timing_samples)]
     timed = time_student_and_teacher(student, teacher, list(range(1000, 1000 + timing_samples)), t_labels, batch_size)
     s_sec, t_sec = timed["student_seconds"], timed["teacher_seconds"]
+    xs_all, xt_all = torch.cat([xs, timed["student_samples"]]), torch.cat([xt, timed["teacher_samples"]])
+    extra = max(0, fid_samples - len(xs_all))
+    if extra:
+        e_seeds, e_labels = list(range(2000, 2000 + extra)), [i % NUM_CLASSES for i in range(extra)]
+        xs_all = torch.cat([xs_all, sample_student_from_seeds(student.generator, student, student.timesteps, e_seeds, e_labels, batch_size=batch_size)[0]])
+        xt_all = torch.cat([xt_all, teacher_sample_from_seeds(t_den, teacher, e_seeds, e_labels, TEACHER_STEPS, teacher.guidance_scale, batch_size=batch_size)])
+        t_labels = t_labels + e_labels
     y = torch.tensor(labels + t_labels)
-    acc_s = float((classify_digits(torch.cat([xs, timed["student_samples"]])) == y).float().mean())
-    acc_t = float((classify_digits(torch.cat([xt, timed["teacher_samples"]])) == y).float().mean())
+    acc_s = float((classify_digits(xs_all) == y).float().mean())
+    acc_t = float((classify_digits(xt_all) == y).float().mean())
+    scores = digits_scores(xs_all, xt_all)
     return {
         "student_steps": k,
         "teacher_steps": TEACHER_STEPS,
@@ -81,12 +100,50 @@ def compare_student_teacher(student_dir: Path, out: Path, timing_samples: int = 
         "student_class_accuracy": acc_s,
         "teacher_class_accuracy": acc_t,
         "class_accuracy_samples": len(y),
+        **scores,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
     }
 
 
-def run_quickstart(out: Path, max_steps: int | None = None, timing_samples: int = 100) -> dict[str, Any]:
+def digits_scores(student_images: torch.Tensor, teacher_images: torch.Tensor) -> dict[str, Any]:
+    """digits-FID of both sample sets against all 1797 real digits, and the floor: as many real
+    digits (a fixed random subset, seed 0) against the same reference. The floor is a lower bound,
+    as those digits are part of the reference."""
+    from onestep.digits import digits_dataset
+    from onestep.eval import digits_fid
+
+    n = len(student_images)
+    real = digits_dataset()[0]
+    subset = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]]
+    return {
+        "fid_extractor": "onestep-digits (the shipped digits classifier, onestep.eval.digits_fid)",
+        "fid_reference": f"all {len(real)} real digits",
+        "fid_samples": n,
+        "student_digits_fid": digits_fid(student_images),
+        "teacher_digits_fid": digits_fid(teacher_images),
+        "real_digits_fid_floor": digits_fid(subset),
+    }
+
+
+def print_scores(report: dict[str, Any]) -> None:
+    """The side-by-side table the quickstart ends with."""
+    k, n = report["student_steps"], report["fid_samples"]
+    heads = [f"student ({k} step{'s' if k > 1 else ''})", f"teacher ({TEACHER_STEPS} steps, CFG {report['teacher_guidance_scale']:g})"]
+    rows = [
+        ("ms/image", f"{report['student_sec_per_image'] * 1e3:.2f}", f"{report['teacher_sec_per_image'] * 1e3:.2f}"),
+        (f"digits-FID ({n} samples)", f"{report['student_digits_fid']:.3f}", f"{report['teacher_digits_fid']:.3f}"),
+        (f"class accuracy ({report['class_accuracy_samples']})", f"{report['student_class_accuracy']:.1%}", f"{report['teacher_class_accuracy']:.1%}"),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w = [max(len(heads[i]), *(len(r[i + 1]) for r in rows)) for i in range(2)]
+    print(f"{'':{w0}}  {heads[0]:>{w[0]}}  {heads[1]:>{w[1]}}")
+    for name, a, b in rows:
+        print(f"{name:{w0}}  {a:>{w[0]}}  {b:>{w[1]}}")
+    print(f"speed-up: {report['speedup']:.0f}x; digits-FID of {n} real digits against the same reference: {report['real_digits_fid_floor']:.3f}")
+
+
+def run_quickstart(out: Path, max_steps: int | None = None, timing_samples: int = 100, fid_samples: int = FID_SAMPLES) -> dict[str, Any]:
     from onestep.trainers import load_config, make_trainer
 
     overrides = {"max_steps": max_steps} if max_steps is not None else {}
@@ -98,11 +155,8 @@ def run_quickstart(out: Path, max_steps: int | None = None, timing_samples: int 
     print(f"distilled the digits teacher with DMD2 in {wall:.0f} s ({config.max_steps} iterations)")
     print("sampling student and teacher for the comparison grid and timings ...")
     report = {"preset": PRESET, "student": str(student_dir), "distill_wall_seconds": wall, "iterations": config.max_steps}
-    report.update(compare_student_teacher(Path(student_dir), out, timing_samples=timing_samples))
+    report.update(compare_student_teacher(Path(student_dir), out, timing_samples=timing_samples, fid_samples=fid_samples))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"student : {report['student_sec_per_image'] * 1e3:8.2f} ms/image ({report['student_steps']} step)")
-    print(f"teacher : {report['teacher_sec_per_image'] * 1e3:8.2f} ms/image ({TEACHER_STEPS} steps, CFG {report['teacher_guidance_scale']:g})")
-    print(f"speed-up: {report['speedup']:.0f}x")
-    print(f"class accuracy: student {report['student_class_accuracy']:.1%}, teacher {report['teacher_class_accuracy']:.1%}")
+    print_scores(report)
     print(f"wrote {out / 'samples.png'}, {out / 'report.json'} and the student in {student_dir}")
     return report

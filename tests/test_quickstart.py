@@ -37,12 +37,16 @@ def test_quickstart_end_to_end_short(tmp_path, capsys):
     from onestep.cli import main
 
     out = tmp_path / "qs"
-    assert main(["quickstart", "--output-dir", str(out), "--max-steps", "2", "--timing-samples", "10"]) == 0
+    assert main(["quickstart", "--output-dir", str(out), "--max-steps", "2", "--timing-samples", "10", "--fid-samples", "20"]) == 0
     report = json.loads((out / "report.json").read_text())
     for key in ("distill_wall_seconds", "student_sec_per_image", "teacher_sec_per_image", "speedup", "student_class_accuracy"):
         assert report[key] > 0, key
     assert report["student_steps"] == 1 and report["teacher_steps"] == 50
+    # Scores side by side: the 80 grid + 10 timing images a side are reused (--fid-samples 20 adds none).
+    assert report["fid_samples"] == report["class_accuracy_samples"] == 90
+    assert report["teacher_digits_fid"] > 0 and report["student_digits_fid"] > 0 and report["real_digits_fid_floor"] >= 0
+    assert report["teacher_digits_fid"] < 0.5 * report["student_digits_fid"]  # a 2-iteration student is far from the teacher
     assert (out / "samples.png").stat().st_size > 10_000
     assert (out / "student" / "generator" / "diffusion_pytorch_model.safetensors").exists()
     printed = capsys.readouterr().out
-    assert "speed-up" in printed and "ms/image" in printed
+    assert "speed-up" in printed and "ms/image" in printed and "digits-FID (90 samples)" in printed
