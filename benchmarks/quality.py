@@ -1,0 +1,290 @@
+"""Quality benchmark: every score-distillation method on the exact gmm teachers and on digits.
+
+    python benchmarks/quality.py                       # the full benchmark (about 30 min on 2 CPU cores)
+    python benchmarks/quality.py --teachers gmm-ring8-unbalanced --methods dmd2 fdistill-js --iterations 600
+
+For each teacher and method, with fixed seeds, it trains a one-step student and evaluates
+it every ``--eval-every`` iterations on fixed-seed samples (EMA weights when the preset
+uses EMA):
+
+- gmm teachers: mode coverage, mode-weight TV, share within 3 std, sliced W2 (exact
+  metrics, onestep.eval.mixture), against the teacher's own 50-step DDIM samples (the
+  reference row);
+- digits: digits-FID (onestep.eval.digits_fid, against the bundled real digits) and
+  class accuracy of conditional samples, against the teacher's 50-step guided samples.
+
+gmm runs share one warm start per teacher (trained once, then given to every method with
+``init_generator`` / ``init_fake_score``): the MLP generator regressed onto teacher ODE
+pairs, and the fake score fitted to the teacher's own data, so that every method starts
+where a neural teacher's would (fake score = teacher, generator close to the teacher's ODE).
+Digits runs start from the teacher's weights.
+
+Writes into ``--out`` (default benchmarks/quality-out): results.json, table.md,
+convergence-<teacher>.png (metric against generator steps, DisBack beside its base),
+samples-<teacher>.png (scatter plots or digit grids of the final students).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+GMM_TEACHERS = ("gmm-ring8-unbalanced", "gmm-grid25")
+#: method label -> (preset stem without the teacher prefix, overrides)
+METHODS = {
+    "dmd2": ("dmd2", {}),
+    "vsd": ("vsd", {}),
+    "fdistill-js": ("fdistill_js", {}),
+    "fdistill-fkl": ("fdistill_js", {"divergence": "forward_kl"}),
+    "sid": ("sid", {}),
+    "disback-dmd2": ("disback", {}),
+}
+DIGITS_METHODS = ("dmd2", "vsd", "fdistill-js", "sid", "disback-dmd2")
+
+
+def _load(preset: str, teacher: str, out: Path, overrides: dict):
+    from onestep.trainers import load_config, make_trainer
+
+    values = {"log_with": "none", "export": False, "checkpoint_every": 0, "preview_every": 0, "teacher": teacher}
+    values.update(overrides)
+    return make_trainer(load_config(preset, values, output_dir=str(out)))
+
+
+def gmm_warm_start(teacher: str, out: Path, steps: int) -> tuple[Path, Path]:
+    """Regress the generator onto teacher ODE pairs and fit the fake score to the teacher's data
+    (DisBack's stage 0 does exactly that); returns the two safetensors files."""
+    from onestep.trainers.base import save_trainable
+
+    g_path, f_path = out / "warm-generator.safetensors", out / "warm-fake.safetensors"
+    if g_path.is_file() and f_path.is_file():
+        return g_path, f_path
+    # Regression is plain supervised learning: it takes a 10x larger step than distillation does.
+    tr = _load("gmm_disback", teacher, out / "warm", {"max_steps": steps, "regression_warmup_steps": steps, "lr_generator": 1e-3})
+    _run(tr, steps, desc=f"{teacher} warm start")
+    out.mkdir(parents=True, exist_ok=True)
+    save_trainable(tr.generator.backbone, g_path)
+    save_trainable(tr.fake.backbone, f_path)
+    return g_path, f_path
+
+
+def _run(tr, iterations: int, desc: str, evaluate=None, eval_every: int = 0) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    curve, gen_steps = [], 0
+    for _ in tqdm(range(iterations), desc=desc, leave=False):
+        step = tr.state.step
+        gen_steps += int(tr.is_generator_step(step))
+        tr.train_step()
+        if evaluate is not None and eval_every and (tr.state.step % eval_every == 0 or tr.state.step == iterations):
+            curve.append({"iteration": tr.state.step, "generator_steps": gen_steps, **evaluate(tr)})
+    return curve
+
+
+def _student_samples(tr, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x, cond = tr.preview_samples(n)
+    return x.float().cpu(), None if cond is None else cond.cpu()
+
+
+def gmm_evaluator(mixture, n: int):
+    from onestep.eval.mixture import mixture_metrics
+
+    def evaluate(tr) -> dict:
+        x, _ = _student_samples(tr, n)
+        m = mixture_metrics(x, mixture)
+        m.pop("mode_weights")
+        return m
+
+    return evaluate
+
+
+def digits_evaluator(n: int):
+    from onestep.digits import classify_digits
+    from onestep.eval import digits_fid
+
+    def evaluate(tr) -> dict:
+        x, cond = _student_samples(tr, n)
+        acc = float((torch.as_tensor(classify_digits(x)) == cond).float().mean())
+        return {"digits_fid": digits_fid(x), "class_accuracy": acc}
+
+    return evaluate
+
+
+def teacher_reference(teacher_name: str, n: int) -> tuple[dict, torch.Tensor]:
+    """The teacher's 50-step DDIM samples (guided for digits), scored like the students."""
+    from onestep.samplers.student import teacher_sample_from_seeds
+    from onestep.teachers import load_teacher
+
+    t = load_teacher(teacher_name)
+    labels = [i % 10 for i in range(n)] if t.conditioning.kind == "class" else None
+    x = teacher_sample_from_seeds(t.denoiser(), t, range(n), labels=labels, num_steps=50, guidance_scale=t.guidance_scale, progress=True)
+    x = x.float().cpu()
+    if teacher_name.startswith("gmm"):
+        from onestep.eval.mixture import mixture_metrics
+        from onestep.teachers.gmm import gmm_mixture
+
+        m = mixture_metrics(x, gmm_mixture(teacher_name))
+        m.pop("mode_weights")
+        return m, x
+    from onestep.digits import classify_digits
+    from onestep.eval import digits_fid
+
+    acc = float((torch.as_tensor(classify_digits(x)) == torch.tensor(labels)).float().mean())
+    return {"digits_fid": digits_fid(x), "class_accuracy": acc}, x
+
+
+def run_teacher(teacher: str, methods: list[str], iterations: int, eval_every: int, n_eval: int, warm_steps: int, out: Path) -> dict:
+    is_gmm = teacher.startswith("gmm")
+    prefix = "gmm" if is_gmm else "digits"
+    ref, ref_x = teacher_reference(teacher, n_eval)
+    result = {"reference": ref, "methods": {}}
+    finals = {"teacher 50-step": ref_x}
+    overrides_all: dict = {}
+    if is_gmm:
+        from onestep.teachers.gmm import gmm_mixture
+
+        g_path, f_path = gmm_warm_start(teacher, out / teacher, warm_steps)
+        overrides_all = {"init_generator": str(g_path), "init_fake_score": str(f_path), "regression_warmup_steps": 0}
+        evaluate = gmm_evaluator(gmm_mixture(teacher), n_eval)
+    else:
+        evaluate = digits_evaluator(n_eval)
+    for label in methods:
+        stem, overrides = METHODS[label]
+        start = time.time()
+        tr = _load(f"{prefix}_{stem}", teacher, out / teacher / label, {**overrides_all, **overrides, "max_steps": iterations})
+        curve = _run(tr, iterations, f"{teacher} {label}", evaluate, eval_every)
+        seconds = time.time() - start
+        finals[label] = _student_samples(tr, n_eval)[0]
+        result["methods"][label] = {"final": curve[-1], "curve": curve, "seconds": round(seconds, 1)}
+        print(f"{teacher:22s} {label:14s} {json.dumps({k: _r(v) for k, v in curve[-1].items()})}  ({seconds:.0f} s)", flush=True)
+    _plot_convergence(teacher, result, out / f"convergence-{teacher}.png")
+    _plot_samples(teacher, finals, out / f"samples-{teacher}.png")
+    return result
+
+
+def _r(v):
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def _plot_convergence(teacher: str, result: dict, path: Path) -> None:
+    from onestep.viz import _plt, _save
+
+    plt = _plt()
+    keys = ("sliced_w2", "tv") if teacher.startswith("gmm") else ("digits_fid", "class_accuracy")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, keys):
+        for label, r in result["methods"].items():
+            xs = [p["generator_steps"] for p in r["curve"]]
+            ys = [p[key] for p in r["curve"]]
+            ax.plot(xs, ys, marker=".", label=label, linestyle="--" if label.startswith("disback") else "-")
+        ax.axhline(result["reference"][key], color="black", linewidth=1, label="teacher 50-step")
+        ax.set_xlabel("generator steps")
+        ax.set_ylabel(key)
+        if key in ("sliced_w2", "digits_fid"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{teacher}: convergence (DisBack's curve starts after its recording stage)")
+    _save(fig, path, dpi=110)
+
+
+def _plot_samples(teacher: str, finals: dict[str, torch.Tensor], path: Path) -> None:
+    from onestep.viz import _plt, _save, tile, to_uint8
+
+    plt = _plt()
+    n = len(finals)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9))
+    for ax, (label, x) in zip(axes, finals.items()):
+        if teacher.startswith("gmm"):
+            ax.scatter(x[:, 0], x[:, 1], s=0.5, alpha=0.3)
+            ax.set_xlim(-6, 6)
+            ax.set_ylim(-6, 6)
+            ax.set_aspect("equal")
+        else:
+            ax.imshow(tile(x[:50], nrow=10), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _save(fig, path, dpi=110)
+    _ = to_uint8  # (tile quantises with it)
+
+
+def table(results: dict) -> str:
+    lines = []
+    for teacher, res in results.items():
+        gmm = teacher.startswith("gmm")
+        cols = ("modes_covered", "tv", "within_3std", "sliced_w2") if gmm else ("digits_fid", "class_accuracy")
+        lines += [f"\n**{teacher}**\n", "| method | gen. steps | " + " | ".join(cols) + " | ratio to teacher | seconds |", "|---" * (len(cols) + 4) + "|"]
+        key = "sliced_w2" if gmm else "digits_fid"
+        ref = res["reference"]
+        fmt = lambda m, c: f"{m[c]}/{m['num_modes']}" if c == "modes_covered" else f"{m[c]:.4g}"  # noqa: E731
+        lines.append("| teacher 50-step DDIM | - | " + " | ".join(fmt(ref, c) for c in cols) + " | 1 | - |")
+        for label, r in res["methods"].items():
+            m = r["final"]
+            lines.append(
+                f"| {label} | {m['generator_steps']} | " + " | ".join(fmt(m, c) for c in cols) + f" | {m[key] / ref[key]:.2f} | {r['seconds']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def disback_speedup(results: dict) -> dict:
+    """Generator steps DisBack needs to reach its base's final metric, as a share of the base's."""
+    out = {}
+    for teacher, res in results.items():
+        key = "sliced_w2" if teacher.startswith("gmm") else "digits_fid"
+        base, db = res["methods"].get("dmd2"), res["methods"].get("disback-dmd2")
+        if not base or not db:
+            continue
+        target = base["final"][key]
+        reached = next((p["generator_steps"] for p in db["curve"] if p[key] <= target), None)
+        total = base["final"]["generator_steps"]
+        out[teacher] = {"base_final": target, "disback_steps_to_reach": reached, "base_steps": total,
+                        "share": None if reached is None else round(reached / total, 3)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teachers", nargs="+", default=[*GMM_TEACHERS, "digits"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--gmm-iterations", type=int, default=1000, help="iterations per gmm run (after the shared warm start)")
+    p.add_argument("--digits-iterations", type=int, default=400, help="iterations per digits run")
+    p.add_argument("--warm-steps", type=int, default=1000, help="iterations of the shared gmm warm start")
+    p.add_argument("--gmm-samples", type=int, default=5000)
+    p.add_argument("--digits-samples", type=int, default=500)
+    p.add_argument("--evals", type=int, default=6, help="evaluations along each run")
+    p.add_argument("--out", default="benchmarks/quality-out")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    start = time.time()
+    results = {}
+    for teacher in args.teachers:
+        gmm = teacher.startswith("gmm")
+        methods = args.methods if gmm else [m for m in args.methods if m in DIGITS_METHODS]
+        iters = args.gmm_iterations if gmm else args.digits_iterations
+        n = args.gmm_samples if gmm else args.digits_samples
+        results[teacher] = run_teacher(teacher, methods, iters, max(1, iters // args.evals), n, args.warm_steps, out)
+    summary = {
+        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+        "seconds": round(time.time() - start, 1),
+        "args": vars(args),
+        "results": results,
+        "disback": disback_speedup(results),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = table(results)
+    (out / "table.md").write_text(md)
+    print(md)
+    print("DisBack vs DMD2:", json.dumps(summary["disback"]))
+    print(f"total {summary['seconds']:.0f} s; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
