@@ -46,12 +46,23 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, num_directions: int = 256, seed:
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(a.shape[1], num_directions, generator=g, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, pb = (a @ dirs).sort(dim=0).values, (b @ dirs).sort(dim=0).values
-    n = min(len(pa), len(pb))
-    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    pa = torch.quantile(pa, q, dim=0, interpolation="linear") if len(pa) != n else pa
-    pb = torch.quantile(pb, q, dim=0, interpolation="linear") if len(pb) != n else pb
+    # Projections as contiguous rows (one per direction): sorting along the last dim is fast.
+    pa, pb = (dirs.T @ a.T).sort(dim=1).values, (dirs.T @ b.T).sort(dim=1).values
+    n = min(pa.shape[1], pb.shape[1])
+    pa, pb = _quantiles(pa, n), _quantiles(pb, n)
     return float(((pa - pb) ** 2).mean().sqrt())
+
+
+def _quantiles(sorted_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``(i + 0.5) / n`` quantiles (linear interpolation) of each already sorted row."""
+    m = sorted_rows.shape[1]
+    if m == n:
+        return sorted_rows
+    pos = ((torch.arange(n, dtype=torch.float64) + 0.5) / n) * (m - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=m - 1)
+    frac = pos - lo
+    return sorted_rows[:, lo] * (1 - frac) + sorted_rows[:, hi] * frac
 
 
 def mixture_metrics(samples: torch.Tensor, mixture: Mixture, reference_size: int = 20000, seed: int = 0) -> dict:
