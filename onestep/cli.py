@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed+i")
     s.add_argument("--class", dest="label", type=int, default=None, help="class label for class-conditional students (default: cycle 0..C-1)")
     s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--prompt", action="append", default=None, help="text-to-image students: a prompt (repeat for several; sample i gets prompt i mod n)")
+    s.add_argument("--prompts", default=None, help="text-to-image students: a prompt file (text, JSONL or CSV with a caption column)")
+    s.add_argument("--negative-prompt", default=None, help="text-to-image students: a negative prompt, applied with NASA (needs --nasa-alpha)")
+    s.add_argument("--nasa-alpha", type=float, default=0.0, help="NASA scale for the negative prompt (SNOOPI: 0.1 for SD1.5, 0.2 for SD2.1)")
 
     q = sub.add_parser(
         "quickstart",
@@ -117,7 +121,15 @@ def _cmd_sample(args, extra: list[str]) -> int:
 
     if args.num_samples < 1:
         raise OnestepError("--num-samples must be at least 1")
-    out = sample_to_folder(args.student, args.out, args.num_samples, steps=args.steps, seed=args.seed, label=args.label, batch_size=args.batch_size)
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        from onestep.eval.clip import read_prompts
+
+        prompts += read_prompts(args.prompts)
+    out = sample_to_folder(
+        args.student, args.out, args.num_samples, steps=args.steps, seed=args.seed, label=args.label, batch_size=args.batch_size,
+        prompts=prompts or None, negative_prompt=args.negative_prompt, nasa_alpha=args.nasa_alpha,
+    )
     print(f"wrote {args.num_samples} samples to {out}")
     return 0
 

@@ -46,6 +46,15 @@ def cat_cond(a: Cond, b: Cond) -> Cond:
     return torch.cat([a, b])
 
 
+def cond_to(c: Cond, device) -> Cond:
+    """Move a condition (a tensor, a dict of tensors or None) to ``device``."""
+    if c is None:
+        return None
+    if isinstance(c, dict):
+        return {k: v.to(device) for k, v in c.items()}
+    return c.to(device)
+
+
 def index_cond(c: Cond, idx: torch.Tensor | slice) -> Cond:
     if c is None:
         return None
@@ -60,7 +69,8 @@ class Conditioning:
 
     ``kind`` is ``"none"`` (unconditional) or ``"class"`` (integer labels
     ``0 .. num_classes-1`` with ``null_class`` as the unconditional label used by
-    guidance). Text conditioning is added by the text-to-image teachers.
+    guidance). ``"text"`` is :class:`onestep.teachers.sd.TextConditioning` (conditions are
+    dicts of prompt embeddings).
     """
 
     kind: str = "none"
@@ -68,8 +78,8 @@ class Conditioning:
     null_class: int | None = None
 
     def __post_init__(self):
-        if self.kind not in ("none", "class"):
-            raise ConfigError(f"unknown conditioning kind {self.kind!r}; expected 'none' or 'class'")
+        if self.kind not in ("none", "class", "text"):
+            raise ConfigError(f"unknown conditioning kind {self.kind!r}; expected 'none', 'class' or 'text'")
         if self.kind == "class" and (self.num_classes < 1 or self.null_class is None):
             raise ConfigError("class conditioning needs num_classes >= 1 and a null_class for guidance")
 

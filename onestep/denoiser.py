@@ -17,12 +17,24 @@ from .conditioning import Cond, cat_cond, cfg
 from .schedule import NoiseSchedule
 
 
+#: Condition keys that ``UNet2DConditionModel`` takes inside ``added_cond_kwargs`` (SDXL).
+ADDED_COND_KEYS = ("text_embeds", "time_ids")
+
+
 def call_backbone(backbone: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """Run a backbone with the keyword its family expects and return the raw prediction."""
+    """Run a backbone with the keyword its family expects and return the raw prediction.
+
+    A dict condition is passed as keywords (``encoder_hidden_states``, ``timestep_cond``, ...);
+    its SDXL keys ``text_embeds`` and ``time_ids`` go into ``added_cond_kwargs``.
+    """
     if cond is None:
         out = backbone(x, t)
     elif isinstance(cond, dict):
-        out = backbone(x, t, **cond)
+        kwargs = {k: v for k, v in cond.items() if k not in ADDED_COND_KEYS}
+        added = {k: cond[k] for k in ADDED_COND_KEYS if k in cond}
+        if added:
+            kwargs["added_cond_kwargs"] = added
+        out = backbone(x, t, **kwargs)
     else:
         out = backbone(x, t, class_labels=cond)
     return out.sample if hasattr(out, "sample") else out

@@ -18,6 +18,12 @@ sample a ``UNet2DModel`` student::
         x0 = (x - sqrt(1 - abar[t]) * eps) / sqrt(abar[t])      # prediction_type epsilon
         x = x0 if last else sqrt(abar[t_next]) * x0 + sqrt(1 - abar[t_next]) * fresh_noise
 
+Text-to-image students (teachers that are Stable Diffusion / SDXL pipeline folders) are also a
+complete diffusers pipeline folder: the UNet in ``unet/`` (``onestep.json`` says so in
+``generator_subfolder``), ``vae/``, ``text_encoder*/``, ``tokenizer*/`` copied from the teacher,
+``scheduler/`` set to the student's timesteps, ``model_index.json``, and the UNet once more as
+one file, ``student_unet.safetensors`` (diffusers key names); see :mod:`onestep.teachers.sd`.
+
 Consistency students also record ``consistency`` (parameterisation, grid, timesteps for 1, 2, 4
 and 8 steps) and ``guidance`` (how the student takes its guidance scale); see
 :mod:`onestep.samplers.consistency`. ``UNet2DConditionModel`` ones on LCM's grid get
@@ -71,7 +77,9 @@ def export_student(
     if cls_name not in _model_classes():
         raise StudentFormatError(f"cannot export a {cls_name}: expected one of {sorted(_model_classes())}")
     out.mkdir(parents=True, exist_ok=True)
-    generator.save_pretrained(out / "generator", safe_serialization=True)
+    text_to_image = teacher.conditioning.kind == "text"
+    subfolder = "unet" if text_to_image else "generator"  # diffusers pipelines look for unet/
+    generator.save_pretrained(out / subfolder, safe_serialization=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "method": method,
@@ -84,6 +92,7 @@ def export_student(
         "sample_shape": list(teacher.sample_shape),
         "clip": teacher.clip,
         "guidance": None,
+        "generator_subfolder": subfolder,
         "sampling": "x = N(0, I); for each timestep t: x0 = generator(x, t, cond) converted from prediction_type; "
         "re-noise x0 to the next timestep with fresh noise; the last x0 is the sample",
     }
@@ -91,6 +100,10 @@ def export_student(
         meta.update(extra)
     if meta.get("consistency") and cls_name == "UNet2DConditionModel":
         write_lcm_scheduler(out / "scheduler", meta)
+    if text_to_image:
+        from .teachers.sd import write_pipeline_parts
+
+        write_pipeline_parts(out, teacher, meta)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -138,6 +151,11 @@ class Student:
     sample_shape: tuple[int, ...]
     clip: float | None
     meta: dict[str, Any] = field(default_factory=dict)
+    vae: nn.Module | None = None
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from samples: the VAE decode for latent (text-to-image) students, else ``x``."""
+        return x if self.vae is None else self.vae.decode(x)
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -198,9 +216,12 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
         raise StudentFormatError(f"{meta_file}: not valid JSON ({e})") from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise StudentFormatError(f"{meta_file}: unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
-    gen_dir = path / "generator"
+    subfolder = str(meta.get("generator_subfolder", "generator"))
+    if subfolder not in ("generator", "unet"):
+        raise StudentFormatError(f"{meta_file}: generator_subfolder must be 'generator' or 'unet' (got {subfolder!r})")
+    gen_dir = path / subfolder
     if not gen_dir.is_dir():
-        raise StudentFormatError(f"{path}: generator/ is missing")
+        raise StudentFormatError(f"{path}: {subfolder}/ is missing")
     pickles = [p.name for p in gen_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise StudentFormatError(f"{gen_dir} holds pickle files ({', '.join(pickles)}); onestep loads safetensors only")
@@ -213,12 +234,20 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
     backbone = cls.from_pretrained(gen_dir, use_safetensors=True).to(device).eval()
     schedule = NoiseSchedule.from_scheduler_config(meta["schedule"])
     generator = _generator_from_meta(backbone, schedule, meta).eval()
+    vae = None
+    if meta["conditioning"].get("kind") == "text":
+        from .teachers.sd import student_text_parts
+
+        conditioning, vae = student_text_parts(path, meta, device)
+    else:
+        conditioning = Conditioning(**meta["conditioning"])
     return Student(
         path=path,
         generator=generator,
         timesteps=[int(t) for t in meta["timesteps"]],
-        conditioning=Conditioning(**meta["conditioning"]),
+        conditioning=conditioning,
         sample_shape=tuple(meta["sample_shape"]),
         clip=meta.get("clip"),
         meta=meta,
+        vae=vae,
     )

@@ -25,8 +25,15 @@ def sample_to_folder(
     seed: int = 0,
     label: int | None = None,
     batch_size: int = 256,
+    prompts: list[str] | None = None,
+    negative_prompt: str | None = None,
+    nasa_alpha: float = 0.0,
 ) -> Path:
     """Sample ``num_samples`` images (or 2D points) from a student; sample ``i`` uses seed ``seed + i``.
+
+    Text-to-image students take ``prompts`` (sample ``i`` gets ``prompts[i % len(prompts)]``) and
+    optionally a ``negative_prompt`` applied with NASA at scale ``nasa_alpha``; their latents are
+    decoded with the student folder's VAE, and ``samples.npz`` holds the images.
 
     Writes ``samples.npz`` (``samples``: raw float32, ``labels``, ``seeds``), one PNG per image
     (``sample_00000.png``, ...) and ``grid.png`` (a scatter plot for 2D students).
@@ -37,7 +44,15 @@ def sample_to_folder(
     student = load_student(student_dir, device=device)
     timesteps = student.timesteps_for(steps)
     cond = student.conditioning
-    if cond.kind == "class":
+    if cond.kind != "text" and (prompts or negative_prompt or nasa_alpha):
+        raise OnestepError("--prompt, --negative-prompt and --nasa-alpha are for text-to-image students")
+    if cond.kind == "text":
+        if label is not None:
+            raise OnestepError("--class given, but this student is text-to-image: use --prompt")
+        if not prompts:
+            raise OnestepError("this student is text-to-image: give --prompt TEXT (or --prompts FILE)")
+        labels = None
+    elif cond.kind == "class":
         if label is not None and not 0 <= label < cond.num_classes:
             raise OnestepError(f"--class must lie in [0, {cond.num_classes - 1}] (got {label})")
         labels = [label] * num_samples if label is not None else [i % cond.num_classes for i in range(num_samples)]
@@ -46,7 +61,14 @@ def sample_to_folder(
             raise OnestepError("--class given, but this student is unconditional")
         labels = None
     seeds = list(range(seed, seed + num_samples))
-    x, _ = sample_student_from_seeds(student.generator, student, timesteps, seeds, labels, device=device, batch_size=batch_size)
+    if cond.kind == "text":
+        from onestep.samplers.student import sample_text_student
+
+        x = sample_text_student(
+            student, prompts, seeds, steps, negative_prompt, nasa_alpha, device=device, batch_size=min(batch_size, 16)
+        )
+    else:
+        x, _ = sample_student_from_seeds(student.generator, student, timesteps, seeds, labels, device=device, batch_size=batch_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(
@@ -62,6 +84,11 @@ def sample_to_folder(
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"sample_{i:05d}.png")
     save_samples_picture(x, out / "grid.png", title=f"{student.meta.get('method', '')} student, {len(timesteps)} step(s)")
     (out / "sampling.json").write_text(
-        json.dumps({"student": str(student.path), "timesteps": timesteps, "seeds": [seeds[0], seeds[-1]], "label": label}, indent=2) + "\n"
+        json.dumps(
+            {"student": str(student.path), "timesteps": timesteps, "seeds": [seeds[0], seeds[-1]], "label": label,
+             "prompts": prompts, "negative_prompt": negative_prompt, "nasa_alpha": nasa_alpha},
+            indent=2,
+        )
+        + "\n"
     )
     return out

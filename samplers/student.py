@@ -6,7 +6,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from onestep.conditioning import Cond, Conditioning
+from onestep.conditioning import Cond, Conditioning, index_cond
 from onestep.denoiser import Denoiser
 
 from .noise import per_sample_noise, seed_generators
@@ -70,7 +70,7 @@ def _by_seed(
     for i in range(0, len(seeds), batch_size):
         gens = seed_generators(seeds[i : i + batch_size])
         noise = per_sample_noise(gens, spec.sample_shape, device)
-        cond = None if cond_all is None else cond_all[i : i + len(gens)]
+        cond = index_cond(cond_all, slice(i, i + len(gens)))
         outs.append(run(noise, cond, gens).cpu())
     return torch.cat(outs), cond_all
 
@@ -118,3 +118,41 @@ def teacher_sample_from_seeds(
         )
 
     return _by_seed(spec, seeds, labels, device, batch_size, run)[0]
+
+
+@torch.no_grad()
+def sample_text_student(
+    student,
+    prompts: list[str],
+    seeds: list[int] | range,
+    steps: int | None = None,
+    negative_prompt: str | None = None,
+    nasa_alpha: float = 0.0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    decode: bool = True,
+) -> torch.Tensor:
+    """Images of a text-to-image student (a loaded :class:`onestep.export.Student`), one per seed;
+    sample ``i`` gets ``prompts[i % len(prompts)]``. A negative prompt acts through NASA
+    (:mod:`onestep.samplers.nasa`) with scale ``nasa_alpha``: a one-step student has no guidance
+    branch to put it in. Returns images in ``[-1, 1]`` (or the latents with ``decode=False``)."""
+    from onestep.errors import ConfigError
+
+    from .nasa import nasa
+
+    if student.conditioning.kind != "text":
+        raise ConfigError("this student is not text-to-image: it takes no prompts")
+    if not prompts:
+        raise ConfigError("a text-to-image student needs at least one prompt")
+    if negative_prompt and not nasa_alpha:
+        raise ConfigError("a one-step student takes a negative prompt through NASA: set nasa_alpha > 0 (0.1 for SD1.5, 0.2 for SD2.1)")
+    if nasa_alpha and not negative_prompt:
+        raise ConfigError("nasa_alpha needs a negative prompt")
+    seeds = list(seeds)
+    labels = [prompts[i % len(prompts)] for i in range(len(seeds))]
+    negative = student.conditioning.encode([negative_prompt])["encoder_hidden_states"].to(device) if nasa_alpha else None
+    with nasa(student.generator.backbone, negative, nasa_alpha):
+        x, _ = sample_student_from_seeds(student.generator, student, student.timesteps_for(steps), seeds, labels, device, batch_size)
+    if not decode or student.vae is None:
+        return x
+    return torch.cat([student.decode(x[i : i + batch_size].to(device)).clamp(-1, 1).cpu() for i in range(0, len(x), batch_size)])

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onestep.conditioning import Cond
+from onestep.conditioning import Cond, cond_to, index_cond
 from onestep.config import config_to_dict
 from onestep.denoiser import Denoiser
 from onestep.errors import ConfigError
@@ -88,6 +88,20 @@ class DistillConfig:
     preview_every: int = _help("write a preview grid every N iterations (0 disables)", 0)
     preview_num: int = _help("samples in a preview grid", 20)
     export: bool = _help("export the student to <output_dir>/student at the end", True)
+    # Text-to-image teachers (a Stable Diffusion / SDXL pipeline folder); other teachers ignore these.
+    prompts: str | None = _help(
+        "text-to-image: training prompts, a text file (one a line), JSONL (caption/prompt/text field) or CSV (caption column)"
+    )
+    validation_prompts: str | None = _help("text-to-image: a prompt file for previews (default: a fixed list of 8 prompts)")
+    negative_prompt: str | None = _help("text-to-image: replaces the empty prompt as the unconditional branch of guidance")
+    resolution: int | None = _help("text-to-image: image side in pixels (default: the UNet's sample_size times the VAE factor)")
+    real_images: str | None = _help(
+        "text-to-image: a folder of images with captions (metadata.jsonl with file_name and text, or a .txt per image) "
+        "for GAN terms and consistency distillation; VAE latents are cached under $ONESTEP_CACHE/latents"
+    )
+    cache_text_embeddings: bool = _help("text-to-image: encode the prompt set once (frozen text encoders) instead of every batch", True)
+    gradient_checkpointing: bool = _help("recompute activations in the backward pass (diffusers UNets): less memory, ~30% slower", False)
+    allow_tf32: bool = _help("TF32 matmuls and convolutions on Ampere+ GPUs", True)
 
     def __post_init__(self):
         positive = ("max_steps", "batch_size", "fake_updates_per_generator", "regression_pairs", "regression_ode_steps", "preview_num")
@@ -171,13 +185,21 @@ class DistillTrainer:
         )
         acc = self.accelerator
         set_seed(c.seed)  # identical initialisation on every process
-        self.teacher_spec = teacher if teacher is not None else load_teacher(c.teacher)
+        if c.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.teacher_spec = teacher if teacher is not None else load_teacher_for(c, acc.device)
         T = self.teacher_spec.schedule.num_train_timesteps
         if max(c.generator_timesteps) >= T or min(c.generator_timesteps) < 0:
             raise ConfigError(f"generator_timesteps must lie in [0, {T - 1}] for this teacher (got {c.generator_timesteps})")
         self.triad = Triad(self.teacher_spec, fake_score=c.fake_score, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
         self.schedule = self.triad.schedule
         self.conditioning = self.triad.conditioning
+        if c.gradient_checkpointing:
+            for net in (self.triad.generator.backbone, self.triad.fake.backbone):
+                if not hasattr(net, "enable_gradient_checkpointing"):
+                    raise ConfigError(f"gradient_checkpointing: {type(net).__name__} does not support it (diffusers models do)")
+                net.enable_gradient_checkpointing()
         if c.init_generator:
             load_trainable(self.triad.generator.backbone, _weights_file(c.init_generator), "init_generator")
         if c.init_fake_score:
@@ -214,6 +236,8 @@ class DistillTrainer:
         self.fake = acc.unwrap_model(prepared[1])
         self.heads = acc.unwrap_model(prepared[2]) if len(models) == 3 else self.heads.to(acc.device)
         self.teacher = self.triad.teacher.to(acc.device)
+        if self.teacher_spec.vae is not None:
+            self.teacher_spec.vae.to(acc.device)
         acc.register_for_checkpointing(self.state)
         if self.ema is not None:
             self.ema.to(acc.device)
@@ -261,7 +285,7 @@ class DistillTrainer:
         if self.uses_real_data and self.teacher_spec.real_data is not None:
             x, y = self.teacher_spec.real_data(n, self.rng)
             batch["real"] = x.to(self.device)
-            batch["real_cond"] = None if y is None else y.to(self.device)
+            batch["real_cond"] = cond_to(y, self.device)
         return batch
 
     def generate(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -332,8 +356,8 @@ class DistillTrainer:
                 ddim_sample(
                     self.teacher,
                     z[sl].to(self.device),
-                    None if cond is None else cond[sl].to(self.device),
-                    None if uncond is None else uncond[sl].to(self.device),
+                    cond_to(index_cond(cond, sl), self.device),
+                    cond_to(index_cond(uncond, sl), self.device),
                     num_steps=c.regression_ode_steps,
                     guidance_scale=c.guidance_scale,
                     clip=self.teacher_spec.clip,
@@ -348,7 +372,7 @@ class DistillTrainer:
         z_all, y_all, c_all = self._regression_pairs
         idx = torch.randint(0, len(z_all), (self.config.batch_size,), generator=self.rng)
         z, y = z_all[idx].to(self.device), y_all[idx].to(self.device)
-        cond = None if c_all is None else c_all[idx].to(self.device)
+        cond = cond_to(index_cond(c_all, idx), self.device)
         t = torch.full((len(idx),), self.config.generator_timesteps[0], dtype=torch.long, device=self.device)
         x = self.generator(z, t, cond)
         batch["x_gen"] = x.detach()
@@ -532,15 +556,36 @@ class DistillTrainer:
         gen.train(was_training)
         return x, cond
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from generator samples: the teacher's VAE decode for latent teachers, else ``x``."""
+        return self.teacher_spec.decode(x)
+
     def save_preview(self, step: int) -> Path | None:
         from onestep.viz import save_samples_picture
 
         if not self.accelerator.is_main_process:
             return None
         x, _ = self.preview_samples()
+        if self.teacher_spec.vae is not None:
+            with torch.no_grad():
+                x = self.decode(x.to(self.device)).clamp(-1, 1).cpu()
         path = self.output_dir / "previews" / f"step-{step:06d}.png"
         save_samples_picture(x, path, title=f"{self.method_name} step {step}", nrow=10)
         return path
+
+
+def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu") -> Teacher:
+    """The teacher of ``config``, with its text-to-image options (ignored by other teachers)."""
+    return load_teacher(
+        config.teacher,
+        prompts=config.prompts,
+        validation_prompts=config.validation_prompts,
+        negative_prompt=config.negative_prompt,
+        resolution=config.resolution,
+        real_images=config.real_images,
+        cache_text_embeddings=config.cache_text_embeddings,
+        device=device,
+    )
 
 
 def _flat_hparams(d: dict[str, Any]) -> dict[str, Any]:

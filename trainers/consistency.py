@@ -53,9 +53,9 @@ from onestep.samplers.consistency import (
     lcm_timesteps,
     segment_edges,
 )
-from onestep.teachers import Teacher, load_teacher
+from onestep.teachers import Teacher
 
-from .base import DistillConfig, DistillTrainer, _help
+from .base import DistillConfig, DistillTrainer, _help, load_teacher_for
 from .dmd2 import GANHead
 
 logger = get_logger(__name__)
@@ -225,7 +225,7 @@ class ConsistencyTrainer(DistillTrainer):
     config: ConsistencyConfig
 
     def __init__(self, config: ConsistencyConfig, teacher: Teacher | None = None):
-        teacher = teacher if teacher is not None else load_teacher(config.teacher)
+        teacher = teacher if teacher is not None else load_teacher_for(config)
         if teacher.real_data is None:
             raise ConfigError(
                 f"consistency distillation noises real samples, and teacher {teacher.name} brings no data "

@@ -50,6 +50,9 @@ class Teacher:
             Analytic teachers use ``v_prediction``: an eps-predicting generator at t = T-1
             would amplify its errors by s_T / a_T (about 150 for the gmm schedule).
         analytic: True when the teacher has no weights (exact score).
+        vae: for latent teachers (text-to-image), the frozen autoencoder between images and
+            the latents the teacher works on (:class:`onestep.teachers.sd.LatentVAE`); None for
+            pixel-space teachers.
     """
 
     name: str
@@ -66,10 +69,17 @@ class Teacher:
     student_prediction_type: str | None = None
     analytic: bool = False
     meta: dict = field(default_factory=dict)
+    vae: nn.Module | None = None
 
     def __post_init__(self):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
+        if self.vae is not None:
+            self.vae.requires_grad_(False).eval()
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from samples: the VAE decode of latents, or the samples themselves."""
+        return x if self.vae is None else self.vae.decode(x)
 
     def denoiser(self) -> Denoiser:
         return Denoiser(self.backbone, self.schedule, self.prediction_type)
@@ -128,10 +138,15 @@ def refuse_pickles(folder: Path) -> None:
         )
 
 
-def load_teacher(spec: str | Path) -> Teacher:
+def load_teacher(spec: str | Path, **text_options) -> Teacher:
     """Load a teacher by built-in name (``digits``, ``gmm-ring8``, ``gmm-ring8-unbalanced``,
     ``gmm-grid25``) or from a local diffusers pipeline folder (``model_index.json`` with a
-    ``unet`` and a ``scheduler``)."""
+    ``unet`` and a ``scheduler``).
+
+    Text-to-image folders (a ``UNet2DConditionModel`` with VAE, text encoder(s) and
+    tokenizer(s): SD1.5, SD2.1, SDXL) load through :func:`onestep.teachers.sd.load_text_to_image_teacher`,
+    which takes ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``,
+    ``resolution``, ``real_images``, ``cache_text_embeddings``, ``device``); other teachers ignore them."""
     s = str(spec)
     if s.startswith("gmm-"):
         return _gmm_teacher(s)
@@ -141,8 +156,13 @@ def load_teacher(spec: str | Path) -> Teacher:
     if not path.exists():
         raise TeacherError(
             f"teacher {s!r} is neither a built-in teacher (digits, gmm-ring8, gmm-ring8-unbalanced, "
-            "gmm-grid25) nor an existing path"
+            "gmm-grid25) nor an existing path; point teacher: (or --teacher) at your local diffusers pipeline folder"
         )
+    if (path / "model_index.json").is_file():
+        from .sd import component_class, load_text_to_image_teacher, read_model_index
+
+        if component_class(read_model_index(path), "unet") == "UNet2DConditionModel":
+            return load_text_to_image_teacher(path, name=str(path), **text_options)
     return _pipeline_teacher(path, name=str(path))
 
 

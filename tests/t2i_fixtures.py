@@ -1,0 +1,153 @@
+"""Tiny random text-to-image pipelines built from config (SD-style and SDXL-style), saved as
+diffusers pipeline folders: UNet2DConditionModel, AutoencoderKL, CLIP text encoder(s) and an
+offline byte-level CLIP tokenizer (no hub). Seconds to build; used by tests/test_t2i*.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TOKEN_LENGTH = 16  # the tokenizers' model_max_length (SD uses 77; shorter keeps the tests fast)
+TEXT_HIDDEN = 16
+LATENT_SIZE = 8  # latents 4x8x8, images 3x16x16 (the VAE downsamples by 2)
+
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+)
+
+
+def byte_symbols() -> list[str]:
+    """The 256 byte-level BPE symbols (printable bytes as themselves, the rest shifted past 255)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_clip_vocab(folder: Path) -> dict[str, int]:
+    """``vocab.json`` (byte symbols, each also with ``</w>``, plus start/end tokens) and an empty ``merges.txt``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    syms = byte_symbols()
+    vocab = {s: i for i, s in enumerate(syms)} | {s + "</w>": len(syms) + i for i, s in enumerate(syms)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return vocab
+
+
+def tiny_tokenizer():
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_vocab(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=TOKEN_LENGTH)
+
+
+def tiny_text_config(vocab_size: int, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    extra = {} if projection_dim is None else {"projection_dim": projection_dim}
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=TOKEN_LENGTH, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1, **extra,
+    )
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=2 * LATENT_SIZE,
+    )
+
+
+def tiny_unet(cross_attention_dim: int, **extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=4, **extra,
+    )
+
+
+def make_tiny_sd(out: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A tiny random SD1.5-style pipeline folder (``StableDiffusionPipeline``, DDIM scheduler config)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=CLIPTextModel(tiny_text_config(len(tok))),
+        tokenizer=tok,
+        unet=tiny_unet(TEXT_HIDDEN),
+        scheduler=DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": prediction_type}),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random SDXL-style pipeline folder: two text encoders (the second with a projection:
+    pooled embeddings), ``addition_embed_type="text_time"`` (pooled embeddings and time ids)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    projection = 8
+    time_dim = 4
+    unet = tiny_unet(
+        2 * TEXT_HIDDEN,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=projection + 6 * time_dim,
+        transformer_layers_per_block=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=CLIPTextModel(tiny_text_config(len(tok))),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(len(tok), projection_dim=projection)),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")}),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_prompts(path: str | Path, prompts: list[str] | None = None) -> Path:
+    path = Path(path)
+    path.write_text("\n".join(prompts or ["a red cube", "a blue ball", "two green cats", "a yellow house"]) + "\n")
+    return path
+
+
+def write_image_folder(folder: str | Path, n: int = 6, size: int = 2 * LATENT_SIZE, seed: int = 0) -> Path:
+    """PNG images with captions in ``metadata.jsonl`` (``file_name``, ``text``)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+        lines.append(json.dumps({"file_name": f"img_{i}.png", "text": f"picture number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
