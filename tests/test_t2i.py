@@ -228,6 +228,33 @@ def test_lora_fake_score_keeps_one_copy_and_adapters_off_is_the_teacher(sd_dir, 
     assert (on - ref).abs().max() > 1e-6
 
 
+def test_lora_generator_trains_adapters_only_and_exports_merged(sd_dir, prompt_file, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from onestep.export import load_student
+    from onestep.trainers import make_trainer
+
+    config = tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), generator_timesteps=[999], batch_size=2,
+                         max_steps=3, fake_updates_per_generator=1, generator_lora_rank=4)
+    trainer = make_trainer(config)
+    gen = trainer.generator.backbone
+    trainable = [n for n, p in gen.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base0 = {n: p.detach().clone() for n, p in gen.named_parameters() if "lora_" not in n}
+    student = trainer.train()
+    assert all(torch.equal(base0[n], p) for n, p in gen.named_parameters() if "lora_" not in n)
+    assert any(p.abs().sum() > 0 for n, p in gen.named_parameters() if "lora_B" in n)
+    # The export is a plain UNet whose output is the LoRA generator's.
+    plain = UNet2DConditionModel.from_pretrained(student / "unet")
+    assert not any("lora" in k for k in plain.state_dict())
+    cond = trainer.conditioning.from_labels(PROMPTS[:2])
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([999, 999])
+    with torch.no_grad():
+        ours = trainer.generator(x, t, cond)
+        theirs = load_student(student).generator(x, t, cond)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------ export
 
 
@@ -260,6 +287,16 @@ def test_exported_folder_is_a_diffusers_pipeline_equal_to_onestep_sampler(make, 
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert (ours - ours[0]).abs().max() > 1e-4  # different prompts and seeds, different images
 
+    # NASA: onestep's sampler and the pipeline wrapper agree, and the negative prompt changes the image.
+    from onestep.samplers import nasa_pipeline_call, sample_text_student
+
+    steered = sample_text_student(student, prompts, seeds, negative_prompt="blurry", nasa_alpha=0.5)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    wrapped = nasa_pipeline_call(pipe, prompts, "blurry", 0.5, num_inference_steps=1, guidance_scale=1.0, generator=gens,
+                                 output_type="pt").images * 2 - 1
+    torch.testing.assert_close(steered, wrapped, rtol=0, atol=1e-5)
+    assert (steered - ours).abs().max() > 1e-4
+
 
 def test_k_step_student_scheduler_picks_its_timesteps():
     from onestep.teachers.sd import _lcm_original_steps, student_scheduler
@@ -291,3 +328,30 @@ def test_sample_cli_with_prompts(sd_dir, prompt_file, tmp_path):
         from onestep.sampling import sample_to_folder
 
         sample_to_folder(student, out, 2, prompts=None, nasa_alpha=0.5)
+
+
+SD_PRESETS = ["sd15_dmd2", "sd15_vsd_pgsb", "sd15_fdistill_js", "sd15_lcm", "sdxl_dmd2_lora"]
+
+
+@pytest.mark.parametrize("preset", SD_PRESETS)
+def test_presets_load_and_name_the_placeholder_path(preset, tmp_path, capsys):
+    from onestep.cli import main
+    from onestep.trainers import load_config
+
+    config = load_config(preset)
+    assert config.teacher.startswith("/path/to/") and config.prompts.startswith("/path/to/")
+    assert config.mixed_precision == "bf16" and config.gradient_checkpointing
+    # (mixed_precision no: this process's accelerate state is already fp32)
+    assert main(["train", preset, "--output-dir", str(tmp_path / "run"), "--mixed_precision", "'no'"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "point teacher: (or --teacher) at your local diffusers pipeline folder" in err
+
+
+def test_sd15_dmd2_preset_runs_on_the_tiny_pipeline(sd_dir, prompt_file, tmp_path):
+    from onestep.cli import main
+
+    args = ["train", "sd15_dmd2", "--output-dir", str(tmp_path / "run"), "--teacher", str(sd_dir), "--prompts", str(prompt_file),
+            "--resolution", "16", "--batch_size", "1", "--max_steps", "2", "--mixed_precision", "'no'", "--log_with", "none",
+            "--warmup_steps", "0", "--preview_every", "0", "--checkpoint_every", "0"]
+    assert main(args) == 0
+    assert (tmp_path / "run" / "student" / "model_index.json").is_file()

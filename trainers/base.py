@@ -53,6 +53,10 @@ class DistillConfig:
     fake_score: str = _help("fake score as a full 'copy' of the teacher or 'lora' adapters on the teacher's own weights", "copy")
     lora_rank: int = _help("LoRA rank when fake_score is 'lora'", 16)
     lora_alpha: float | None = _help("LoRA alpha (default: the rank)")
+    generator_lora_rank: int = _help(
+        "0: train the whole generator; > 0: train LoRA adapters of this rank on it (merged into the exported weights)", 0
+    )
+    generator_lora_alpha: float | None = _help("LoRA alpha of the generator adapters (default: their rank)")
     lr_generator: float = _help("AdamW learning rate of the generator", 1e-5)
     lr_fake: float = _help("AdamW learning rate of the fake score (and heads)", 1e-5)
     adam_beta1: float = _help("AdamW beta1", 0.9)
@@ -128,6 +132,8 @@ class DistillConfig:
             raise ConfigError(f"generator_timesteps must be strictly decreasing (got {self.generator_timesteps})")
         if self.guidance_scale < 0:
             raise ConfigError(f"guidance_scale must be >= 0 (got {self.guidance_scale})")
+        if self.generator_lora_rank < 0 or self.lora_rank < 1:
+            raise ConfigError(f"need lora_rank >= 1 and generator_lora_rank >= 0 (got {self.lora_rank}, {self.generator_lora_rank})")
 
 
 class _LoopState:
@@ -195,6 +201,8 @@ class DistillTrainer:
         self.triad = Triad(self.teacher_spec, fake_score=c.fake_score, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
         self.schedule = self.triad.schedule
         self.conditioning = self.triad.conditioning
+        if c.generator_lora_rank:
+            add_lora(self.triad.generator.backbone, c.generator_lora_rank, c.generator_lora_alpha, "generator")
         if c.gradient_checkpointing:
             for net in (self.triad.generator.backbone, self.triad.fake.backbone):
                 if not hasattr(net, "enable_gradient_checkpointing"):
@@ -514,15 +522,17 @@ class DistillTrainer:
 
     # ------------------------------------------------------ export / preview
     def generator_for_export(self) -> nn.Module:
-        """The generator backbone to export (a copy holding the EMA weights when EMA is on)."""
+        """The generator backbone to export (a copy holding the EMA weights when EMA is on, with
+        LoRA adapters merged into plain layers when the generator is LoRA)."""
         import copy
 
         net = self.generator.backbone
-        if self.ema is None:
+        if self.ema is None and not self.config.generator_lora_rank:
             return net
         net = copy.deepcopy(net)
-        self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
-        return net
+        if self.ema is not None:
+            self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
+        return merged_lora(net) if self.config.generator_lora_rank else net
 
     def export(self) -> Path | None:
         from onestep.export import export_student
@@ -572,6 +582,34 @@ class DistillTrainer:
         path = self.output_dir / "previews" / f"step-{step:06d}.png"
         save_samples_picture(x, path, title=f"{self.method_name} step {step}", nrow=10)
         return path
+
+
+def add_lora(net: nn.Module, rank: int, alpha: float | None, name: str) -> None:
+    """Inject zero-initialised LoRA adapters into every Linear and Conv2d layer of ``net`` and train only them."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from onestep.triad import lora_target_modules
+
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=True, target_modules=lora_target_modules(net))
+    inject_adapter_in_model(config, net, adapter_name=name)
+    for n, p in net.named_parameters():
+        p.requires_grad_("lora_" in n)
+
+
+def merged_lora(net: nn.Module) -> nn.Module:
+    """``net`` with its LoRA adapters merged into the base weights and the peft wrappers replaced by
+    the plain layers (in place): a network that plain diffusers can save and load."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(name, m) for name, m in net.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, m in wrapped:
+        m.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, m.get_base_layer())
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return net
 
 
 def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu") -> Teacher:
