@@ -434,17 +434,20 @@ class DistillTrainer:
         self.generator.train()
         self.fake.train()
         if self.is_generator_step(step):
-            if step < self.config.regression_warmup_steps:
-                loss_g, lg = self.regression_loss(batch)
-            else:
-                loss_g, lg = self.generator_loss(batch)
+            # autocast (bf16/fp16 mixed precision; a no-op with "no") also covers the teacher, which is not prepared
+            with self.accelerator.autocast():
+                if step < self.config.regression_warmup_steps:
+                    loss_g, lg = self.regression_loss(batch)
+                else:
+                    loss_g, lg = self.generator_loss(batch)
             logs.update(lg)
             logs["grad_norm/generator"] = self._update(loss_g, self.generator, self.opt_g, self.sched_g)
             if self.ema is not None:
                 self.ema.step([p for p in self.generator.parameters() if p.requires_grad])
         self.opt_f.zero_grad(set_to_none=True)  # drop any gradient the generator step left behind
         if self.is_fake_step(step):
-            loss_f, lf = self.fake_score_loss(batch)
+            with self.accelerator.autocast():
+                loss_f, lf = self.fake_score_loss(batch)
             logs.update(lf)
             params = nn.ModuleList([self.fake, self.heads])
             logs["grad_norm/fake"] = self._update(loss_f, params, self.opt_f, self.sched_f)
