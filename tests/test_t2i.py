@@ -355,3 +355,20 @@ def test_sd15_dmd2_preset_runs_on_the_tiny_pipeline(sd_dir, prompt_file, tmp_pat
             "--warmup_steps", "0", "--preview_every", "0", "--checkpoint_every", "0"]
     assert main(args) == 0
     assert (tmp_path / "run" / "student" / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_a_text_to_image_student(sd_dir, prompt_file, tmp_path):
+    """The README's accelerate command on the tiny SD pipeline: two ranks, one exported pipeline folder."""
+    from test_resume_ddp import _launch, _why
+
+    r = _launch([
+        "-m", "onestep.cli", "train", "sd15_dmd2", "--teacher", str(sd_dir), "--prompts", str(prompt_file),
+        "--resolution", "16", "--batch_size", "1", "--max_steps", "2", "--mixed_precision", "'no'", "--log_with", "none",
+        "--warmup_steps", "0", "--preview_every", "0", "--checkpoint_every", "0", "--output-dir", str(tmp_path / "run"),
+    ])
+    assert r.returncode == 0, _why(r)
+    assert r.stdout.count("student written to") == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert (tmp_path / "run" / "student" / "model_index.json").is_file()
