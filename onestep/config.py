@@ -93,6 +93,9 @@ def _coerce(cls, name: str, value: Any) -> Any:
         return value
     if str in allowed and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
+    if str in allowed and isinstance(value, bool):
+        # YAML 1.1 reads a bare no/off/false as False (`mixed_precision: no`): give the word back.
+        return "no" if value is False else "yes"
     for a in allowed:
         origin = typing.get_origin(a) or a
         if origin is list and isinstance(value, (list, tuple)):

@@ -82,3 +82,11 @@ def test_console_script_has_help_and_no_traceback():
     assert r.returncode == 0 and "digits_dmd2" in r.stdout and "gmm_dmd2" in r.stdout
     r = subprocess.run([sys.executable, "-m", "onestep.cli", "sample", "--student", "/nope", "--out", "/tmp/x"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_yaml_no_stays_a_word_for_string_fields(tmp_path, tiny_teacher_dir):
+    from onestep.config import parse_overrides
+    from onestep.trainers import load_config
+
+    cfg = load_config("digits_dmd2", parse_overrides(["--mixed_precision", "no", "--teacher", str(tiny_teacher_dir)]))
+    assert cfg.mixed_precision == "no"
