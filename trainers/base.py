@@ -318,6 +318,16 @@ class DistillTrainer:
         t = torch.full((n,), ts[k], dtype=torch.long, device=self.device)
         return self.generator(x_in, t, cond)
 
+    def generate_and_noise(self, batch: dict[str, Any], low: float, high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The generator step's opening: ``x = G(z)`` with gradient (kept detached in ``batch["x_gen"]``
+        for the fake-score step), ``t ~ U{low T .. high T}`` and ``x_t = a_t sg(x) + s_t e``."""
+        x = self.generate(batch)
+        batch["x_gen"] = x.detach()
+        t = self.sample_t(x.shape[0], low, high)
+        with torch.no_grad():
+            x_t = self.schedule.add_noise(x.detach(), self.randn(tuple(x.shape)), t)
+        return x, x_t, t
+
     def detached_sample(self, batch: dict[str, Any]) -> torch.Tensor:
         """The generator sample of this iteration without gradient: the one the generator step
         made (``batch["x_gen"]``) or, on fake-score-only iterations, a fresh one."""
@@ -537,6 +547,14 @@ class DistillTrainer:
             self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
         return merged_lora(net) if self.config.generator_lora_rank else net
 
+    def export_timesteps(self) -> list[int]:
+        """The sampling timesteps written into the student's onestep.json."""
+        return list(self.config.generator_timesteps)
+
+    def export_meta(self) -> dict[str, Any]:
+        """Method-specific fields added to the student's onestep.json."""
+        return {}
+
     def export(self) -> Path | None:
         from onestep.export import export_student
 
@@ -548,8 +566,8 @@ class DistillTrainer:
             self.teacher_spec,
             method=self.method_name,
             prediction_type=self.generator.prediction_type,
-            timesteps=list(self.config.generator_timesteps),
-            extra={"config": config_to_dict(self.config)},
+            timesteps=self.export_timesteps(),
+            extra={"config": config_to_dict(self.config), **self.export_meta()},
         )
 
     @torch.no_grad()

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from torch import nn
 
-from onestep.config import config_to_dict
 from onestep.denoiser import frozen
 from onestep.errors import ConfigError
 from onestep.samplers.consistency import (
@@ -454,20 +453,11 @@ class ConsistencyTrainer(DistillTrainer):
             ),
         }
 
-    def export(self):
-        from onestep.export import export_student
+    def export_timesteps(self) -> list[int]:
+        return list(self.sampling_timesteps)
 
-        if not self.accelerator.is_main_process:
-            return None
-        return export_student(
-            self.output_dir / "student",
-            self.generator_for_export(),
-            self.teacher_spec,
-            method=self.method_name,
-            prediction_type=self.generator.prediction_type,
-            timesteps=list(self.sampling_timesteps),
-            extra={"config": config_to_dict(self.config), **self.student_meta()},
-        )
+    def export_meta(self) -> dict:
+        return self.student_meta()
 
     @torch.no_grad()
     def preview_samples(self, n: int | None = None):

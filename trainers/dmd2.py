@@ -122,15 +122,10 @@ class DMD2Trainer(DistillTrainer):
 
     def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        x = self.generate(batch)
-        batch["x_gen"] = x.detach()
         cond, uncond = batch["cond"], batch["uncond"]
-        n = x.shape[0]
-
-        # 1. Noise the generator's sample at t ~ U{0.02T .. 0.98T}.
-        t = self.sample_t(n, c.dm_t_min, c.dm_t_max)
+        # 1. x = G(z); noise it at t ~ U{0.02T .. 0.98T}.
+        x, x_t, t = self.generate_and_noise(batch, c.dm_t_min, c.dm_t_max)
         with torch.no_grad():
-            x_t = self.schedule.add_noise(x.detach(), self.randn(tuple(x.shape)), t)
             # 2. Real score: teacher with CFG; fake score: no guidance.
             x0_real = self.teacher.guided(x_t, t, cond, uncond, c.guidance_scale)
             if self.wants_dm_features:

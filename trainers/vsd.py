@@ -167,17 +167,12 @@ class VSDTrainer(DistillTrainer):
 
     def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        x = self.generate(batch)
-        batch["x_gen"] = x.detach()
         cond, uncond = batch["cond"], batch["uncond"]
-        n = x.shape[0]
-
-        # 1. Noise the generator's sample at t ~ U{0.02T .. 0.98T}.
-        t = self.sample_t(n, c.vsd_t_min, c.vsd_t_max)
+        # 1. x = G(z); noise it at t ~ U{0.02T .. 0.98T}.
+        x, x_t, t = self.generate_and_noise(batch, c.vsd_t_min, c.vsd_t_max)
         with torch.no_grad():
-            x_t = self.schedule.add_noise(x.detach(), self.randn(tuple(x.shape)), t)
             # 2. Teacher and LoRA teacher with the same guidance scale (PG-SB: a random one).
-            k = self.guidance_scales(n)
+            k = self.guidance_scales(x.shape[0])
             x0_teacher = self.teacher.guided(x_t, t, cond, uncond, k)
             x0_fake = self.fake.guided(x_t, t, cond, uncond, k)
             # 3. The s_t^2-weighted eps difference.
