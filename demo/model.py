@@ -246,12 +246,9 @@ class DemoModel:
         from onestep.samplers.student import sample_student_from_seeds
 
         self.check(req)
-        if self.kind == "text":
-            raise DemoInputError(
-                "text-to-image students cannot be sampled yet: onestep's samplers have no text conditioning "
-                "(it comes with the text-to-image teachers)"
-            )
         seeds = list(range(int(req.seed), int(req.seed) + int(req.num_images)))
+        if self.kind == "text":
+            return self._run_text_student(req, seeds)
         labels = self.labels_for(req)
         with self._lock:
             s = self.student
@@ -259,12 +256,33 @@ class DemoModel:
             (xs, _), sec = _timed(sample_student_from_seeds, s.generator, s, timesteps, seeds, labels, device=self.device)
         return DemoResult(xs, sec, timesteps, seeds, labels, str(self.device))
 
+    def _run_text_student(self, req: DemoRequest, seeds: list[int]) -> DemoResult:
+        """Text-to-image students: the prompt for every image, a negative prompt through NASA
+        (``sample_text_student``, the sampler ``onestep sample --prompt`` uses), decoded by the VAE."""
+        from onestep.errors import OnestepError
+        from onestep.samplers.student import sample_text_student
+
+        negative = (req.negative_prompt or "").strip() or None
+        alpha = float(req.nasa_alpha) if negative else 0.0
+        if negative and alpha == 0:
+            raise DemoInputError("a negative prompt acts through NASA here: set NASA alpha above 0 (0.1 for SD1.5, 0.2 for SD2.1)")
+        with self._lock:
+            s = self.student
+            timesteps = s.timesteps_for(int(req.steps))
+            try:
+                xs, sec = _timed(sample_text_student, s, [req.prompt.strip()], seeds, int(req.steps), negative, alpha, self.device)
+            except OnestepError as e:
+                raise DemoInputError(str(e)) from e
+        return DemoResult(xs, sec, timesteps, seeds, None, str(self.device))
+
     def run_teacher(self, req: DemoRequest, result: DemoResult) -> DemoResult:
         """Sample the teacher for the seeds and classes of ``result`` (the student's) and add them to it."""
         from onestep.samplers.student import teacher_sample_from_seeds
 
         if self.teacher is None:
             raise DemoInputError("this demo has no teacher: start it with --teacher to compare")
+        if self.kind == "text":
+            raise DemoInputError("the side-by-side teacher is not available for text-to-image students yet")
         self.check(req)
         t = self.teacher
         with self._lock:

@@ -85,17 +85,41 @@ def test_demo_refuses_bad_requests_with_a_message(demo_student, tiny_teacher_dir
         model.run(DemoRequest(**req))
 
 
-def test_text_inputs_are_checked_for_text_students(demo_student):
-    # No text-to-image student exists yet: pretend the conditioning is text to check the prompt rules.
-    model = DemoModel(load_student(demo_student), device="cpu")
-    model.student.conditioning.kind = "text"
+@pytest.fixture(scope="module")
+def text_student(tmp_path_factory):
+    from t2i_fixtures import make_tiny_sd, write_prompts
+
+    from conftest import tiny_config
+    from onestep.trainers import make_trainer
+
+    root = tmp_path_factory.mktemp("text_student")
+    sd = make_tiny_sd(root / "sd")
+    cfg = tiny_config("dmd2", root, sd, prompts=str(write_prompts(root / "prompts.txt")), generator_timesteps=[999], batch_size=2, max_steps=1)
+    return make_trainer(cfg).train()
+
+
+def test_text_student_samples_the_prompt_with_nasa_and_checks_its_inputs(text_student, monkeypatch, tmp_path):
+    from onestep.samplers.student import sample_text_student
+
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path))
+    model = DemoModel.load(text_student, device="cpu")
+    assert model.kind == "text"
     with pytest.raises(DemoInputError, match="prompt is empty"):
         model.check(DemoRequest(prompt="   "))
     with pytest.raises(DemoInputError, match="NASA alpha"):
         model.check(DemoRequest(prompt="a cat", nasa_alpha=2.0))
-    model.check(DemoRequest(prompt="a cat", negative_prompt="blurry", nasa_alpha=0.2))
-    with pytest.raises(DemoInputError, match="cannot be sampled yet"):
-        model.run(DemoRequest(prompt="a cat"))
+    with pytest.raises(DemoInputError, match="set NASA alpha above 0"):
+        model.run(DemoRequest(prompt="a cat", negative_prompt="blurry", nasa_alpha=0.0))
+    # The page's images are the sampler's: same prompt, seeds, negative prompt and alpha.
+    result = model.run(DemoRequest(prompt="a red cube", seed=3, num_images=2, negative_prompt="blurry", nasa_alpha=0.3))
+    expected = sample_text_student(model.student, ["a red cube"], [3, 4], 1, "blurry", 0.3)
+    assert result.student_samples.shape == expected.shape and expected.shape[1] == 3
+    torch.testing.assert_close(result.student_samples, expected, rtol=0, atol=0)
+    assert result.student_seconds > 0 and result.labels is None
+    plain = model.run(DemoRequest(prompt="a red cube", seed=3, num_images=2))
+    assert (plain.student_samples - expected).abs().max() > 0  # NASA changed the image
+    (img, caption), _ = gallery_items(result.student_samples, result.seeds, None)
+    assert img.shape[-1] == 3 and img.dtype == np.uint8 and caption == "seed 3"
 
 
 def test_2d_student_gives_one_scatter_picture_and_a_mismatched_teacher_is_refused(gmm_student, tiny_teacher_dir):
