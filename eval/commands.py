@@ -144,7 +144,7 @@ def run_command(
     cache_dir: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate every ``checkpoint-N`` of a training run (raw generator weights) and its exported
+    """Evaluate every ``checkpoint-N`` of a training run (the weights an export would hold: EMA when on) and its exported
     ``student/`` (the EMA weights when EMA was on) on the same seeds; write the curve."""
     from onestep.export import load_student
 
@@ -185,7 +185,7 @@ def run_command(
         "num_samples": num_samples,
         "seeds": [seed, seed + num_samples - 1],
         "reference": {"ref": ref, "stats": ref_s["path"], "cached": ref_s["cached"]},
-        "weights": "checkpoint-N: the raw generator weights (model.safetensors); student (export): the exported (EMA) weights",
+        "weights": "checkpoint-N: the weights an export would hold (generator_export.safetensors with EMA, else model.safetensors); student: the export",
         "points": points,
         "device": str(dev),
     }

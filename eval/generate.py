@@ -59,16 +59,26 @@ def sample_student_images(
 
 
 def load_generator_from_checkpoint(student, checkpoint: Path):
-    """The generator of a training checkpoint (``checkpoint-N/model.safetensors``, written by
-    ``accelerator.save_state``) in the exported student's architecture.
+    """The generator of a training checkpoint in the exported student's architecture.
 
-    These are the raw generator weights: with EMA on, the EMA copy sits in a pickle file of the
-    checkpoint, which onestep does not load; the exported ``student/`` holds the EMA weights.
+    With EMA (or a LoRA generator) the checkpoint holds ``generator_export.safetensors``, the
+    weights an export at that step would have, and those are used; otherwise the raw generator
+    weights ``model.safetensors`` written by ``accelerator.save_state`` are the export's weights.
     """
     import copy
 
     from safetensors.torch import load_file
 
+    from onestep.trainers.base import EXPORT_WEIGHTS
+
+    exported = checkpoint / EXPORT_WEIGHTS
+    if exported.is_file():
+        gen = copy.deepcopy(student.generator).cpu()
+        state = load_file(exported)
+        if set(state) != set(gen.backbone.state_dict()):
+            raise OnestepError(f"{exported} does not hold this student's generator")
+        gen.backbone.load_state_dict(state)
+        return gen.eval()
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
         raise OnestepError(f"{checkpoint}: no model.safetensors (the generator's weights)")

@@ -222,3 +222,22 @@ def test_eval_run_cli_scores_every_checkpoint(tmp_path, capsys, tiny_teacher_dir
     assert pts["checkpoint-2"]["fid"] == pytest.approx(pts["student (export)"]["fid"], rel=1e-6)
     assert pts["checkpoint-1"]["fid"] != pytest.approx(pts["checkpoint-2"]["fid"], rel=1e-6)
     assert (run / "eval" / "curve.png").stat().st_size > 1000 and "curve.png" in (run / "eval" / "report.md").read_text()
+
+
+def test_checkpoints_with_ema_are_scored_with_the_ema_weights(tmp_path, tiny_teacher_dir):
+    from conftest import tiny_dmd2_config
+
+    from onestep.eval.generate import load_generator_from_checkpoint
+    from onestep.export import load_student
+    from onestep.trainers import DMD2Trainer
+    from onestep.trainers.base import EXPORT_WEIGHTS
+
+    cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=2, checkpoint_every=1, ema_decay=0.5, lr_generator=1e-2)
+    DMD2Trainer(cfg).train()
+    run = tmp_path / "run"
+    assert (run / "checkpoint-2" / EXPORT_WEIGHTS).is_file()
+    student = load_student(run / "student")
+    gen = load_generator_from_checkpoint(student, run / "checkpoint-2")
+    exported = student.generator.backbone.state_dict()
+    for k, v in gen.backbone.state_dict().items():
+        assert torch.equal(v, exported[k]), k  # the last checkpoint's EMA weights are the export's

@@ -32,6 +32,9 @@ from onestep.teachers import Teacher, load_teacher
 from onestep.triad import Triad
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: In a checkpoint folder: the generator as an export would hold it (EMA weights, LoRA merged),
+#: written when those differ from the raw weights in model.safetensors.
+EXPORT_WEIGHTS = "generator_export.safetensors"
 
 
 def _help(text: str, default=None, factory=None):
@@ -515,6 +518,13 @@ class DistillTrainer:
         path = self.output_dir / f"checkpoint-{self.state.step}"
         acc.wait_for_everyone()
         acc.save_state(str(path))
+        if acc.is_main_process and (self.ema is not None or self.config.generator_lora_rank):
+            # The weights an export would hold now (EMA, LoRA merged) as safetensors, for evaluation:
+            # save_state keeps the EMA copy only in a pickle.
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in self.generator_for_export().state_dict().items()}
+            save_file(state, str(path / EXPORT_WEIGHTS))
         if acc.is_main_process and self.config.checkpoint_total_limit:
             for old in self.checkpoints()[: -self.config.checkpoint_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
