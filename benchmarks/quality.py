@@ -193,7 +193,7 @@ def _plot_convergence(teacher: str, result: dict, path: Path) -> None:
 
 
 def _plot_samples(teacher: str, finals: dict[str, torch.Tensor], path: Path) -> None:
-    from onestep.viz import _plt, _save, tile, to_uint8
+    from onestep.viz import _plt, _save, tile
 
     plt = _plt()
     n = len(finals)
@@ -210,7 +210,6 @@ def _plot_samples(teacher: str, finals: dict[str, torch.Tensor], path: Path) -> 
         ax.set_xticks([])
         ax.set_yticks([])
     _save(fig, path, dpi=110)
-    _ = to_uint8  # (tile quantises with it)
 
 
 def table(results: dict) -> str:

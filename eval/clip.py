@@ -45,15 +45,7 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OnestepError(f"{path}:{n}: not JSON ({e.msg})") from e
-            prompts.append(_caption_of(item, column, f"{path}:{n}"))
+        prompts = [_caption_of(item, column, f"{path}:{n}") for n, item in jsonl_records(path, text)]
     elif suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
         if not rows:
@@ -67,6 +59,21 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     if not prompts:
         raise OnestepError(f"{path}: no prompts")
     return prompts
+
+
+def jsonl_records(path: Path, text: str | None = None) -> list[tuple[int, Any]]:
+    """``(line number, parsed object)`` for each non-blank line of a JSONL file; a line that is not
+    JSON is an error naming the file and line."""
+    text = path.read_text(encoding="utf-8") if text is None else text
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise OnestepError(f"{path}:{n}: not JSON ({e.msg})") from e
+    return records
 
 
 def _caption_of(item: Any, column: str | None, where: str) -> str:

@@ -446,13 +446,9 @@ def read_image_captions(folder: str | Path) -> list[tuple[Path, str]]:
     meta = folder / "metadata.jsonl"
     pairs: list[tuple[Path, str]] = []
     if meta.is_file():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{meta}:{n}: not JSON ({e.msg})") from e
+        from onestep.eval.clip import jsonl_records
+
+        for n, item in jsonl_records(meta):
             caption = next((item[k] for k in ("text", "caption", "prompt") if isinstance(item.get(k), str)), None)
             if "file_name" not in item or caption is None:
                 raise ConfigError(f"{meta}:{n}: needs 'file_name' and a 'text' (or caption/prompt) field")
