@@ -32,9 +32,11 @@ def test_prediction_conversions_roundtrip(pt):
         torch.testing.assert_close(pred, noise, atol=1e-4, rtol=1e-4)
 
 
-def test_flow_matching_config_is_refused_clearly():
-    with pytest.raises(ConfigError, match="flow-matching"):
-        NoiseSchedule.from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000})
+def test_flow_matching_config_builds_a_flow_schedule_and_refuses_dynamic_shifting():
+    s = NoiseSchedule.from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000})
+    assert s.kind == "flow" and s.num_train_timesteps == 1000  # tests/test_t2i_flow.py checks it against diffusers
+    with pytest.raises(ConfigError, match="use_dynamic_shifting"):
+        NoiseSchedule.from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
 
 
 def test_sample_t_range_and_errors():
