@@ -1,7 +1,7 @@
 """The denoiser interface: any backbone in, an x0 prediction out.
 
-A :class:`Denoiser` wraps a backbone (diffusers ``UNet2DModel``, a small MLP, an
-analytic mixture, ...) and returns the x0 prediction for ``(x_t, t, cond)``,
+A :class:`Denoiser` wraps a backbone (diffusers ``UNet2DModel`` / ``UNet2DConditionModel``,
+an SD3-style ``SD3Transformer2DModel``, a small MLP, an analytic mixture, ...) and returns the x0 prediction for ``(x_t, t, cond)``,
 whatever the backbone predicts (eps, v or x0). The prediction type and the
 conversions live here and in :mod:`onestep.schedule`, nowhere else.
 """
@@ -21,13 +21,23 @@ from .schedule import NoiseSchedule
 ADDED_COND_KEYS = ("text_embeds", "time_ids")
 
 
+def is_transformer(backbone: nn.Module) -> bool:
+    """True for patch-based diffusion transformers (SD3's ``SD3Transformer2DModel``): a stack of
+    ``transformer_blocks`` over patch embeddings, called with keywords only."""
+    return hasattr(backbone, "transformer_blocks") and hasattr(backbone, "pos_embed")
+
+
 def call_backbone(backbone: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
     """Run a backbone with the keyword its family expects and return the raw prediction.
 
-    A dict condition is passed as keywords (``encoder_hidden_states``, ``timestep_cond``, ...);
-    its SDXL keys ``text_embeds`` and ``time_ids`` go into ``added_cond_kwargs``.
+    ``t`` is the backbone's own timestep input (:meth:`NoiseSchedule.model_timestep`). A dict
+    condition is passed as keywords (``encoder_hidden_states``, ``timestep_cond``,
+    ``pooled_projections``, ...); its SDXL keys ``text_embeds`` and ``time_ids`` go into
+    ``added_cond_kwargs``. Transformers take ``hidden_states`` and ``timestep`` as keywords too.
     """
-    if cond is None:
+    if is_transformer(backbone):
+        out = backbone(hidden_states=x, timestep=t, **(cond or {}))
+    elif cond is None:
         out = backbone(x, t)
     elif isinstance(cond, dict):
         kwargs = {k: v for k, v in cond.items() if k not in ADDED_COND_KEYS}
@@ -41,8 +51,24 @@ def call_backbone(backbone: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: C
 
 
 def feature_module(backbone: nn.Module) -> nn.Module | None:
-    """The bottleneck module whose output feeds GAN heads (``mid_block`` by convention)."""
+    """The bottleneck module whose output feeds GAN heads: ``mid_block`` for UNets, the middle
+    transformer block for transformers."""
+    if is_transformer(backbone):
+        blocks = backbone.transformer_blocks
+        return blocks[(len(blocks) - 1) // 2] if len(blocks) else None
     return getattr(backbone, "mid_block", None)
+
+
+def feature_map(backbone: nn.Module, output, x: torch.Tensor) -> torch.Tensor:
+    """The GAN features from :func:`feature_module`'s output: a UNet's ``(B, C, H, W)`` map as is;
+    a transformer block's image tokens ``(B, N, D)`` (the second of SD3's ``(context, image)``
+    pair) laid back on the patch grid as ``(B, D, H / p, W / p)``."""
+    if not is_transformer(backbone):
+        return output[0] if isinstance(output, tuple) else output
+    tokens = output[1] if isinstance(output, tuple) else output
+    p = int(backbone.config.patch_size)
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
 
 
 def lora_layers(backbone: nn.Module) -> list[nn.Module]:
@@ -71,7 +97,8 @@ class Denoiser(nn.Module):
     Args:
         backbone: the network (or analytic model) to call.
         schedule: the noise schedule the backbone was trained with.
-        prediction_type: what the backbone outputs: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        prediction_type: what the backbone outputs: ``"epsilon"``, ``"v_prediction"``, ``"sample"``
+            or ``"flow"`` (the velocity ``eps - x0`` of flow-matching teachers).
         use_adapters: when the backbone carries peft adapters shared between teacher and
             fake score, ``False`` runs it with them off (the teacher), ``True`` with them on.
     """
@@ -98,10 +125,10 @@ class Denoiser(nn.Module):
             module = feature_module(self.backbone)
             if module is None:
                 raise ValueError(f"{type(self.backbone).__name__} has no mid_block to take GAN features from")
-            handle = module.register_forward_hook(lambda m, i, o: feats.append(o[0] if isinstance(o, tuple) else o))
+            handle = module.register_forward_hook(lambda m, i, o: feats.append(feature_map(self.backbone, o, x_t)))
             hook_ctx = _removing(handle)
         with hook_ctx, adapters(self.backbone, self.use_adapters):
-            pred = call_backbone(self.backbone, x_t, t, cond)
+            pred = call_backbone(self.backbone, x_t, self.schedule.model_timestep(t), cond)
         x0 = self.schedule.to_x0(pred, x_t, t, self.prediction_type)
         return (x0, feats[-1]) if return_features else x0
 

@@ -23,8 +23,26 @@ from .teachers import Teacher
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
 
+#: Inside a transformer block, LoRA adapts these layers: the attention projections of the image
+#: and text streams and the feed-forward layers (the usual SD3 LoRA set, plus the MLPs).
+TRANSFORMER_LORA_LAYERS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
+
+
 def lora_target_modules(backbone: nn.Module) -> list[str]:
-    """Every Linear and Conv2d layer of ``backbone`` (LoRA on all of them by default)."""
+    """The layers LoRA adapts by default: every Linear and Conv2d layer of a UNet (or MLP); for a
+    transformer (SD3), the attention projections and feed-forward layers of its blocks
+    (:data:`TRANSFORMER_LORA_LAYERS`), not the patch / timestep / text embedders or AdaLN layers."""
+    from .denoiser import is_transformer
+
+    if is_transformer(backbone):
+        return [
+            name for name, m in backbone.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith("transformer_blocks.") and name.endswith(TRANSFORMER_LORA_LAYERS)
+        ]
     return [name for name, m in backbone.named_modules() if isinstance(m, LORA_LAYER_TYPES) and name]
 
 
