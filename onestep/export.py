@@ -23,6 +23,11 @@ complete diffusers pipeline folder: the UNet in ``unet/`` (``onestep.json`` says
 ``generator_subfolder``), ``vae/``, ``text_encoder*/``, ``tokenizer*/`` copied from the teacher,
 ``scheduler/`` set to the student's timesteps, ``model_index.json``, and the UNet once more as
 one file, ``student_unet.safetensors`` (diffusers key names); see :mod:`onestep.teachers.sd`.
+Students of flow-matching SD3 teachers are the same with the ``SD3Transformer2DModel`` in
+``transformer/`` (and ``student_transformer.safetensors``), ``text_encoder_3/`` + ``tokenizer_3/``
+when the teacher has a T5, and a ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling``
+(:mod:`onestep.teachers.sd3`); ``onestep.json`` adds ``pipeline_sigmas``, the ``sigmas=`` that make
+the pipeline's steps the student's timesteps.
 
 Consistency students also record ``consistency`` (parameterisation, grid, timesteps for 1, 2, 4
 and 8 steps) and ``guidance`` (how the student takes its guidance scale); see
@@ -52,11 +57,20 @@ META_FILE = "onestep.json"
 
 def _model_classes() -> dict[str, type]:
     """The only classes a student may name (no import by string from a file)."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
     from .teachers.gmm import MLPDenoiser
 
-    return {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel, "MLPDenoiser": MLPDenoiser}
+    return {
+        "UNet2DModel": UNet2DModel,
+        "UNet2DConditionModel": UNet2DConditionModel,
+        "SD3Transformer2DModel": SD3Transformer2DModel,
+        "MLPDenoiser": MLPDenoiser,
+    }
+
+
+#: Where a text-to-image pipeline keeps its denoiser, by class (diffusers looks there).
+PIPELINE_SUBFOLDERS = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer"}
 
 
 def export_student(
@@ -78,7 +92,7 @@ def export_student(
         raise StudentFormatError(f"cannot export a {cls_name}: expected one of {sorted(_model_classes())}")
     out.mkdir(parents=True, exist_ok=True)
     text_to_image = teacher.conditioning.kind == "text"
-    subfolder = "unet" if text_to_image else "generator"  # diffusers pipelines look for unet/
+    subfolder = PIPELINE_SUBFOLDERS.get(cls_name, "unet") if text_to_image else "generator"  # where diffusers pipelines look
     generator.save_pretrained(out / subfolder, safe_serialization=True)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -96,6 +110,10 @@ def export_student(
         "sampling": "x = N(0, I); for each timestep t: x0 = generator(x, t, cond) converted from prediction_type; "
         "re-noise x0 to the next timestep with fresh noise; the last x0 is the sample",
     }
+    if text_to_image and teacher.schedule.kind == "flow":
+        from .teachers.sd3 import pipeline_sigmas
+
+        meta["pipeline_sigmas"] = pipeline_sigmas(meta)
     if extra:
         meta.update(extra)
     if meta.get("consistency") and cls_name == "UNet2DConditionModel":
@@ -103,7 +121,7 @@ def export_student(
     if text_to_image:
         from .teachers.sd import write_pipeline_parts
 
-        write_pipeline_parts(out, teacher, meta)
+        write_pipeline_parts(out, teacher, meta, subfolder)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -217,8 +235,8 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
     if meta.get("format_version") != FORMAT_VERSION:
         raise StudentFormatError(f"{meta_file}: unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
     subfolder = str(meta.get("generator_subfolder", "generator"))
-    if subfolder not in ("generator", "unet"):
-        raise StudentFormatError(f"{meta_file}: generator_subfolder must be 'generator' or 'unet' (got {subfolder!r})")
+    if subfolder not in ("generator", "unet", "transformer"):
+        raise StudentFormatError(f"{meta_file}: generator_subfolder must be 'generator', 'unet' or 'transformer' (got {subfolder!r})")
     gen_dir = path / subfolder
     if not gen_dir.is_dir():
         raise StudentFormatError(f"{path}: {subfolder}/ is missing")

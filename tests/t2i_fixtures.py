@@ -151,3 +151,80 @@ def write_image_folder(folder: str | Path, n: int = 6, size: int = 2 * LATENT_SI
         lines.append(json.dumps({"file_name": f"img_{i}.png", "text": f"picture number {i}"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+# ------------------------------------------------------------------ SD3-style (flow matching)
+
+SD3_JOINT_DIM = 40  # the T5 width; the CLIP embeddings (2 x 16) are zero-padded to it, as SD3 does
+SD3_PROJECTION = 8  # each CLIP encoder's projection; pooled_projections is both, concatenated
+SD3_SHIFT = 3.0
+
+
+def tiny_t5_tokenizer():
+    """An offline T5 tokenizer: a unigram model over printable ASCII characters (``tokenizers``),
+    with ``<pad>`` 0, ``</s>`` 1 (appended to every sequence, as T5's is) and ``<unk>`` 2."""
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)] + [(chr(c), -2.0) for c in range(32, 127)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(f"{tmp}/tokenizer.json")
+        return T5TokenizerFast(tokenizer_file=f"{tmp}/tokenizer.json", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def tiny_sd3_vae():
+    """``tiny_vae`` with SD3's latent shift (``z = (E(x) - shift_factor) * scaling_factor``)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=2 * LATENT_SIZE, shift_factor=0.0609, scaling_factor=1.5305,
+    )
+
+
+def tiny_sd3_transformer(num_layers: int = 2):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=SD3_JOINT_DIM, caption_projection_dim=16,
+        pooled_projection_dim=2 * SD3_PROJECTION, pos_embed_max_size=8,
+    )
+
+
+def make_tiny_sd3(out: str | Path, seed: int = 0, t5: bool = False) -> Path:
+    """A tiny random SD3-style pipeline folder (``StableDiffusion3Pipeline``): a 2-layer
+    ``SD3Transformer2DModel``, a VAE with a shift factor, two CLIP encoders with projections, a
+    ``FlowMatchEulerDiscreteScheduler`` (shift 3), and a tiny T5 encoder (``t5=True``) or none
+    (``text_encoder_3`` / ``tokenizer_3`` null: the pipeline uses zeros in their place)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    t5_parts = dict(text_encoder_3=None, tokenizer_3=None)
+    if t5:
+        tok3 = tiny_t5_tokenizer()
+        config = T5Config(vocab_size=len(tok3), d_model=SD3_JOINT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        t5_parts = dict(text_encoder_3=T5EncoderModel(config), tokenizer_3=tok3)
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SHIFT),
+        vae=tiny_sd3_vae(),
+        text_encoder=CLIPTextModelWithProjection(tiny_text_config(len(tok), projection_dim=SD3_PROJECTION)),
+        tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(len(tok), projection_dim=SD3_PROJECTION)),
+        tokenizer_2=tok,
+        **t5_parts,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

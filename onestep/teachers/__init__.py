@@ -145,7 +145,8 @@ def load_teacher(spec: str | Path, **text_options) -> Teacher:
 
     Text-to-image folders (a ``UNet2DConditionModel`` with VAE, text encoder(s) and
     tokenizer(s): SD1.5, SD2.1, SDXL) load through :func:`onestep.teachers.sd.load_text_to_image_teacher`,
-    which takes ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``,
+    flow-matching SD3 folders (an ``SD3Transformer2DModel``) through
+    :func:`onestep.teachers.sd3.load_sd3_teacher`; both take ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``,
     ``resolution``, ``real_images``, ``cache_text_embeddings``, ``device``); other teachers ignore them."""
     s = str(spec)
     if s.startswith("gmm-"):
@@ -161,8 +162,13 @@ def load_teacher(spec: str | Path, **text_options) -> Teacher:
     if (path / "model_index.json").is_file():
         from .sd import component_class, load_text_to_image_teacher, read_model_index
 
-        if component_class(read_model_index(path), "unet") == "UNet2DConditionModel":
+        index = read_model_index(path)
+        if component_class(index, "unet") == "UNet2DConditionModel":
             return load_text_to_image_teacher(path, name=str(path), **text_options)
+        if component_class(index, "transformer") == "SD3Transformer2DModel":
+            from .sd3 import load_sd3_teacher
+
+            return load_sd3_teacher(path, name=str(path), **text_options)
     return _pipeline_teacher(path, name=str(path))
 
 

@@ -134,6 +134,19 @@ class PromptEncoder:
             self._parts = parts
         return self._parts
 
+    @property
+    def family(self) -> str:
+        """Which pipeline's encoding this is: ``"sd"`` or ``"sdxl"`` (``"sd3"``: :class:`~onestep.teachers.sd3.SD3PromptEncoder`)."""
+        return "sdxl" if self.xl else "sd"
+
+    @property
+    def text_encoders(self) -> int:
+        return 2 if self.xl else 1
+
+    def describe(self) -> dict[str, Any]:
+        """What a student folder records to rebuild this encoder (:func:`student_text_parts`)."""
+        return {"text_encoders": self.text_encoders, "family": self.family}
+
     def release(self) -> None:
         """Free the text encoders (they load again on the next :meth:`encode`)."""
         self._parts = None
@@ -301,7 +314,7 @@ class TextConditioning(Conditioning):
             "negative_prompt": self.negative_prompt,
             "validation_prompts": list(self.validation_prompts),
             "zero_empty_prompt": self.zero_empty_prompt,
-            "text_encoders": 2 if (self.encoder is not None and self.encoder.xl) else 1,
+            **(self.encoder.describe() if self.encoder is not None else {"text_encoders": 1}),
             "image_size": list(self.encoder.size) if self.encoder is not None else None,
         }
 
@@ -546,11 +559,20 @@ def student_scheduler(meta: dict[str, Any]):
     """An ``LCMScheduler`` whose ``set_timesteps(K)`` gives the student's own timesteps for its K
     (``len(timesteps)``) and whose step is the student's: x0 from the prediction, re-noised with
     fresh noise to the next timestep, the last x0 returned. ``timestep_scaling`` is large enough
-    that LCM's boundary scalings are exactly ``c_skip = 0``, ``c_out = 1`` in float32."""
+    that LCM's boundary scalings are exactly ``c_skip = 0``, ``c_out = 1`` in float32.
+
+    For flow-matching (SD3) students, a ``FlowMatchEulerDiscreteScheduler`` with
+    ``stochastic_sampling`` (see :func:`onestep.teachers.sd3.student_scheduler_config`)."""
     from diffusers import LCMScheduler
 
-    from ..schedule import NoiseSchedule
+    from ..schedule import FLOW_SCHEDULERS, NoiseSchedule
 
+    if meta["schedule"].get("_class_name") in FLOW_SCHEDULERS:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from .sd3 import student_scheduler_config
+
+        return FlowMatchEulerDiscreteScheduler(**student_scheduler_config(meta))
     schedule = dict(meta["schedule"])
     T = NoiseSchedule.from_scheduler_config(schedule).num_train_timesteps
     ts = [int(t) for t in meta["timesteps"]]
@@ -587,10 +609,19 @@ def _lcm_original_steps(timesteps: list[int], T: int) -> int | None:
 def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_subfolder: str = "unet") -> None:
     """Make the student folder a diffusers pipeline: copy VAE, text encoder(s) and tokenizer(s) from
     the teacher's folder, add a scheduler for the student's timesteps (unless one is there) and
-    ``model_index.json``, and a single-file ``student_unet.safetensors``."""
+    ``model_index.json``, and the student network once more as a single file:
+    ``student_unet.safetensors`` (SD / SDXL) or ``student_transformer.safetensors`` (SD3)."""
+    from .sd3 import is_sd3, sd3_parts
+
     src = Path(teacher.meta["pipeline_folder"])
     index = read_model_index(src)
-    parts = [p for p in (SDXL_PARTS if is_sdxl(index) else SD_PARTS) if p not in ("unet", "scheduler")]
+    if is_sd3(index):
+        model, model_class, all_parts = "transformer", "SD3Transformer2DModel", sd3_parts(src, index)
+    else:
+        model, model_class, all_parts = "unet", "UNet2DConditionModel", SDXL_PARTS if is_sdxl(index) else SD_PARTS
+    if generator_subfolder != model:
+        raise ValueError(f"the student {model_class} must sit in {model}/ for diffusers to find it")
+    parts = [p for p in all_parts if p not in (model, "scheduler")]
     for part in parts:
         shutil.copytree(src / part, out / part, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*[f"*{s}" for s in _pickles()]))
     scheduler_dir = out / "scheduler"
@@ -600,26 +631,25 @@ def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_sub
     new_index = {k: v for k, v in index.items() if k.startswith("_") or not isinstance(v, list)}
     for part in parts:
         new_index[part] = index[part]
-    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
-        if optional in index:
+    for optional in ("safety_checker", "feature_extractor", "image_encoder", "text_encoder_3", "tokenizer_3"):
+        if optional in index and optional not in parts:
             new_index[optional] = [None, None]
     if "requires_safety_checker" in index:
         new_index["requires_safety_checker"] = False
-    new_index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    new_index[model] = ["diffusers", model_class]
     new_index["scheduler"] = ["diffusers", sched_cls]
-    if generator_subfolder != "unet":
-        raise ValueError("the student UNet must sit in unet/ for diffusers to find it")
     (out / "model_index.json").write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
     weights = sorted((out / generator_subfolder).glob("*.safetensors"))
+    single = out / f"student_{model}.safetensors"
     if len(weights) == 1:
-        shutil.copyfile(weights[0], out / "student_unet.safetensors")
+        shutil.copyfile(weights[0], single)
     else:  # sharded: gather into one file
         from safetensors.torch import load_file, save_file
 
         state: dict[str, torch.Tensor] = {}
         for w in weights:
             state.update(load_file(str(w)))
-        save_file(state, str(out / "student_unet.safetensors"))
+        save_file(state, str(single))
 
 
 def _pickles() -> tuple[str, ...]:
@@ -633,13 +663,23 @@ def student_text_parts(path: Path, meta: dict[str, Any], device: torch.device | 
     from diffusers import AutoencoderKL
 
     cm = meta["conditioning"]
-    for part in ("vae", "text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if cm.get("text_encoders") == 2 else ()):
+    n = int(cm.get("text_encoders") or 1)
+    family = cm.get("family") or ("sdxl" if n == 2 else "sd")
+    for part in ("vae", "text_encoder", "tokenizer") + tuple(x for i in range(2, n + 1) for x in (f"text_encoder_{i}", f"tokenizer_{i}")):
         if not (path / part).is_dir():
             from ..errors import StudentFormatError
 
             raise StudentFormatError(f"{path}: a text-to-image student needs {part}/ (copied from the teacher at export)")
     size = cm.get("image_size") or [meta["sample_shape"][1] * 8] * 2
-    encoder = PromptEncoder(path, cm.get("text_encoders") == 2, tuple(size), device=device)
+    if family == "sd3":
+        from .sd3 import T5_MAX_LENGTH, SD3PromptEncoder
+
+        encoder = SD3PromptEncoder(
+            path, tuple(size), cm["joint_attention_dim"], t5=n == 3,
+            max_sequence_length=cm.get("max_sequence_length", T5_MAX_LENGTH), device=device,
+        )
+    else:
+        encoder = PromptEncoder(path, family == "sdxl", tuple(size), device=device)
     conditioning = TextConditioning(
         encoder=encoder,
         validation_prompts=list(cm.get("validation_prompts") or DEFAULT_VALIDATION_PROMPTS),
