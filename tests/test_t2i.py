@@ -140,7 +140,7 @@ def test_clear_errors_for_broken_folders(sd_dir, tmp_path):
 
 def test_real_images_are_encoded_once_and_cached(sd_dir, image_dir, tmp_path):
     t1 = load_teacher(sd_dir, real_images=str(image_dir))
-    cached = list((tmp_path / "cache" / "latents").glob("*.safetensors"))
+    cached = list((tmp_path / "cache" / "latents").glob("*/shard-*.safetensors"))
     assert len(cached) == 1
     x, cond = t1.real_data(3, torch.Generator().manual_seed(0))
     assert x.shape == (3, 4, 8, 8) and cond["encoder_hidden_states"].shape[0] == 3

@@ -500,13 +500,14 @@ def latent_cache_dir() -> Path:
     return Path(os.environ.get("ONESTEP_CACHE") or Path.home() / ".cache" / "onestep") / "latents"
 
 
-def encode_image_folder(
-    pairs: list[tuple[Path, str]], vae: LatentVAE, size: int, device: torch.device | str = "cpu", batch_size: int = 8
-) -> torch.Tensor:
-    """VAE latents of the images, cached in a safetensors file keyed by the images (names, sizes,
-    times), the size and the VAE weights: computed once."""
-    from safetensors.torch import load_file, save_file
+#: Images per safetensors shard of a latent cache.
+LATENT_SHARD_SIZE = 1024
+LATENT_CACHE_FORMAT = 1
 
+
+def latent_cache_key(pairs: list[tuple[Path, str]], vae: LatentVAE, size: int) -> str:
+    """The name of the cache folder of ``pairs``: a hash of the images (resolved paths, sizes,
+    modification times), the image size and the VAE weights. Any change gives a new folder."""
     h = hashlib.sha256()
     for img, _ in pairs:
         st = img.stat()
@@ -514,18 +515,147 @@ def encode_image_folder(
     h.update(f"{size}|".encode())
     for k, v in sorted(vae.vae.state_dict().items())[:4]:
         h.update(k.encode() + v.float().sum().item().hex().encode())
-    cache = latent_cache_dir() / f"{h.hexdigest()[:32]}.safetensors"
-    if cache.is_file():
-        return load_file(str(cache))["latents"]
-    vae = vae.to(device)
-    outs = []
-    for i in range(0, len(pairs), batch_size):
-        x = torch.stack([load_image(p, size) for p, _ in pairs[i : i + batch_size]]).to(device)
-        outs.append(vae.encode(x).cpu())
-    latents = torch.cat(outs).contiguous()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents}, str(cache), metadata={"images": str(len(pairs)), "size": str(size)})
-    _log(f"cached VAE latents of {len(pairs)} images in {cache}")
+    return h.hexdigest()[:32]
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``path``: readers see a whole file or none, whatever the
+    number of processes writing it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _complete_shard(path: Path, start: int, count: int) -> bool:
+    """Whether ``path`` is a shard of this cache holding images ``start .. start + count - 1``."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return meta.get("start") == str(start) and f.get_slice("latents").get_shape()[0] == count
+    except Exception:  # a foreign or damaged file: encode this shard again
+        return False
+
+
+def _read_latent_cache(folder: Path) -> torch.Tensor | None:
+    """The latents of a complete cache folder (its ``index.json`` names every shard), else None."""
+    from safetensors import safe_open
+
+    index_file = folder / "index.json"
+    if not index_file.is_file():
+        return None
+    try:
+        index = json.loads(index_file.read_text())
+        parts = []
+        for name in index["shards"]:
+            with safe_open(str(folder / name), framework="pt") as f:
+                parts.append(f.get_tensor("latents"))
+        latents = torch.cat(parts)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        _log(f"latent cache {folder} is unreadable ({e}); encoding again")
+        return None
+    return latents if len(latents) == index.get("images") else None
+
+
+def _encode_shards(pairs: list[tuple[Path, str]], vae: LatentVAE, size: int, folder: Path, device, batch_size: int,
+                   shard_size: int, show_progress: bool) -> None:
+    """Write every missing shard of ``folder``, then ``index.json`` (last: it marks the cache complete)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, len(pairs), shard_size))
+    todo = [i for i, s in enumerate(starts) if not _complete_shard(folder / _shard_name(i), s, len(pairs[s : s + shard_size]))]
+    if len(todo) < len(starts):
+        _log(f"latent cache {folder}: {len(starts) - len(todo)} of {len(starts)} shards already on disk, resuming")
+    if todo:
+        vae = vae.to(device)
+        dtype = next(vae.parameters()).dtype
+    bar = tqdm(total=sum(len(pairs[starts[i] : starts[i] + shard_size]) for i in todo), desc="VAE latents", unit="img",
+               disable=None if show_progress else True)
+    for i in todo:
+        chunk = pairs[starts[i] : starts[i] + shard_size]
+        outs = []
+        for j in range(0, len(chunk), batch_size):
+            x = torch.stack([load_image(p, size) for p, _ in chunk[j : j + batch_size]]).to(device, dtype)
+            outs.append(vae.encode(x).float().cpu())
+            bar.update(len(x))
+        latents = torch.cat(outs).contiguous()
+        meta = {"start": str(starts[i]), "images": str(len(chunk)), "size": str(size)}
+        _write_atomically(folder / _shard_name(i), lambda tmp: save_file({"latents": latents}, str(tmp), metadata=meta))
+    bar.close()
+    index = {
+        "format": LATENT_CACHE_FORMAT,
+        "images": len(pairs),
+        "shard_size": shard_size,
+        "shards": [_shard_name(i) for i in range(len(starts))],
+        "size": size,
+        "first_image": str(pairs[0][0].resolve()),
+        "last_image": str(pairs[-1][0].resolve()),
+        "key": folder.name,
+    }
+    _write_atomically(folder / "index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+
+
+def encode_image_folder(
+    pairs: list[tuple[Path, str]],
+    vae: LatentVAE,
+    size: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    shard_size: int = LATENT_SHARD_SIZE,
+) -> torch.Tensor:
+    """VAE latents of the images (float32, CPU), computed once and cached on disk.
+
+    The cache is a folder ``latent_cache_dir() / latent_cache_key(...)``: safetensors shards of
+    ``shard_size`` images (``shard-00000.safetensors``, ...) and an ``index.json`` written last
+    (image count, shard names, size, the first and last image). A folder with its index loads
+    without touching the VAE; without one, the shards already written are kept and only the
+    missing ones are encoded, so an interrupted encode resumes where it stopped. The key changes
+    with the images (paths, sizes, modification times), ``size`` and the VAE weights.
+
+    Several processes: inside an ``accelerate`` run (the trainers load their teacher after creating
+    the ``Accelerator``) the main process encodes and the others wait for it at a barrier, then
+    every process reads the same cache. Outside one, independent processes may encode the same
+    shards at once; each shard and the index are written to a temporary name and renamed, so a
+    reader never sees a partial file.
+
+    Args:
+        pairs: ``(image, caption)`` pairs (see :func:`read_image_captions`).
+        vae: the teacher's VAE.
+        size: image side in pixels.
+        device: where the VAE encodes.
+        batch_size: images per VAE call.
+        shard_size: images per shard (a cache written with another shard size still loads).
+    """
+    from accelerate.state import PartialState, is_initialized
+
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be at least 1 (got {shard_size})")
+    folder = latent_cache_dir() / latent_cache_key(pairs, vae, size)
+    latents = _read_latent_cache(folder)
+    if latents is not None:
+        return latents
+    state = PartialState() if is_initialized() else None
+    main = state is None or state.is_main_process
+    if main:
+        _encode_shards(pairs, vae, size, folder, device, batch_size, shard_size, show_progress=True)
+        _log(f"cached VAE latents of {len(pairs)} images in {folder}")
+    if state is not None and state.num_processes > 1:
+        state.wait_for_everyone()
+    latents = _read_latent_cache(folder)
+    if latents is None:
+        raise ConfigError(f"the latent cache {folder} is incomplete after encoding; is the disk full? Delete the folder and run again")
     return latents
 
 
@@ -539,10 +669,13 @@ def _log(msg: str) -> None:
         logging.getLogger(__name__).info(msg)
 
 
-def image_folder_data(folder: str | Path, conditioning: TextConditioning, vae: LatentVAE, size: int, device="cpu"):
-    """A real-data sampler ``(n, generator) -> (latents, caption embeddings)`` over a captioned folder."""
+def image_folder_data(
+    folder: str | Path, conditioning: TextConditioning, vae: LatentVAE, size: int, device="cpu", shard_size: int = LATENT_SHARD_SIZE
+):
+    """A real-data sampler ``(n, generator) -> (latents, caption embeddings)`` over a captioned folder
+    (latents cached on disk by :func:`encode_image_folder`, ``shard_size`` images a shard)."""
     pairs = read_image_captions(folder)
-    latents = encode_image_folder(pairs, vae, size, device)
+    latents = encode_image_folder(pairs, vae, size, device, shard_size=shard_size)
     captions = conditioning.encode([c for _, c in pairs])
 
     def draw(n: int, generator: torch.Generator):
