@@ -1,0 +1,203 @@
+"""Memory and data switches of text-to-image runs on tiny SD pipelines: the sharded VAE-latent cache
+of real images, the attention backend and frozen weights in bf16."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import changed, state_of, tiny_config
+from t2i_fixtures import make_tiny_sd, write_image_folder, write_prompts
+
+from onestep.errors import ConfigError
+from onestep.memory import resolve_frozen_dtype, storage_bytes
+from onestep.teachers import load_teacher
+from onestep.teachers.sd import LatentVAE, encode_image_folder, latent_cache_dir, load_image, read_image_captions
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd_mem"))
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("prompts_mem") / "prompts.txt")
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images_mem"), n=5)
+
+
+@pytest.fixture(autouse=True)
+def _latent_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+
+
+class CountingVAE(LatentVAE):
+    """The teacher's real VAE, counting the images it encodes; raises once ``fail_after`` images are done."""
+
+    def __init__(self, vae, fail_after: int | None = None):
+        super().__init__(vae)
+        self.images = 0
+        self.fail_after = fail_after
+
+    def encode(self, images):
+        if self.fail_after is not None and self.images >= self.fail_after:
+            raise RuntimeError("interrupted")
+        self.images += len(images)
+        return super().encode(images)
+
+
+# ------------------------------------------------------------------ latent cache
+
+
+def test_latent_cache_is_sharded_resumes_and_loads_without_the_vae(sd_dir, image_dir):
+    vae = load_teacher(sd_dir).vae.vae
+    pairs = read_image_captions(image_dir)
+    # An encode interrupted after the first shard (2 images a shard, batches of 1) keeps that shard.
+    first = CountingVAE(vae, fail_after=3)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        encode_image_folder(pairs, first, 16, batch_size=1, shard_size=2)
+    (folder,) = latent_cache_dir().iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.safetensors"]  # no index, no temp file
+
+    # Run again: only the two missing shards (3 images) are encoded, then the index is written.
+    second = CountingVAE(vae)
+    latents = encode_image_folder(pairs, second, 16, batch_size=1, shard_size=2)
+    assert second.images == 3
+    index = json.loads((folder / "index.json").read_text())
+    assert index["images"] == 5 and index["shard_size"] == 2 and index["size"] == 16
+    assert index["shards"] == [f"shard-0000{i}.safetensors" for i in range(3)]
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json"] + index["shards"]
+    # Every row is the VAE latent of its image, whichever run encoded it.
+    expected = LatentVAE(vae).encode(torch.stack([load_image(p, 16) for p, _ in pairs]))
+    assert latents.shape == (5, 4, 8, 8) and latents.dtype == torch.float32
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+
+    # A complete cache loads without touching the VAE, even with another shard size asked for.
+    broken = CountingVAE(vae, fail_after=0)
+    assert torch.equal(encode_image_folder(pairs, broken, 16, shard_size=1024), latents)
+    # Another resolution is another cache.
+    with pytest.raises(RuntimeError, match="interrupted"):
+        encode_image_folder(pairs, broken, 32)
+
+
+def _encode_on_two_ranks(sd_dir, image_dir):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # a forked rank starts from the parent's single-process state
+    acc = Accelerator(cpu=True)
+    vae = CountingVAE(load_teacher(sd_dir).vae.vae)
+    latents = encode_image_folder(read_image_captions(image_dir), vae, 16, shard_size=2)
+    (latent_cache_dir() / f"rank{acc.process_index}.json").write_text(json.dumps([vae.images, latents.sum().item()]))
+
+
+def test_latent_cache_on_two_processes_is_written_by_the_main_one(sd_dir, image_dir):
+    from accelerate import debug_launcher
+
+    debug_launcher(lambda: _encode_on_two_ranks(sd_dir, image_dir), num_processes=2)
+    ranks = [json.loads((latent_cache_dir() / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [images for images, _ in ranks] == [5, 0]  # rank 1 waited and read the main process's cache
+    assert ranks[0][1] == ranks[1][1]
+    (folder,) = [d for d in latent_cache_dir().iterdir() if d.is_dir()]
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json"] + [f"shard-0000{i}.safetensors" for i in range(3)]
+
+
+def test_real_images_through_the_teacher_use_one_shard_by_default(sd_dir, image_dir):
+    teacher = load_teacher(sd_dir, real_images=str(image_dir))
+    (folder,) = latent_cache_dir().iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json", "shard-00000.safetensors"]
+    x, cond = teacher.real_data(4, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 4, 8, 8) and cond["encoder_hidden_states"].shape[0] == 4
+
+
+def test_bad_shard_size_is_a_config_error(sd_dir, image_dir):
+    with pytest.raises(ConfigError, match="shard_size"):
+        encode_image_folder(read_image_captions(image_dir), load_teacher(sd_dir).vae, 16, shard_size=0)
+
+
+# ------------------------------------------------------------------------ attention
+
+
+def test_attention_sdpa_keeps_diffusers_processors_and_xformers_is_refused_on_cpu(sd_dir, prompt_file, tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from onestep.trainers import make_trainer
+
+    with pytest.raises(ConfigError, match="attention must be"):
+        tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), attention="flash")
+    trainer = make_trainer(tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), batch_size=2))
+    assert trainer.config.attention == "sdpa"
+    for net in (trainer.teacher.backbone, trainer.fake.backbone, trainer.generator.backbone):
+        procs = net.attn_processors
+        assert procs and all(type(p) is AttnProcessor2_0 for p in procs.values())
+    with pytest.raises(ConfigError, match=r"xformers.*(pip install xformers|CUDA).*sdpa"):
+        make_trainer(tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), attention="xformers"))
+
+
+# --------------------------------------------------------------------- frozen dtype
+
+
+def test_frozen_dtype_resolves_from_mixed_precision(tmp_path):
+    assert resolve_frozen_dtype("auto", "no") == torch.float32
+    assert resolve_frozen_dtype("auto", "bf16") == torch.bfloat16
+    assert resolve_frozen_dtype("auto", "fp16") == torch.float16
+    assert resolve_frozen_dtype("bf16", "no") == torch.bfloat16
+    assert resolve_frozen_dtype("float32", "bf16") == torch.float32
+    with pytest.raises(ConfigError, match="frozen_dtype must be"):
+        tiny_config("dmd2", tmp_path, "digits", frozen_dtype="int8")
+
+
+@pytest.mark.parametrize("fake_score", ["lora", "copy"])
+def test_frozen_bf16_weights_train_dmd2(fake_score, sd_dir, prompt_file, image_dir, tmp_path):
+    from onestep.trainers import make_trainer
+
+    config = tiny_config(
+        "dmd2", tmp_path, sd_dir, prompts=str(prompt_file), real_images=str(image_dir), batch_size=2, max_steps=2,
+        fake_updates_per_generator=1, fake_score=fake_score, lora_rank=2, frozen_dtype="bf16", gan_weight_generator=1e-2,
+    )
+    trainer = make_trainer(config)
+    fp32_teacher = load_teacher(sd_dir)
+    triad = trainer.triad
+    base = triad.teacher_parameters()
+    # The frozen base is bf16 and takes half the bytes; everything trainable is float32.
+    assert {p.dtype for p in base.values()} == {torch.bfloat16}
+    assert storage_bytes(base.values()) * 2 == storage_bytes(fp32_teacher.backbone.parameters())
+    assert {p.dtype for p in trainer.teacher_spec.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.generator.parameters()} == {torch.float32}
+    trainable_fake = triad.trainable_fake_parameters()
+    assert trainable_fake and {p.dtype for p in trainable_fake} == {torch.float32}
+    if fake_score == "lora":
+        assert trainer.fake.backbone is trainer.teacher.backbone
+        assert all("lora_" in n for n, p in trainer.fake.backbone.named_parameters() if p.requires_grad)
+    else:
+        assert {p.dtype for p in trainer.fake.parameters()} == {torch.float32}
+    for opt in (trainer.opt_g, trainer.opt_f):
+        assert all(p.dtype == torch.float32 for group in opt.param_groups for p in group["params"])
+
+    # The bf16 teacher takes float32 inputs and gives float32 predictions close to the float32 teacher's.
+    x = torch.randn(2, *trainer.teacher_spec.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([300, 700])
+    cond = trainer.conditioning.sample(2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, ref = trainer.teacher(x, t, cond), fp32_teacher.denoiser()(x, t, cond)
+    assert ours.dtype == torch.float32
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
+    # The VAE decodes float32 images from float32 latents.
+    assert trainer.decode(x).dtype == torch.float32
+
+    gen0, fake0 = state_of(trainer.generator.backbone), [p.detach().clone() for p in trainable_fake]
+    base0 = {k: v.detach().clone() for k, v in base.items()}
+    losses = {}
+    for _ in range(2):
+        losses.update(trainer.train_step())
+    assert {"loss/dm", "loss/fake", "loss/gan_g", "loss/gan_d"} <= set(losses) and all(math.isfinite(v) for v in losses.values())
+    assert changed(gen0, trainer.generator.backbone) > 0
+    assert sum(not torch.equal(a, p) for a, p in zip(fake0, trainable_fake)) > 0
+    assert all(torch.equal(base0[k], v) for k, v in triad.teacher_parameters().items())
+    assert {p.dtype for p in trainer.generator.parameters()} == {torch.float32}
