@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -93,6 +94,8 @@ def _encode_on_two_ranks(sd_dir, image_dir):
     AcceleratorState._reset_state(True)  # a forked rank starts from the parent's single-process state
     acc = Accelerator(cpu=True)
     vae = CountingVAE(load_teacher(sd_dir).vae.vae)
+    if acc.process_index == 1:
+        time.sleep(1.0)  # rank 1 comes late and finds a complete cache: it must still meet rank 0 at the barrier
     latents = encode_image_folder(read_image_captions(image_dir), vae, 16, shard_size=2)
     (latent_cache_dir() / f"rank{acc.process_index}.json").write_text(json.dumps([vae.images, latents.sum().item()]))
 
