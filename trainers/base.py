@@ -109,6 +109,16 @@ class DistillConfig:
     cache_text_embeddings: bool = _help("text-to-image: encode the prompt set once (frozen text encoders) instead of every batch", True)
     gradient_checkpointing: bool = _help("recompute activations in the backward pass (diffusers UNets): less memory, ~30% slower", False)
     allow_tf32: bool = _help("TF32 matmuls and convolutions on Ampere+ GPUs", True)
+    attention: str = _help(
+        "attention kernels of the diffusers backbones: 'sdpa' (torch scaled_dot_product_attention, diffusers' default) "
+        "or 'xformers' (memory-efficient attention; CUDA only, needs `pip install xformers`)",
+        "sdpa",
+    )
+    frozen_dtype: str = _help(
+        "dtype of the frozen weights (the teacher backbone, the base weights under LoRA adapters, the VAE): 'auto' "
+        "(bf16 / fp16 as mixed_precision, else float32), 'float32', 'bf16' or 'fp16'; trainable weights stay float32",
+        "auto",
+    )
 
     def __post_init__(self):
         positive = ("max_steps", "batch_size", "fake_updates_per_generator", "regression_pairs", "regression_ode_steps", "preview_num")
@@ -137,6 +147,10 @@ class DistillConfig:
             raise ConfigError(f"guidance_scale must be >= 0 (got {self.guidance_scale})")
         if self.generator_lora_rank < 0 or self.lora_rank < 1:
             raise ConfigError(f"need lora_rank >= 1 and generator_lora_rank >= 0 (got {self.lora_rank}, {self.generator_lora_rank})")
+        if self.attention not in ("sdpa", "xformers"):
+            raise ConfigError(f"attention must be 'sdpa' or 'xformers' (got {self.attention!r})")
+        if self.frozen_dtype not in ("auto", "float32", "bf16", "fp16"):
+            raise ConfigError(f"frozen_dtype must be 'auto', 'float32', 'bf16' or 'fp16' (got {self.frozen_dtype!r})")
 
 
 class _LoopState:
@@ -211,6 +225,10 @@ class DistillTrainer:
                 if not hasattr(net, "enable_gradient_checkpointing"):
                     raise ConfigError(f"gradient_checkpointing: {type(net).__name__} does not support it (diffusers models do)")
                 net.enable_gradient_checkpointing()
+        # attention kernels and the dtype of frozen weights (onestep/memory.py)
+        from onestep.memory import apply_memory_switches
+
+        apply_memory_switches(self)
         if c.init_generator:
             load_trainable(self.triad.generator.backbone, _weights_file(c.init_generator), "init_generator")
         if c.init_fake_score:

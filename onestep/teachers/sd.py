@@ -643,17 +643,18 @@ def encode_image_folder(
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1 (got {shard_size})")
     folder = latent_cache_dir() / latent_cache_key(pairs, vae, size)
-    latents = _read_latent_cache(folder)
-    if latents is not None:
-        return latents
     state = PartialState() if is_initialized() else None
-    main = state is None or state.is_main_process
-    if main:
-        _encode_shards(pairs, vae, size, folder, device, batch_size, shard_size, show_progress=True)
-        _log(f"cached VAE latents of {len(pairs)} images in {folder}")
-    if state is not None and state.num_processes > 1:
-        state.wait_for_everyone()
-    latents = _read_latent_cache(folder)
+    together = state is not None and state.num_processes > 1
+    latents = None
+    if not together or state.is_main_process:
+        latents = _read_latent_cache(folder)
+        if latents is None:
+            _encode_shards(pairs, vae, size, folder, device, batch_size, shard_size, show_progress=True)
+            _log(f"cached VAE latents of {len(pairs)} images in {folder}")
+    if together:
+        state.wait_for_everyone()  # every process passes here, cache found or not: no rank leaves early
+    if latents is None:
+        latents = _read_latent_cache(folder)
     if latents is None:
         raise ConfigError(f"the latent cache {folder} is incomplete after encoding; is the disk full? Delete the folder and run again")
     return latents
