@@ -28,6 +28,17 @@ from onestep.conditioning import Cond, cond_to, index_cond
 from onestep.config import config_to_dict
 from onestep.denoiser import Denoiser
 from onestep.errors import ConfigError
+from onestep.sharding import (
+    SHARDED_STATE,
+    clip_grad_norm,
+    fsdp_requested,
+    fsdp_settings,
+    full,
+    gather_full,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+    shard,
+)
 from onestep.teachers import Teacher, load_teacher
 from onestep.triad import Triad
 
@@ -68,6 +79,12 @@ class DistillConfig:
     warmup_steps: int = _help("linear learning-rate warm-up, in optimizer steps of each network", 0)
     max_grad_norm: float = _help("gradient clipping norm (0 disables)", 10.0)
     mixed_precision: str = _help("'no', 'fp16' or 'bf16' (bf16 recommended on GPU; fp16 diverges for DMD2)", "no")
+    fsdp: bool = _help(
+        "shard the generator, fake score, teacher and heads across processes (FSDP2, one unit per block): "
+        "on by itself under accelerate's FSDP config (configs/accelerate/fsdp.yaml); set it to shard under a "
+        "plain multi-process launch (CPU/gloo)",
+        False,
+    )
     fake_updates_per_generator: int = _help("two time-scale ratio: fake-score updates per generator update", 5)
     ema_decay: float = _help("EMA decay of the generator (0 disables; the export uses the EMA weights when on)", 0.0)
     generator_timesteps: list[int] = _help(
@@ -135,6 +152,8 @@ class DistillConfig:
             raise ConfigError(f"ema_decay must lie in [0, 1) (got {self.ema_decay})")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION} (got {self.mixed_precision!r})")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ConfigError("fsdp: fp16 needs a gradient scaler the sharded loop does not have; use mixed_precision: bf16")
         if self.fake_score not in ("copy", "lora"):
             raise ConfigError(f"fake_score must be 'copy' or 'lora' (got {self.fake_score!r})")
         if self.log_with not in ("tensorboard", "none"):
@@ -165,10 +184,12 @@ class _LoopState:
         self.step = 0
         self.seed, self.rank = seed, rank
         self.rng = torch.Generator()
+        self.shared_rng = torch.Generator()  # the same on every process: for choices that change control flow
         self.reseed()
 
     def reseed(self) -> None:
         self.rng.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.step)
+        self.shared_rng.manual_seed((self.seed * 1_000_003 - 1) * 1_000_003 + self.step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -192,6 +213,8 @@ class DistillTrainer:
 
     method_name = "base"
     uses_real_data = False
+    #: make_batch adds ``batch["prompts"]``, the prompt of each sample (text-to-image teachers only)
+    wants_prompts = False
 
     def __init__(self, config: DistillConfig, teacher: Teacher | None = None):
         from accelerate import Accelerator
@@ -240,6 +263,9 @@ class DistillTrainer:
 
         self.generator = self.triad.generator
         self.fake = self.triad.fake
+        self.fsdp = fsdp_requested(acc, c.fsdp)
+        if self.fsdp:
+            self._shard_networks()
         g_params = [p for p in self.generator.parameters() if p.requires_grad]
         f_params = self.triad.trainable_fake_parameters() + [p for p in self.heads.parameters() if p.requires_grad]
         adam = dict(betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay)
@@ -258,20 +284,43 @@ class DistillTrainer:
         # save_state) but always called unwrapped: gradients are averaged explicitly after each
         # backward (_sync_gradients), so any graph between teacher, fake score, heads and
         # generator is allowed without DistributedDataParallel's one-forward-one-backward rule.
-        models = [self.generator, self.fake] + ([self.heads] if len(list(self.heads.parameters())) else [])
-        prepared = acc.prepare(*models, self.opt_g, self.opt_f, self.sched_g, self.sched_f)
-        self.opt_g, self.opt_f, self.sched_g, self.sched_f = prepared[len(models):]
-        self.generator = acc.unwrap_model(prepared[0])
-        self.fake = acc.unwrap_model(prepared[1])
-        self.heads = acc.unwrap_model(prepared[2]) if len(models) == 3 else self.heads.to(acc.device)
+        # With FSDP the networks are already sharded (and placed); checkpoints are written by
+        # onestep.sharding, since accelerate's FSDP2 prepare takes one model per call.
+        if not self.fsdp:
+            models = [self.generator, self.fake] + ([self.heads] if len(list(self.heads.parameters())) else [])
+            prepared = acc.prepare(*models, self.opt_g, self.opt_f, self.sched_g, self.sched_f)
+            self.opt_g, self.opt_f, self.sched_g, self.sched_f = prepared[len(models):]
+            self.generator = acc.unwrap_model(prepared[0])
+            self.fake = acc.unwrap_model(prepared[1])
+            self.heads = acc.unwrap_model(prepared[2]) if len(models) == 3 else self.heads.to(acc.device)
         self.teacher = self.triad.teacher.to(acc.device)
         if self.teacher_spec.vae is not None:
             self.teacher_spec.vae.to(acc.device)
-        acc.register_for_checkpointing(self.state)
+        if not self.fsdp:
+            acc.register_for_checkpointing(self.state)
         if self.ema is not None:
             self.ema.to(acc.device)
-            acc.register_for_checkpointing(self.ema)
+            if not self.fsdp:
+                acc.register_for_checkpointing(self.ema)
         self._regression_pairs: tuple[torch.Tensor, torch.Tensor, Cond] | None = None
+
+    def _shard_networks(self) -> None:
+        """FSDP: shard the generator, the fake score (with LoRA: the backbone it shares with the
+        teacher), a separate teacher copy and the heads, each block its own unit."""
+        import copy
+
+        kwargs = fsdp_settings(self.accelerator)
+        device = self.accelerator.device
+        # The export rebuilds the whole generator from gathered weights: keep its structure
+        # (on the meta device) and its buffers (small), not a second copy of its weights.
+        template = copy.deepcopy(self.generator.backbone)
+        self._export_buffers = {n: b.clone() for n, b in template.named_buffers()}
+        self._export_template = template.to("meta")
+        nets = [self.generator.backbone, self.fake.backbone, self.triad.teacher.backbone, self.heads]
+        for net in nets:
+            shard(net.to(device), **kwargs)
+        # What a checkpoint holds: each trained network with its optimizer (names are file names).
+        self._sharded = {"generator": self.generator.backbone, "fake_score": nn.ModuleDict({"fake": self.fake.backbone, "heads": self.heads})}
 
     # ---------------------------------------------------------------- hooks
     def build_heads(self) -> dict[str, nn.Module]:
@@ -306,11 +355,12 @@ class DistillTrainer:
         """Generator inputs for one iteration (noise, conditions) and real data if the method uses it."""
         n = self.config.batch_size
         shape = (n, *self.teacher_spec.sample_shape)
-        batch: dict[str, Any] = {
-            "noise": self.randn(shape),
-            "cond": self.conditioning.sample(n, generator=self.rng, device=self.device),
-            "uncond": self.conditioning.null(n, device=self.device),
-        }
+        batch: dict[str, Any] = {"noise": self.randn(shape)}
+        if self.wants_prompts:  # the prompt strings too (text teachers), e.g. for a CLIP loss
+            batch["cond"], batch["prompts"] = self.conditioning.sample_prompts(n, generator=self.rng, device=self.device)
+        else:
+            batch["cond"] = self.conditioning.sample(n, generator=self.rng, device=self.device)
+        batch["uncond"] = self.conditioning.null(n, device=self.device)
         if self.uses_real_data and self.teacher_spec.real_data is not None:
             x, y = self.teacher_spec.real_data(n, self.rng)
             batch["real"] = x.to(self.device)
@@ -328,7 +378,8 @@ class DistillTrainer:
         ts = self.config.generator_timesteps
         z, cond = batch["noise"], batch["cond"]
         n = z.shape[0]
-        k = int(torch.randint(0, len(ts), (1,), generator=self.rng)) if len(ts) > 1 else 0
+        # k is drawn alike on every process: the processes must run the same passes (FSDP's collectives)
+        k = int(torch.randint(0, len(ts), (1,), generator=self.state.shared_rng)) if len(ts) > 1 else 0
         x_in = z
         if k > 0:
             from onestep.samplers.student import student_sample
@@ -369,7 +420,12 @@ class DistillTrainer:
         """Plain diffusion loss in the backbone's own prediction space (eps-MSE for eps teachers)."""
         pt = self.fake.prediction_type
         pred = self.schedule.from_x0(pred_x0, x_t, t, pt)
-        target = noise if pt == "epsilon" else self.schedule.from_x0(x0, x_t, t, pt)
+        if pt == "epsilon":
+            target = noise
+        elif pt == "flow":  # the velocity, exactly (rebuilding it from x_t loses precision at small sigma)
+            target = noise.float() - x0.float()
+        else:
+            target = self.schedule.from_x0(x0, x_t, t, pt)
         return F.mse_loss(pred.float(), target.float())
 
     def denoising_loss(self, net: nn.Module, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -423,7 +479,7 @@ class DistillTrainer:
     def _sync_gradients(self, params: list[nn.Parameter]) -> None:
         """Average gradients over processes in one flat all-reduce (missing gradients count as zero)."""
         acc = self.accelerator
-        if acc.num_processes == 1 or not params:
+        if acc.num_processes == 1 or not params or self.fsdp:  # FSDP reduce-scatters the mean itself
             return
         for p in params:
             if p.grad is None:
@@ -438,12 +494,18 @@ class DistillTrainer:
 
     def _update(self, loss: torch.Tensor, params_of: nn.Module, opt, sched) -> float:
         acc = self.accelerator
-        params = [p for p in params_of.parameters() if p.requires_grad]
         acc.backward(loss)
+        if self.fsdp:  # the optimizer's own (sharded) parameters: a module shows gathered copies between passes
+            params = [p for group in opt.param_groups for p in group["params"]]
+        else:
+            params = [p for p in params_of.parameters() if p.requires_grad]
         self._sync_gradients(params)
         norm = 0.0
         if self.config.max_grad_norm > 0:
-            norm = float(acc.clip_grad_norm_(params, self.config.max_grad_norm))
+            if self.fsdp:
+                norm = clip_grad_norm(params, self.config.max_grad_norm)
+            else:
+                norm = float(acc.clip_grad_norm_(params, self.config.max_grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -535,14 +597,19 @@ class DistillTrainer:
         acc = self.accelerator
         path = self.output_dir / f"checkpoint-{self.state.step}"
         acc.wait_for_everyone()
-        acc.save_state(str(path))
-        if acc.is_main_process and (self.ema is not None or self.config.generator_lora_rank):
+        if self.fsdp:
+            save_sharded_checkpoint(path, acc, self._sharded_with_optimizers(), self._trainer_state(), self.ema, self._ema_names())
+        else:
+            acc.save_state(str(path))
+        if self.ema is not None or self.config.generator_lora_rank:
             # The weights an export would hold now (EMA, LoRA merged) as safetensors, for evaluation:
-            # save_state keeps the EMA copy only in a pickle.
+            # save_state keeps the EMA copy only in a pickle. (With FSDP every process gathers.)
             from safetensors.torch import save_file
 
-            state = {k: v.detach().cpu().contiguous() for k, v in self.generator_for_export().state_dict().items()}
-            save_file(state, str(path / EXPORT_WEIGHTS))
+            net = self.generator_for_export() if (self.fsdp or acc.is_main_process) else None
+            if acc.is_main_process:
+                state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+                save_file(state, str(path / EXPORT_WEIGHTS))
         if acc.is_main_process and self.config.checkpoint_total_limit:
             for old in self.checkpoints()[: -self.config.checkpoint_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -559,7 +626,24 @@ class DistillTrainer:
             path = Path(which)
             if not path.is_dir():
                 raise ConfigError(f"--resume {which}: not a checkpoint folder")
-        self.accelerator.load_state(str(path))
+        if self.fsdp:
+            info = load_sharded_checkpoint(path, self._sharded_with_optimizers(), self.ema, self._ema_names())
+            self.state.load_state_dict({"step": info["step"]})
+            self.sched_g.load_state_dict(info["sched_generator"])
+            self.sched_f.load_state_dict(info["sched_fake_score"])
+        elif (path / SHARDED_STATE).is_file():
+            raise ConfigError(f"--resume {path}: the checkpoint was written with FSDP; resume it with fsdp (the same launch)")
+        else:
+            self.accelerator.load_state(str(path))
+
+    def _sharded_with_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        return {"generator": (self._sharded["generator"], self.opt_g), "fake_score": (self._sharded["fake_score"], self.opt_f)}
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.state.step, "sched_generator": self.sched_g.state_dict(), "sched_fake_score": self.sched_f.state_dict()}
+
+    def _ema_names(self) -> list[str]:
+        return [n for n, p in self.generator.backbone.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------ export / preview
     def generator_for_export(self) -> nn.Module:
@@ -567,12 +651,40 @@ class DistillTrainer:
         LoRA adapters merged into plain layers when the generator is LoRA)."""
         import copy
 
+        if self.fsdp:
+            return self._gathered_generator()
         net = self.generator.backbone
         if self.ema is None and not self.config.generator_lora_rank:
             return net
         net = copy.deepcopy(net)
         if self.ema is not None:
             self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
+        return merged_lora(net) if self.config.generator_lora_rank else net
+
+    def _gathered_generator(self) -> nn.Module | None:
+        """FSDP: the whole generator rebuilt from its shards on the main process (None on the others;
+        every process must call this, the gathering is collective)."""
+        import copy
+
+        state = gather_full(self.generator.backbone)
+        shadow = [full(s) for s in self.ema.shadow_params] if self.ema is not None else None
+        if not self.accelerator.is_main_process:
+            return None
+        net = copy.deepcopy(self._export_template)
+        net.load_state_dict(state, strict=True, assign=True)
+        for name, buf in self._export_buffers.items():  # non-persistent buffers are not in a state dict
+            owner, _, leaf = name.rpartition(".")
+            module = net.get_submodule(owner) if owner else net
+            if module._buffers[leaf].is_meta:
+                module._buffers[leaf] = buf.clone()
+        left = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"FSDP export: weights not gathered for {left[:3]}")
+        net = net.to(self.device)
+        if shadow is not None:
+            with torch.no_grad():
+                for p, s in zip([p for p in net.parameters() if p.requires_grad], shadow):
+                    p.copy_(s)
         return merged_lora(net) if self.config.generator_lora_rank else net
 
     def export_timesteps(self) -> list[int]:
@@ -586,11 +698,12 @@ class DistillTrainer:
     def export(self) -> Path | None:
         from onestep.export import export_student
 
+        net = self.generator_for_export() if (self.fsdp or self.accelerator.is_main_process) else None
         if not self.accelerator.is_main_process:
             return None
         return export_student(
             self.output_dir / "student",
-            self.generator_for_export(),
+            net,
             self.teacher_spec,
             method=self.method_name,
             prediction_type=self.generator.prediction_type,
@@ -599,14 +712,14 @@ class DistillTrainer:
         )
 
     @torch.no_grad()
-    def preview_samples(self, n: int | None = None) -> tuple[torch.Tensor, Cond]:
+    def preview_samples(self, n: int | None = None, net: nn.Module | None = None) -> tuple[torch.Tensor, Cond]:
         """Samples of the generator that would be exported now (EMA weights when EMA is on),
-        for fixed seeds (the same across a run)."""
+        for fixed seeds (the same across a run). ``net``: that generator, when already at hand."""
         from onestep.samplers.student import sample_student_from_seeds
 
         n = n or self.config.preview_num
         labels = [i % max(1, self.conditioning.num_classes) for i in range(n)]
-        gen = Denoiser(self.generator_for_export(), self.schedule, self.generator.prediction_type)
+        gen = Denoiser(net if net is not None else self.generator_for_export(), self.schedule, self.generator.prediction_type)
         was_training = self.generator.training
         gen.eval()
         x, cond = sample_student_from_seeds(
@@ -622,9 +735,10 @@ class DistillTrainer:
     def save_preview(self, step: int) -> Path | None:
         from onestep.viz import save_samples_picture
 
+        net = self.generator_for_export() if self.fsdp else None  # FSDP: gathered on every process
         if not self.accelerator.is_main_process:
             return None
-        x, _ = self.preview_samples()
+        x, _ = self.preview_samples(net=net)
         if self.teacher_spec.vae is not None:
             with torch.no_grad():
                 x = self.decode(x.to(self.device)).clamp(-1, 1).cpu()

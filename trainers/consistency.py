@@ -53,6 +53,7 @@ from onestep.samplers.consistency import (
     segment_edges,
 )
 from onestep.teachers import Teacher
+from onestep.sharding import resharded
 
 from .base import DistillConfig, DistillTrainer, _help, load_teacher_for
 from .dmd2 import GANHead
@@ -210,6 +211,11 @@ def guidance_input_for(config: ConsistencyConfig, teacher: Teacher) -> GuidanceI
     default = min(max(config.guidance_scale, lo), hi)
     if type(teacher.backbone).__name__ == "UNet2DConditionModel":
         return GuidanceInput("timestep_cond", default, embedding_dim=config.guidance_embedding_dim)
+    if getattr(teacher.backbone.config, "num_class_embeds", None) is None:
+        raise ConfigError(
+            f"guidance_scale_range: {type(teacher.backbone).__name__} has no guidance input (UNet2DConditionModel "
+            "students take it as timestep_cond, class-conditional UNets as extra class rows); train with a fixed guidance_scale"
+        )
     n = config.guidance_levels if hi > lo else 1
     scales = [lo + (hi - lo) * i / max(1, n - 1) for i in range(n)]
     return GuidanceInput("class_table", default, scales=scales, stride=int(teacher.backbone.config.num_class_embeds))
@@ -399,6 +405,7 @@ class ConsistencyTrainer(DistillTrainer):
         mu = self.config.target_ema_decay
         if mu <= 0:
             return
+        resharded(self.fake.backbone, self.generator.backbone)  # FSDP: both as shards, alike
         for p_t, p_s in zip(self.fake.backbone.parameters(), self.generator.backbone.parameters()):
             p_t.lerp_(p_s.detach().to(p_t.dtype), 1 - mu)
 
@@ -460,12 +467,12 @@ class ConsistencyTrainer(DistillTrainer):
         return self.student_meta()
 
     @torch.no_grad()
-    def preview_samples(self, n: int | None = None):
+    def preview_samples(self, n: int | None = None, net=None):
         from onestep.samplers.student import sample_student_from_seeds
 
         n = n or self.config.preview_num
         labels = [i % max(1, self.conditioning.num_classes) for i in range(n)]
-        gen = self._consistency_view(self.generator_for_export()).eval()
+        gen = self._consistency_view(net if net is not None else self.generator_for_export()).eval()
         return sample_student_from_seeds(gen, self.teacher_spec, self.sampling_timesteps, seeds=range(n), labels=labels, device=self.device)
 
 

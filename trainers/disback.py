@@ -61,6 +61,11 @@ class DisBackMixin:
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
+        if self.fsdp:
+            raise ConfigError(
+                "DisBack does not run sharded yet (its nodes are written and read as whole networks on one process): "
+                "launch it without FSDP (configs/accelerate/multi_gpu.yaml)"
+            )
         self.real_teacher = self.teacher
         self.node_dir = self.output_dir / "disback"
         self._target_net: nn.Module | None = None
