@@ -372,3 +372,59 @@ def test_two_cpu_processes_train_a_text_to_image_student(sd_dir, prompt_file, tm
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").glob("random_states_*.pkl")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
     assert (tmp_path / "run" / "student" / "model_index.json").is_file()
+
+
+# ------------------------------------------------------------------ SwiftBrush v2 CLIP loss
+
+
+def _tiny_clip_with_tokenizer(out):
+    """A tiny random CLIPModel saved with the offline byte-level CLIP tokenizer beside it."""
+    from t2i_fixtures import TOKEN_LENGTH, write_clip_vocab
+    from transformers import CLIPConfig, CLIPModel
+
+    vocab = write_clip_vocab(out)
+    eos = vocab["<|endoftext|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=TOKEN_LENGTH, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
+    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_vsd_clip_loss_scores_decoded_images_against_their_prompts(sd_dir, prompt_file, tmp_path):
+    from onestep.trainers import make_trainer
+
+    clip_dir = _tiny_clip_with_tokenizer(tmp_path / "clip")
+    base = dict(prompts=str(prompt_file), generator_timesteps=[999], batch_size=3, max_steps=1, export=False,
+                fake_updates_per_generator=1, lora_rank=2, clip_model=str(clip_dir), clip_tau=1.5)
+    tr = make_trainer(tiny_config("vsd", tmp_path / "a", sd_dir, clip_weight=5.0, clip_decay_steps=4, **base))
+    assert tr.wants_prompts
+    batch = tr.make_batch()
+    # the prompts are the ones the condition embeds
+    torch.testing.assert_close(batch["cond"]["encoder_hidden_states"], tr.conditioning.encode(batch["prompts"])["encoder_hidden_states"])
+    assert set(batch["prompts"]) <= set(PROMPTS)
+    # the weight decays linearly to 0 over clip_decay_steps generator steps
+    weights = []
+    for step in (0, 2, 4, 6):
+        tr.state.step = step
+        weights.append(tr.clip_weight())
+    assert weights == [5.0, 2.5, 0.0, 0.0]
+    tr.state.step = 0
+
+    tr.state.reseed()
+    batch = tr.make_batch()
+    loss, logs = tr.generator_loss(batch)
+    # the logged CLIP term is ClampedClipLoss on the decoded sample and its prompts (tau 1.5 > any cosine: active)
+    with torch.no_grad():
+        expected = tr.clip_loss.prompt_loss(tr.decode(batch["x_gen"]), batch["prompts"]).item()
+    assert logs["loss/clip"] == pytest.approx(expected, rel=1e-5) and expected > 0.4
+    assert loss.item() == pytest.approx(logs["loss/vsd"] + 5.0 * expected, rel=1e-5)
+
+    # and it reaches the generator: one step with the CLIP term moves it differently from one without
+    plain = make_trainer(tiny_config("vsd", tmp_path / "b", sd_dir, clip_weight=0.0, **base))
+    with_clip = make_trainer(tiny_config("vsd", tmp_path / "c", sd_dir, clip_weight=5.0, **base))
+    for t in (plain, with_clip):
+        t.train_step()
+    a, b = plain.generator.backbone.state_dict(), with_clip.generator.backbone.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)

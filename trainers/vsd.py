@@ -11,8 +11,9 @@ Algorithm, per iteration (maths in METHODS.md, "VSD / SwiftBrush" and "SNOOPI"):
    g = s_t^2 (eps_teacher - eps_fake)                                  (VSD eq. 5, s_t^2 weighting)
      = a_t s_t (x0_fake - x0_teacher)    (the same thing in x0 form, free of the 1/s_t blow-up)
    loss = 0.5 * mean((x - sg(x - g))^2)
-   (SwiftBrush v2 adds w_clip * max(0, tau - cos(CLIP(x), CLIP(prompt))): ClampedClipLoss below;
-   not yet wired into the text-to-image batches, so ``clip_model`` is refused for now.)
+   (SwiftBrush v2 adds w_clip * max(0, tau - cos(CLIP(D(x)), CLIP(prompt))) with D the VAE
+   decoder, the gradient flowing through D into x; w_clip decays linearly to 0 over
+   ``clip_decay_steps`` generator steps: ClampedClipLoss below, text-to-image teachers only.)
    (descending moves x toward the teacher's denoised estimate and away from the fake
    score's, the direction of DMD's gradient; METHODS.md writes the difference the other
    way round, which would push the generator away from the teacher.)
@@ -53,8 +54,8 @@ class VSDConfig(DistillConfig):
     guidance_per: str = _help("PG-SB granularity: one scale per 'batch' or one per 'sample'", "batch")
     fake_cond_drop: float = _help("probability of dropping the condition to null in the fake-score step", 0.1)
     clip_model: str | None = _help(
-        "local CLIPModel folder for SwiftBrush v2's clamped CLIP loss (text-to-image teachers; ClampedClipLoss is "
-        "built and tested, its wiring into the text training batches is not done yet, so this is refused for now)"
+        "local CLIPModel folder (config.json, safetensors weights, its CLIP tokenizer) for SwiftBrush v2's clamped "
+        "CLIP loss on the decoded generator images against their prompts (text-to-image teachers only)"
     )
     clip_tau: float = _help("clamp of the CLIP loss max(0, tau - cos)", 0.35)
     clip_weight: float = _help("weight of the CLIP loss at the first generator step", 0.1)
@@ -94,10 +95,11 @@ class ClampedClipLoss(nn.Module):
     MEAN = (0.48145466, 0.4578275, 0.40821073)
     STD = (0.26862954, 0.26130258, 0.27577711)
 
-    def __init__(self, model: nn.Module, tau: float = 0.35):
+    def __init__(self, model: nn.Module, tau: float = 0.35, tokenizer=None):
         super().__init__()
         self.model = model.requires_grad_(False).eval()
         self.tau = tau
+        self.tokenizer = tokenizer
         size = model.config.vision_config.image_size
         self.size = (size, size)
         self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
@@ -109,9 +111,22 @@ class ClampedClipLoss(nn.Module):
 
         from transformers import CLIPModel
 
+        from transformers import CLIPTokenizer
+
         if not (Path(path) / "config.json").is_file():
             raise ConfigError(f"clip_model {path!r} is not a local CLIPModel folder (no config.json)")
-        return cls(CLIPModel.from_pretrained(path, use_safetensors=True), tau)
+        tokenizer = None
+        if (Path(path) / "vocab.json").is_file() or (Path(path) / "tokenizer.json").is_file():
+            tokenizer = CLIPTokenizer.from_pretrained(path)
+        return cls(CLIPModel.from_pretrained(path, use_safetensors=True), tau, tokenizer)
+
+    def prompt_loss(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The loss of ``images`` against prompt strings, tokenised with the model's own tokenizer."""
+        if self.tokenizer is None:
+            raise ConfigError("the CLIP model folder has no tokenizer (vocab.json and merges.txt): save its CLIPTokenizer there")
+        limit = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        tok = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        return self(images, tok.input_ids.to(images.device), tok.attention_mask.to(images.device))
 
     def cosine(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = (images.float().clamp(-1, 1) + 1) / 2
@@ -144,18 +159,26 @@ class VSDTrainer(DistillTrainer):
 
     def __init__(self, config: VSDConfig, **kwargs):
         super().__init__(config, **kwargs)
+        self.clip_loss: ClampedClipLoss | None = None
         if config.clip_model is not None:
             if self.conditioning.kind != "text":
                 raise ConfigError(
                     f"clip_model needs a text-to-image teacher; {self.teacher_spec.name} is conditioned on "
                     f"{self.conditioning.kind!r}. Remove clip_model from the config"
                 )
-            # The loss needs each sample's prompt tokenised for the CLIP model; the text teachers'
-            # batches carry cached embeddings only, so refuse rather than train without it.
-            raise ConfigError(
-                "clip_model: SwiftBrush v2's CLIP loss (ClampedClipLoss) is not wired to the text-to-image "
-                "training batches yet; remove clip_model from the config"
-            )
+            self.clip_loss = ClampedClipLoss.from_pretrained(config.clip_model, config.clip_tau).to(self.device)
+            if self.clip_loss.tokenizer is None:
+                raise ConfigError(f"clip_model {config.clip_model}: no CLIP tokenizer there (vocab.json and merges.txt)")
+            self.wants_prompts = True  # batches carry the prompt strings the CLIP text encoder reads
+
+    def clip_weight(self) -> float:
+        """SwiftBrush v2's CLIP weight now: ``clip_weight`` decayed linearly to 0 over ``clip_decay_steps``
+        generator steps (constant when that is 0)."""
+        c = self.config
+        if c.clip_decay_steps == 0:
+            return c.clip_weight
+        generator_steps = self.state.step // c.fake_updates_per_generator
+        return c.clip_weight * max(0.0, 1.0 - generator_steps / c.clip_decay_steps)
 
     def guidance_scales(self, n: int) -> float | torch.Tensor:
         """The scale shared by teacher and fake score this step: fixed, or PG-SB's random draw."""
@@ -181,6 +204,12 @@ class VSDTrainer(DistillTrainer):
             grad = vsd_gradient(x_t, t, x0_teacher, x0_fake, self.schedule)
         loss = inject_gradient(x, grad)
         logs = {"loss/vsd": loss.item(), "vsd/grad_abs": grad.abs().mean().item()}
+        w = self.clip_weight() if self.clip_loss is not None else 0.0
+        if w > 0:
+            # 4. SwiftBrush v2: the decoded image against its prompt, through the frozen VAE and CLIP.
+            loss_clip = self.clip_loss.prompt_loss(self.decode(x), batch["prompts"])
+            loss = loss + w * loss_clip
+            logs.update({"loss/clip": loss_clip.item(), "clip/weight": w})
         if isinstance(k, float):
             logs["vsd/guidance"] = k
         return loss, logs

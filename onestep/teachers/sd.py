@@ -259,15 +259,20 @@ class TextConditioning(Conditioning):
 
     # ---------------------------------------------------- Conditioning API
     def sample(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Cond:
+        return self.sample_prompts(n, generator, device)[0]
+
+    def sample_prompts(self, n: int, generator: torch.Generator | None = None, device="cpu") -> tuple[Cond, list[str]]:
+        """:meth:`sample` and the prompts it drew (the same draw: one random stream for both)."""
         if not self.prompts:
             raise ConfigError(
                 "a text-to-image teacher needs training prompts: set prompts: to a text file (one a line), "
                 "a JSONL file (caption/prompt/text field) or a CSV file (caption column)"
             )
         idx = torch.randint(0, len(self.prompts), (n,), generator=generator)
+        prompts = [self.prompts[i] for i in idx.tolist()]
         if self._table is not None:
-            return cond_to(index_cond(self._table, idx), device)
-        return cond_to(self.encode([self.prompts[i] for i in idx.tolist()]), device)
+            return cond_to(index_cond(self._table, idx), device), prompts
+        return cond_to(self.encode(prompts), device), prompts
 
     def null(self, n: int, device="cpu") -> Cond:
         return cond_to(self.repeat(self.encode([self.negative_prompt]) if self.negative_prompt else self._empty_row(), n), device)
