@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,23 +87,12 @@ def test_latent_cache_is_sharded_resumes_and_loads_without_the_vae(sd_dir, image
         encode_image_folder(pairs, broken, 32)
 
 
-def _encode_on_two_ranks(sd_dir, image_dir):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # a forked rank starts from the parent's single-process state
-    acc = Accelerator(cpu=True)
-    vae = CountingVAE(load_teacher(sd_dir).vae.vae)
-    if acc.process_index == 1:
-        time.sleep(1.0)  # rank 1 comes late and finds a complete cache: it must still meet rank 0 at the barrier
-    latents = encode_image_folder(read_image_captions(image_dir), vae, 16, shard_size=2)
-    (latent_cache_dir() / f"rank{acc.process_index}.json").write_text(json.dumps([vae.images, latents.sum().item()]))
-
-
+@pytest.mark.slow  # two fresh interpreters (forking after torch has run can deadlock): about 20 s
 def test_latent_cache_on_two_processes_is_written_by_the_main_one(sd_dir, image_dir):
-    from accelerate import debug_launcher
+    from test_resume_ddp import _launch, _why
 
-    debug_launcher(lambda: _encode_on_two_ranks(sd_dir, image_dir), num_processes=2)
+    r = _launch([str(Path(__file__).with_name("latent_cache_worker.py")), str(sd_dir), str(image_dir)])
+    assert r.returncode == 0, _why(r)
     ranks = [json.loads((latent_cache_dir() / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [images for images, _ in ranks] == [5, 0]  # rank 1 waited and read the main process's cache
     assert ranks[0][1] == ranks[1][1]
