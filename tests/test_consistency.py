@@ -302,3 +302,17 @@ def test_teacher_fit_warm_start_moves_student_toward_teacher_and_target_follows(
     assert changed(student0, tr.generator.backbone) > 0
     assert changed(state_of(tr.generator.backbone), tr.fake.backbone) == 0  # the target is the student again
     assert "loss/consistency" in tr.train_step()
+
+
+def test_lcm_lora_trains_the_adapters_against_the_student_itself(tmp_path, tiny_teacher_dir):
+    with pytest.raises(ConfigError, match="target_ema_decay: 0"):
+        tiny_cd_config(tmp_path, tiny_teacher_dir, generator_lora_rank=2)
+    tr = ConsistencyTrainer(tiny_cd_config(tmp_path, tiny_teacher_dir, generator_lora_rank=2, target_ema_decay=0.0, export=False))
+    assert tr.target is tr.student
+    before = {n: p.detach().clone() for n, p in tr.generator.backbone.named_parameters()}
+    for _ in range(2):
+        tr.train_step()
+    moved = {n for n, p in tr.generator.backbone.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and all("lora_" in n for n in moved)  # only the adapters train
+    student = tr.export()
+    assert not any("lora" in k for k in load_student(student).generator.state_dict())  # merged at export

@@ -112,6 +112,11 @@ class ConsistencyConfig(DistillConfig):
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if not 0 <= self.target_ema_decay < 1:
             raise ConfigError(f"target_ema_decay must lie in [0, 1) (got {self.target_ema_decay})")
+        if self.generator_lora_rank and self.target_ema_decay > 0:
+            raise ConfigError(
+                "generator_lora_rank with an EMA target: the target is a plain copy and cannot follow the adapters; "
+                "set target_ema_decay: 0 (the target is the student itself, as LCM-LoRA trains)"
+            )
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES} (got {self.loss!r})")
         if self.huber_c is not None and self.huber_c <= 0:
@@ -249,9 +254,10 @@ class ConsistencyTrainer(DistillTrainer):
         self.edges = segment_edges(self.grid, c.num_segments) if c.num_segments > 1 else [0]
         self.sampling_timesteps = lcm_timesteps(self.grid, c.num_segments if c.num_segments > 1 else min(c.sampling_steps, len(self.grid)))
         self.student = self._consistency_view(self.generator.backbone)
-        # The EMA target: the fake-score slot's network, started equal to the student.
-        with torch.no_grad():
-            self.fake.backbone.load_state_dict(self.generator.backbone.state_dict())
+        # The EMA target: the fake-score slot's network, started equal to the student (unused when mu = 0).
+        if c.target_ema_decay > 0:
+            with torch.no_grad():
+                self.fake.backbone.load_state_dict(self.generator.backbone.state_dict())
         self.fake.requires_grad_(False)
         self.target = self._consistency_view(self.fake.backbone) if c.target_ema_decay > 0 else self.student
         if c.huber_c is not None:
@@ -417,8 +423,9 @@ class ConsistencyTrainer(DistillTrainer):
         if self.state.step < self.config.teacher_fit_steps:
             loss, logs = self.teacher_fit_loss(batch)
             logs["grad_norm/generator"] = self._update(loss, self.generator, self.opt_g, self.sched_g)
-            with torch.no_grad():  # the target follows the warm start exactly
-                self.fake.backbone.load_state_dict(self.generator.backbone.state_dict())
+            if self.config.target_ema_decay > 0:
+                with torch.no_grad():  # the target follows the warm start exactly
+                    self.fake.backbone.load_state_dict(self.generator.backbone.state_dict())
             self.state.step += 1
             return logs
         loss, logs = self.generator_loss(batch)
