@@ -13,6 +13,9 @@ FSDP is on when accelerate's config says ``distributed_type: FSDP`` (``fsdp_vers
 ``configs/accelerate/fsdp.yaml``) or when a run sets ``fsdp: true`` under any multi-process
 launch (that is how it runs on CPU with gloo, where accelerate does not enable FSDP itself).
 
+A trainer that needs one more sharded network (DisBack's node target) returns it from
+``DistillTrainer.extra_sharded_networks``, called before sharding.
+
 Rules the loop keeps so that the processes' collectives line up: every process runs the same
 forward passes in the same order (random choices that change control flow, such as the
 backward-simulation step of a K-step student, are drawn the same on every process), and
@@ -171,6 +174,17 @@ def gather_full(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=_options(full_state_dict=True, cpu_offload=True))
 
 
+def load_whole(module: nn.Module, weights: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
+    """Load whole tensors into a sharded ``module`` (each process keeps its shard). ``weights`` must
+    name exactly ``expected``; the module's other weights are left as they are."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ConfigError(f"{what}: does not match the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    set_model_state_dict(module, weights, options=_options(full_state_dict=True, strict=False))
+
+
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {f"{name}/{key}": torch.as_tensor(v) for name, per in state["state"].items() for key, v in per.items()}
     return tensors, {"param_groups": json.dumps(state["param_groups"])}
@@ -239,7 +253,7 @@ def load_sharded_checkpoint(
     match exactly: every trainable parameter present, nothing unknown."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     info_file = path / SHARDED_STATE
     if not info_file.is_file():
@@ -248,12 +262,8 @@ def load_sharded_checkpoint(
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise ConfigError(f"{path}: {file.name} is missing; the checkpoint does not match this run's networks")
-        weights = load_file(str(file))
         expected = {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
-        if set(weights) != expected:
-            missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            raise ConfigError(f"{file}: does not match the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        set_model_state_dict(module, weights, options=_options(full_state_dict=True, strict=False))
+        load_whole(module, load_file(str(file)), expected, str(file))
         opt_file = path / f"optimizer_{name}.safetensors"
         with safe_open(str(opt_file), "pt") as f:
             meta = f.metadata() or {}
@@ -284,6 +294,7 @@ __all__ = [
     "gather_full",
     "gather_trainable",
     "load_sharded_checkpoint",
+    "load_whole",
     "resharded",
     "save_sharded_checkpoint",
     "shard",

@@ -271,6 +271,19 @@ def test_disback_records_nodes_then_backtracks_to_the_teacher(tmp_path, tiny_tea
     assert state["target"] == "teacher" and state["stage"] == "backtrack" and len(state["nodes"]) == 4
 
 
+def test_disback_with_lora_fake_score_targets_each_node_s_adapters(tmp_path, tiny_teacher_dir):
+    from safetensors.torch import load_file
+
+    tr = make_trainer(tiny_config("disback-dmd2", tmp_path, tiny_teacher_dir, max_steps=11, fake_score="lora", lora_rank=2, **DISBACK))
+    _targets(tr, 11)  # records nodes 0-3, then targets node 2 (steps 6, 8) and node 1 (step 10)
+    assert tr.current_target == 1 and tr.teacher is tr._target_net
+    node1 = load_file(str(tr.output_dir / "disback" / "node-01.safetensors"))
+    assert node1 and all("lora_" in k for k in node1)  # a LoRA node holds the adapters only
+    target = dict(tr._target_net.backbone.named_parameters())
+    assert all(torch.equal(target[k], v) for k, v in node1.items())
+    assert tr._target_net.use_adapters  # the target runs the node's adapters on the teacher's weights
+
+
 def test_disback_resumed_run_continues_with_same_target_and_weights(tmp_path, tiny_teacher_dir):
     full = make_trainer(tiny_config("disback-dmd2", tmp_path / "a", tiny_teacher_dir, max_steps=14, **DISBACK))
     full.train()

@@ -317,12 +317,17 @@ class DistillTrainer:
         self._export_buffers = {n: b.clone() for n, b in template.named_buffers()}
         self._export_template = template.to("meta")
         nets = [self.generator.backbone, self.fake.backbone, self.triad.teacher.backbone, self.heads]
+        nets += self.extra_sharded_networks()
         for net in nets:
             shard(net.to(device), **kwargs)
         # What a checkpoint holds: each trained network with its optimizer (names are file names).
         self._sharded = {"generator": self.generator.backbone, "fake_score": nn.ModuleDict({"fake": self.fake.backbone, "heads": self.heads})}
 
     # ---------------------------------------------------------------- hooks
+    def extra_sharded_networks(self) -> list[nn.Module]:
+        """FSDP: more networks a method calls, to shard with the triad (built here, before sharding)."""
+        return []
+
     def build_heads(self) -> dict[str, nn.Module]:
         """Extra trainable networks (GAN head, ...) updated with the fake score."""
         return {}
@@ -826,9 +831,10 @@ def save_trainable(net: nn.Module, path: str | Path, metadata: dict[str, str] | 
     return Path(path)
 
 
-def load_trainable(net: nn.Module, path: str | Path, what: str = "weights") -> None:
+def load_trainable(net: nn.Module, path: str | Path, what: str = "weights", trainable: set[str] | None = None) -> None:
     """Load a safetensors file into ``net`` strictly: its keys must be exactly ``net``'s state dict
-    (a full save) or exactly its trainable parameters (:func:`save_trainable`), with matching shapes."""
+    (a full save) or exactly its trainable parameters (:func:`save_trainable`), with matching shapes.
+    ``trainable``: those parameters' names, when ``net`` is a frozen copy of the network that trained."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -836,7 +842,8 @@ def load_trainable(net: nn.Module, path: str | Path, what: str = "weights") -> N
         raise ConfigError(f"{what}: {path} is missing")
     tensors = load_file(str(path))
     full = set(net.state_dict())
-    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    if trainable is None:
+        trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     if set(tensors) == full:
         expected = net.state_dict()
     elif set(tensors) == set(trainable):

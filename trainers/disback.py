@@ -32,6 +32,7 @@ from typing import Any
 from torch import nn
 
 from onestep.errors import ConfigError
+from onestep.sharding import gather_trainable, load_whole
 
 from .base import _help, load_trainable, save_trainable
 from .dmd2 import DMD2Config, DMD2Trainer
@@ -60,15 +61,10 @@ class DisBackMixin:
     """Stages and targets of DisBack on top of a distribution-matching trainer."""
 
     def __init__(self, config, **kwargs):
+        self._target_net: nn.Module | None = None
         super().__init__(config, **kwargs)
-        if self.fsdp:
-            raise ConfigError(
-                "DisBack does not run sharded yet (its nodes are written and read as whole networks on one process): "
-                "launch it without FSDP (configs/accelerate/multi_gpu.yaml)"
-            )
         self.real_teacher = self.teacher
         self.node_dir = self.output_dir / "disback"
-        self._target_net: nn.Module | None = None
         self.current_target: int | None = None
         if self.teacher_spec.student_factory is not None and not (config.regression_warmup_steps or config.init_fake_score):
             raise ConfigError(
@@ -141,12 +137,34 @@ class DisBackMixin:
         return logs
 
     # ------------------------------------------------------------ nodes
+    def _new_target_net(self) -> nn.Module:
+        """The network that holds a node as the real score: a frozen copy of the fake score."""
+        return copy.deepcopy(self.fake).requires_grad_(False).eval()
+
+    def extra_sharded_networks(self) -> list[nn.Module]:
+        # FSDP: the node target is built now, whole, and sharded with the triad (a sharded network
+        # cannot be copied later).
+        self._target_net = self._new_target_net()
+        return [self._target_net.backbone]
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.fake.backbone.named_parameters() if p.requires_grad}
+
     def save_node(self, i: int) -> Path:
         acc = self.accelerator
         path = self.node_path(i)
+        meta = {"node": str(i), "step": str(self.state.step)}
+        if self.fsdp:  # gathered on every process, written by the main one
+            from safetensors.torch import save_file
+
+            names = self._trainable_names()
+            state = {k: v.contiguous() for k, v in gather_trainable(self.fake.backbone).items() if k in names}
         if acc.is_main_process:
             self.node_dir.mkdir(parents=True, exist_ok=True)
-            save_trainable(self.fake.backbone, path, metadata={"node": str(i), "step": str(self.state.step)})
+            if self.fsdp:
+                save_file(state, str(path), metadata=meta)
+            else:
+                save_trainable(self.fake.backbone, path, metadata=meta)
             self.write_state()
         acc.wait_for_everyone()
         return path
@@ -159,8 +177,17 @@ class DisBackMixin:
             self.teacher = self.real_teacher
         else:
             if self._target_net is None:
-                self._target_net = copy.deepcopy(self.fake).requires_grad_(False).eval()
-            load_trainable(self._target_net.backbone, self.node_path(i), f"DisBack node {i}")
+                self._target_net = self._new_target_net()
+            # A node holds the fake score's trainable weights (all of it, or its LoRA adapters).
+            if self.fsdp:
+                from safetensors.torch import load_file
+
+                path = self.node_path(i)
+                if not path.is_file():
+                    raise ConfigError(f"DisBack node {i}: {path} is missing")
+                load_whole(self._target_net.backbone, load_file(str(path)), self._trainable_names(), f"DisBack node {i}: {path}")
+            else:
+                load_trainable(self._target_net.backbone, self.node_path(i), f"DisBack node {i}", self._trainable_names())
             self.teacher = self._target_net
         self.current_target = i
         if self.accelerator.is_main_process:
