@@ -80,3 +80,16 @@ def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> int:
     after = module.state_dict()
     return sum(not torch.equal(before[k], after[k]) for k in before)
+
+
+def leave_launch() -> None:
+    """End a test worker run under `accelerate launch`, once its results are written and the ranks
+    have met: close the process group and exit at once. A normal interpreter exit has aborted a
+    rank now and then ("terminate called without an active exception", SIGABRT) while C++ threads
+    of the process group were torn down; what the worker reports does not depend on that teardown."""
+    import sys
+
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_dmd2_config
+from conftest import leave_launch, tiny_dmd2_config
 from onestep.trainers import DMD2Trainer
 
 
@@ -27,7 +27,7 @@ def main(out: Path, teacher: str) -> None:
     # Leave together and close the group: a rank that exits while its peer still holds the gloo
     # connection can be aborted at teardown.
     acc.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    leave_launch()
 
 
 if __name__ == "__main__":

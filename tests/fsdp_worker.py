@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_config, tiny_dmd2_config
+from conftest import leave_launch, tiny_config, tiny_dmd2_config
 from onestep.trainers import make_trainer
 
 
@@ -55,7 +55,7 @@ def main(out: Path, teacher: str) -> None:
     rank = torch.distributed.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_launch()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
+from conftest import leave_launch
 from test_t2i_memory import CountingVAE
 
 from onestep.teachers import load_teacher
@@ -23,7 +23,7 @@ def main(sd_dir: Path, image_dir: Path) -> None:
     latents = encode_image_folder(read_image_captions(image_dir), vae, 16, shard_size=2)
     (latent_cache_dir() / f"rank{acc.process_index}.json").write_text(json.dumps([vae.images, latents.sum().item()]))
     acc.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    leave_launch()
 
 
 if __name__ == "__main__":
