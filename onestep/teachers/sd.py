@@ -81,15 +81,20 @@ def is_sdxl(index: dict[str, Any]) -> bool:
 
 def check_parts(path: Path, index: dict[str, Any]) -> tuple[str, ...]:
     """The parts the folder must hold; raise naming the first one that is missing."""
+    parts = SDXL_PARTS if is_sdxl(index) else SD_PARTS
+    needs = f"a {'SDXL' if parts is SDXL_PARTS else 'Stable Diffusion'} folder needs {', '.join(parts)}"
+    return require_parts(path, index, parts, "text-to-image", needs)
+
+
+def require_parts(path: Path, index: dict[str, Any], parts: tuple[str, ...], kind: str, needs: str) -> tuple[str, ...]:
+    """Check that ``model_index.json`` names each of ``parts`` and its folder exists, and that the
+    weight folders hold no pickles; raise a :class:`TeacherError` naming the first missing part
+    (``needs`` says what a ``kind`` folder must hold)."""
     from . import refuse_pickles
 
-    parts = SDXL_PARTS if is_sdxl(index) else SD_PARTS
     for part in parts:
         if component_class(index, part) is None or not (path / part).is_dir():
-            raise TeacherError(
-                f"{path}: the text-to-image pipeline has no '{part}' component (a "
-                f"{'SDXL' if parts is SDXL_PARTS else 'Stable Diffusion'} folder needs {', '.join(parts)})"
-            )
+            raise TeacherError(f"{path}: the {kind} pipeline has no '{part}' component ({needs})")
     for part in parts:
         if not part.startswith(("tokenizer", "scheduler")):
             refuse_pickles(path / part)
@@ -116,18 +121,22 @@ class PromptEncoder:
         self.device = torch.device(device)
         self._parts: list[tuple[Any, nn.Module]] | None = None
 
-    def _load(self) -> list[tuple[Any, nn.Module]]:
+    def _components(self) -> list[tuple[str, str, type, type]]:
+        """``(tokenizer folder, encoder folder, tokenizer class, encoder class)`` of each text encoder."""
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+        names = [("tokenizer", "text_encoder", CLIPTokenizer, CLIPTextModel)]
+        if self.xl:
+            names.append(("tokenizer_2", "text_encoder_2", CLIPTokenizer, CLIPTextModelWithProjection))
+        return names
+
+    def _load(self) -> list[tuple[Any, nn.Module]]:
         if self._parts is None:
-            names = [("tokenizer", "text_encoder", CLIPTextModel)]
-            if self.xl:
-                names.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
             parts = []
-            for tok_name, enc_name, cls in names:
+            for tok_name, enc_name, tok_cls, enc_cls in self._components():
                 try:
-                    tok = CLIPTokenizer.from_pretrained(self.folder / tok_name)
-                    enc = cls.from_pretrained(self.folder / enc_name, use_safetensors=True)
+                    tok = tok_cls.from_pretrained(self.folder / tok_name)
+                    enc = enc_cls.from_pretrained(self.folder / enc_name, use_safetensors=True)
                 except (OSError, ValueError) as e:
                     raise TeacherError(f"{self.folder}: cannot load {enc_name}/ and {tok_name}/ ({e})") from e
                 parts.append((tok, enc.to(self.device).eval().requires_grad_(False)))
@@ -400,23 +409,15 @@ def load_text_to_image_teacher(
         raise TeacherError(f"{path}: cannot load the UNet or the VAE ({e})") from e
     if xl and getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise TeacherError(f"{path}: an SDXL folder needs a UNet with addition_embed_type 'text_time'")
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if not sched_file.is_file():
-        raise TeacherError(f"{path}: scheduler/scheduler_config.json is missing")
-    sched_cfg = json.loads(sched_file.read_text())
+    sched_cfg = read_scheduler_config(path)
     schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
     latent_vae = LatentVAE(vae)
     f = latent_vae.scale_factor
     side = int(resolution) if resolution else int(unet.config.sample_size) * f
     if side % f:
         raise ConfigError(f"resolution {side} is not a multiple of the VAE's factor {f}")
-    encoder = PromptEncoder(path, xl, (side, side), device=device)
-    conditioning = TextConditioning(
-        encoder=encoder,
-        prompts=_prompt_list(prompts, "prompts") if prompts is not None else [],
-        validation_prompts=_prompt_list(validation_prompts, "validation_prompts") if validation_prompts else list(DEFAULT_VALIDATION_PROMPTS),
-        negative_prompt=negative_prompt or None,
-        cache_embeddings=cache_text_embeddings,
+    conditioning = text_conditioning(
+        PromptEncoder(path, xl, (side, side), device=device), prompts, validation_prompts, negative_prompt, cache_text_embeddings,
         zero_empty_prompt=bool(xl and index.get("force_zeros_for_empty_prompt", False)),
     )
     real_data = None
@@ -436,6 +437,33 @@ def load_text_to_image_teacher(
         real_data=real_data,
         meta={"pipeline": index.get("_class_name"), "pipeline_folder": str(path.resolve()), "sdxl": xl, "resolution": side},
         vae=latent_vae,
+    )
+
+
+def read_scheduler_config(path: Path) -> dict[str, Any]:
+    """``scheduler/scheduler_config.json`` of a pipeline folder; a :class:`TeacherError` when missing."""
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise TeacherError(f"{path}: scheduler/scheduler_config.json is missing")
+    return json.loads(sched_file.read_text())
+
+
+def text_conditioning(
+    encoder: PromptEncoder,
+    prompts: str | list[str] | None,
+    validation_prompts: str | list[str] | None,
+    negative_prompt: str | None,
+    cache_embeddings: bool,
+    zero_empty_prompt: bool = False,
+) -> TextConditioning:
+    """The teacher's :class:`TextConditioning` from the loaders' prompt options (files or lists)."""
+    return TextConditioning(
+        encoder=encoder,
+        prompts=_prompt_list(prompts, "prompts") if prompts is not None else [],
+        validation_prompts=_prompt_list(validation_prompts, "validation_prompts") if validation_prompts else list(DEFAULT_VALIDATION_PROMPTS),
+        negative_prompt=negative_prompt or None,
+        cache_embeddings=cache_embeddings,
+        zero_empty_prompt=zero_empty_prompt,
     )
 
 

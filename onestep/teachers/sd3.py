@@ -24,7 +24,6 @@ folder) is shared with them:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,14 @@ from torch import nn
 
 from ..errors import ConfigError, TeacherError
 from .sd import (
-    DEFAULT_VALIDATION_PROMPTS,
     LatentVAE,
     PromptEncoder,
-    TextConditioning,
-    _prompt_list,
     component_class,
     image_folder_data,
     read_model_index,
+    read_scheduler_config,
+    require_parts,
+    text_conditioning,
 )
 
 SD3_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -56,20 +55,10 @@ def is_sd3(index: dict[str, Any]) -> bool:
 def sd3_parts(path: Path, index: dict[str, Any]) -> tuple[str, ...]:
     """The parts an SD3 folder holds (T5 included when ``model_index.json`` names one); raise a
     :class:`TeacherError` naming the first that is missing, or holding only pickle weights."""
-    from . import refuse_pickles
-
     has_t5 = component_class(index, "text_encoder_3") is not None or component_class(index, "tokenizer_3") is not None
     parts = SD3_PARTS + (T5_PARTS if has_t5 else ())
-    for part in parts:
-        if component_class(index, part) is None or not (path / part).is_dir():
-            raise TeacherError(
-                f"{path}: the SD3 pipeline has no '{part}' component (an SD3 folder needs {', '.join(SD3_PARTS)}; "
-                f"{' and '.join(T5_PARTS)} are optional, but both or neither)"
-            )
-    for part in parts:
-        if not part.startswith(("tokenizer", "scheduler")):
-            refuse_pickles(path / part)
-    return parts
+    needs = f"an SD3 folder needs {', '.join(SD3_PARTS)}; {' and '.join(T5_PARTS)} are optional, but both or neither"
+    return require_parts(path, index, parts, "SD3", needs)
 
 
 class SD3PromptEncoder(PromptEncoder):
@@ -115,24 +104,16 @@ class SD3PromptEncoder(PromptEncoder):
             "max_sequence_length": self.max_sequence_length,
         }
 
-    def _load(self) -> list[tuple[Any, nn.Module]]:
+    def _components(self) -> list[tuple[str, str, type, type]]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        if self._parts is None:
-            names = [("tokenizer", "text_encoder", CLIPTokenizer, CLIPTextModelWithProjection)]
-            names.append(("tokenizer_2", "text_encoder_2", CLIPTokenizer, CLIPTextModelWithProjection))
-            if self.t5:
-                names.append(("tokenizer_3", "text_encoder_3", T5TokenizerFast, T5EncoderModel))
-            parts = []
-            for tok_name, enc_name, tok_cls, enc_cls in names:
-                try:
-                    tok = tok_cls.from_pretrained(self.folder / tok_name)
-                    enc = enc_cls.from_pretrained(self.folder / enc_name, use_safetensors=True)
-                except (OSError, ValueError) as e:
-                    raise TeacherError(f"{self.folder}: cannot load {enc_name}/ and {tok_name}/ ({e})") from e
-                parts.append((tok, enc.to(self.device).eval().requires_grad_(False)))
-            self._parts = parts
-        return self._parts
+        names = [
+            ("tokenizer", "text_encoder", CLIPTokenizer, CLIPTextModelWithProjection),
+            ("tokenizer_2", "text_encoder_2", CLIPTokenizer, CLIPTextModelWithProjection),
+        ]
+        if self.t5:
+            names.append(("tokenizer_3", "text_encoder_3", T5TokenizerFast, T5EncoderModel))
+        return names
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         parts = self._load()
@@ -192,10 +173,7 @@ def load_sd3_teacher(
         vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
     except (OSError, ValueError) as e:
         raise TeacherError(f"{path}: cannot load the transformer or the VAE ({e})") from e
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if not sched_file.is_file():
-        raise TeacherError(f"{path}: scheduler/scheduler_config.json is missing")
-    schedule = NoiseSchedule.from_scheduler_config(json.loads(sched_file.read_text()))
+    schedule = NoiseSchedule.from_scheduler_config(read_scheduler_config(path))
     if not isinstance(schedule, FlowMatchSchedule):
         raise TeacherError(f"{path}: an SD3 folder needs a FlowMatchEulerDiscreteScheduler, not {schedule.config.get('_class_name')}")
     latent_vae = LatentVAE(vae)
@@ -207,13 +185,7 @@ def load_sd3_teacher(
     encoder = SD3PromptEncoder(
         path, (side, side), int(transformer.config.joint_attention_dim), t5="text_encoder_3" in parts, device=device
     )
-    conditioning = TextConditioning(
-        encoder=encoder,
-        prompts=_prompt_list(prompts, "prompts") if prompts is not None else [],
-        validation_prompts=_prompt_list(validation_prompts, "validation_prompts") if validation_prompts else list(DEFAULT_VALIDATION_PROMPTS),
-        negative_prompt=negative_prompt or None,
-        cache_embeddings=cache_text_embeddings,
-    )
+    conditioning = text_conditioning(encoder, prompts, validation_prompts, negative_prompt, cache_text_embeddings)
     real_data = image_folder_data(real_images, conditioning, latent_vae, side, device=device) if real_images else None
     conditioning.prepare()
     return Teacher(
