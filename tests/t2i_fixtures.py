@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 TOKEN_LENGTH = 16  # the tokenizers' model_max_length (SD uses 77; shorter keeps the tests fast)
@@ -131,9 +132,13 @@ def make_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+#: The training prompts of the text-to-image tests (the ``prompt_file`` fixture).
+PROMPTS = ["a red cube", "a blue ball", "two green cats", "a yellow house"]
+
+
 def write_prompts(path: str | Path, prompts: list[str] | None = None) -> Path:
     path = Path(path)
-    path.write_text("\n".join(prompts or ["a red cube", "a blue ball", "two green cats", "a yellow house"]) + "\n")
+    path.write_text("\n".join(prompts or PROMPTS) + "\n")
     return path
 
 
@@ -228,3 +233,22 @@ def make_tiny_sd3(out: str | Path, seed: int = 0, t5: bool = False) -> Path:
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+# Fixtures the text-to-image test modules share (imported there by name).
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.txt", PROMPTS)
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(autouse=True)
+def latent_cache_in_tmp(tmp_path, monkeypatch):
+    """Each test's VAE-latent cache in its own tmp folder."""
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))

@@ -18,6 +18,12 @@ def _student(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "run" / "student" / "generator" / "diffusion_pytorch_model.safetensors"))
 
 
+def _assert_same_weights(sharded: dict, plain: dict, rtol: float, atol: float, what: str = "") -> None:
+    assert sharded.keys() == plain.keys()
+    for k in plain:
+        torch.testing.assert_close(sharded[k], plain[k], rtol=rtol, atol=atol, msg=f"{what}{k}")
+
+
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory, tiny_teacher_dir):
     out = tmp_path_factory.mktemp("fsdp")
@@ -40,22 +46,17 @@ def test_fsdp_shards_the_generator_across_processes(fsdp_runs):
 @SLOW
 def test_fsdp_trains_like_data_parallel(fsdp_runs):
     out, _ = fsdp_runs
-    sharded, plain = _student(out / "fsdp"), _student(out / "ddp")
-    assert sharded.keys() == plain.keys()
-    for k in plain:
-        torch.testing.assert_close(sharded[k], plain[k], rtol=1e-4, atol=1e-5, msg=k)
+    _assert_same_weights(_student(out / "fsdp"), _student(out / "ddp"), rtol=1e-4, atol=1e-5)
 
 
 @SLOW
 def test_fsdp_consistency_distillation_trains_like_data_parallel(fsdp_runs):
     out, ranks = fsdp_runs
     assert all(r["lcm_fsdp"]["sharded"] for r in ranks)
-    sharded, plain = _student(out / "lcm_fsdp"), _student(out / "lcm_ddp")
     # The tiny teacher's consistency gradients are ~1e8, clipped to norm 10: Adam then sees values
     # near its eps and turns summation-order noise (attention key biases have zero true gradient)
     # into visible updates. Within a tenth of one step (lr 1e-3):
-    for k in plain:
-        torch.testing.assert_close(sharded[k], plain[k], rtol=1e-3, atol=1e-4, msg=k)
+    _assert_same_weights(_student(out / "lcm_fsdp"), _student(out / "lcm_ddp"), rtol=1e-3, atol=1e-4)
 
 
 @SLOW
@@ -63,16 +64,13 @@ def test_fsdp_disback_writes_the_same_nodes_and_student_as_data_parallel(fsdp_ru
     out, ranks = fsdp_runs
     assert all(r["disback_fsdp"]["sharded"] for r in ranks)
     for node in ("node-00.safetensors", "node-01.safetensors", "node-02.safetensors"):
-        sharded = load_file(str(out / "disback_fsdp" / "run" / "disback" / node))
         plain = load_file(str(out / "disback_ddp" / "run" / "disback" / node))
-        assert sharded.keys() == plain.keys() and all("lora_" in k for k in plain)
-        for k in plain:
-            torch.testing.assert_close(sharded[k], plain[k], rtol=1e-4, atol=1e-5, msg=f"{node}: {k}")
+        assert plain and all("lora_" in k for k in plain)
+        _assert_same_weights(load_file(str(out / "disback_fsdp" / "run" / "disback" / node)), plain, rtol=1e-4, atol=1e-5, what=f"{node}: ")
     state = json.loads((out / "disback_fsdp" / "run" / "disback" / "state.json").read_text())
     assert state["target"] == "teacher"  # backtracked through node 1 to the teacher
-    sharded, plain = _student(out / "disback_fsdp"), _student(out / "disback_ddp")
-    for k in plain:  # five Adam steps of lr 1e-3 on summation-order noise: within a tenth of a step
-        torch.testing.assert_close(sharded[k], plain[k], rtol=1e-3, atol=1e-4, msg=k)
+    # five Adam steps of lr 1e-3 on summation-order noise: within a tenth of a step
+    _assert_same_weights(_student(out / "disback_fsdp"), _student(out / "disback_ddp"), rtol=1e-3, atol=1e-4)
 
 
 @SLOW
@@ -88,9 +86,7 @@ def test_fsdp_checkpoint_is_safetensors_and_resumes_exactly(fsdp_runs):
     assert state["step"] == 2 and state["ema"]["optimization_step"] >= 1
     fake = load_file(str(ckpt / "fake_score.safetensors"))
     assert fake and all("lora_" in k or k.startswith("heads.") for k in fake)  # adapters and heads, not the base
-    resumed, straight = _student(out / "resumed"), _student(out / "fsdp")
-    for k in straight:
-        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=k)
+    _assert_same_weights(_student(out / "resumed"), _student(out / "fsdp"), rtol=0, atol=1e-6)
 
 
 @SLOW

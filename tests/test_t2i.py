@@ -9,13 +9,10 @@ import shutil
 import pytest
 import torch
 from conftest import changed, state_of, tiny_config
-from t2i_fixtures import make_tiny_sd, make_tiny_sdxl, write_image_folder, write_prompts
+from t2i_fixtures import PROMPTS, image_dir, latent_cache_in_tmp, make_tiny_sd, make_tiny_sdxl, prompt_file  # noqa: F401 (fixtures)
 
 from onestep.errors import ConfigError, OnestepError, TeacherError
 from onestep.teachers import load_teacher
-
-PROMPTS = ["a red cube", "a blue ball", "two green cats", "a yellow house"]
-
 
 @pytest.fixture(scope="session")
 def sd_dir(tmp_path_factory):
@@ -25,21 +22,6 @@ def sd_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sdxl_dir(tmp_path_factory):
     return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
-
-
-@pytest.fixture(scope="session")
-def prompt_file(tmp_path_factory):
-    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.txt", PROMPTS)
-
-
-@pytest.fixture(scope="session")
-def image_dir(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(autouse=True)
-def _latent_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
 
 
 def _pipe(folder):

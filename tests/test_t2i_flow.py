@@ -10,13 +10,11 @@ import shutil
 import pytest
 import torch
 from conftest import changed, state_of, tiny_config
-from t2i_fixtures import SD3_SHIFT, make_tiny_sd3, write_image_folder, write_prompts
+from t2i_fixtures import PROMPTS, SD3_SHIFT, image_dir, latent_cache_in_tmp, make_tiny_sd3, prompt_file  # noqa: F401 (fixtures)
 
 from onestep.errors import ConfigError, TeacherError
 from onestep.schedule import FlowMatchSchedule, NoiseSchedule
 from onestep.teachers import load_teacher
-
-PROMPTS = ["a red cube", "a blue ball", "two green cats", "a yellow house"]
 
 
 @pytest.fixture(scope="session")
@@ -27,21 +25,6 @@ def sd3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd3_t5_dir(tmp_path_factory):
     return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3_t5"), t5=True)
-
-
-@pytest.fixture(scope="session")
-def prompt_file(tmp_path_factory):
-    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.txt", PROMPTS)
-
-
-@pytest.fixture(scope="session")
-def image_dir(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(autouse=True)
-def _latent_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
 
 
 def _pipe(folder, t5: bool = True):
