@@ -611,7 +611,7 @@ class DistillTrainer:
             # save_state keeps the EMA copy only in a pickle. (With FSDP every process gathers.)
             from safetensors.torch import save_file
 
-            net = self.generator_for_export() if (self.fsdp or acc.is_main_process) else None
+            net = self.generator_on_main()
             if acc.is_main_process:
                 state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
                 save_file(state, str(path / EXPORT_WEIGHTS))
@@ -666,6 +666,13 @@ class DistillTrainer:
             self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
         return merged_lora(net) if self.config.generator_lora_rank else net
 
+    def generator_on_main(self) -> nn.Module | None:
+        """:meth:`generator_for_export` on the main process, None on the others. Every process must
+        call it: with FSDP the weights are gathered from all of them."""
+        if self.fsdp or self.accelerator.is_main_process:
+            return self.generator_for_export()
+        return None
+
     def _gathered_generator(self) -> nn.Module | None:
         """FSDP: the whole generator rebuilt from its shards on the main process (None on the others;
         every process must call this, the gathering is collective)."""
@@ -703,7 +710,7 @@ class DistillTrainer:
     def export(self) -> Path | None:
         from onestep.export import export_student
 
-        net = self.generator_for_export() if (self.fsdp or self.accelerator.is_main_process) else None
+        net = self.generator_on_main()
         if not self.accelerator.is_main_process:
             return None
         return export_student(
@@ -740,7 +747,7 @@ class DistillTrainer:
     def save_preview(self, step: int) -> Path | None:
         from onestep.viz import save_samples_picture
 
-        net = self.generator_for_export() if self.fsdp else None  # FSDP: gathered on every process
+        net = self.generator_on_main()
         if not self.accelerator.is_main_process:
             return None
         x, _ = self.preview_samples(net=net)
