@@ -59,40 +59,8 @@ def sample_student_images(
 
 
 def load_generator_from_checkpoint(student, checkpoint: Path):
-    """The generator of a training checkpoint in the exported student's architecture.
+    """The generator of a training checkpoint in the exported student's architecture
+    (:func:`onestep.weights.generator_from_checkpoint`)."""
+    from onestep.weights import generator_from_checkpoint
 
-    With EMA (or a LoRA generator) the checkpoint holds ``generator_export.safetensors``, the
-    weights an export at that step would have, and those are used; otherwise the raw generator
-    weights ``model.safetensors`` written by ``accelerator.save_state`` are the export's weights.
-    """
-    import copy
-
-    from safetensors.torch import load_file
-
-    from onestep.trainers.base import EXPORT_WEIGHTS
-
-    exported = checkpoint / EXPORT_WEIGHTS
-    if exported.is_file():
-        gen = copy.deepcopy(student.generator).cpu()
-        state = load_file(exported)
-        if set(state) != set(gen.backbone.state_dict()):
-            raise OnestepError(f"{exported} does not hold this student's generator")
-        gen.backbone.load_state_dict(state)
-        return gen.eval()
-    weights = checkpoint / "model.safetensors"
-    if not weights.is_file():
-        raise OnestepError(f"{checkpoint}: no model.safetensors (the generator's weights)")
-    state = load_file(weights)
-    gen = copy.deepcopy(student.generator).cpu()
-    expected = gen.state_dict()
-    if set(state) != set(expected):
-        # save_state may hold the bare backbone or the Denoiser wrapper ("backbone." prefix).
-        state = {k.removeprefix("backbone."): v for k, v in state.items()}
-        expected = gen.backbone.state_dict()
-        if set(state) != set(expected):
-            missing = sorted(set(expected) - set(state))[:3]
-            raise OnestepError(f"{weights} does not hold this student's generator (missing e.g. {missing})")
-        gen.backbone.load_state_dict(state)
-    else:
-        gen.load_state_dict(state)
-    return gen.eval()
+    return generator_from_checkpoint(student.generator, checkpoint)

@@ -123,7 +123,7 @@ def _cmd_sample(args, extra: list[str]) -> int:
         raise OnestepError("--num-samples must be at least 1")
     prompts = list(args.prompt or [])
     if args.prompts:
-        from onestep.eval.clip import read_prompts
+        from onestep.teachers.text import read_prompts
 
         prompts += read_prompts(args.prompts)
     out = sample_to_folder(

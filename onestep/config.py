@@ -76,6 +76,14 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def config_field(help: str, default: Any = None, factory: Any = None) -> Any:
+    """A dataclass field with its help string (shown by ``onestep train --show-config``):
+    ``config_field("AdamW beta1", 0.9)``, or ``factory=`` for a mutable default."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def _coerce(cls, name: str, value: Any) -> Any:
     hints = typing.get_type_hints(cls)
     hint = hints.get(name)
@@ -122,7 +130,7 @@ def config_to_dict(config) -> dict[str, Any]:
 
 
 def field_help(cls) -> list[tuple[str, Any, str]]:
-    """``(name, default, help)`` for every field: what ``onestep train --help-config`` prints."""
+    """``(name, default, help)`` for every field: what ``onestep train --show-config`` prints."""
     rows = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (

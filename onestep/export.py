@@ -31,7 +31,7 @@ the pipeline's steps the student's timesteps.
 
 Consistency students also record ``consistency`` (parameterisation, grid, timesteps for 1, 2, 4
 and 8 steps) and ``guidance`` (how the student takes its guidance scale); see
-:mod:`onestep.samplers.consistency`. ``UNet2DConditionModel`` ones on LCM's grid get
+:mod:`onestep.consistency`. ``UNet2DConditionModel`` ones on LCM's grid get
 ``scheduler/``, an ``LCMScheduler`` config.
 """
 
@@ -136,7 +136,7 @@ def write_lcm_scheduler(out: str | Path, meta: dict[str, Any]) -> Path | None:
     """
     from diffusers import LCMScheduler
 
-    from onestep.samplers.consistency import lcm_grid
+    from onestep.consistency import lcm_grid
 
     cm = meta["consistency"]
     schedule = dict(meta["schedule"])
@@ -189,7 +189,7 @@ class Student:
             return list(self.timesteps)
         cm = self.meta.get("consistency")
         if cm:
-            from onestep.samplers.consistency import lcm_timesteps
+            from onestep.consistency import lcm_timesteps
 
             if cm["parameterisation"] == "segments":
                 raise StudentFormatError(f"this multistep consistency student samples in exactly {len(self.timesteps)} steps")
@@ -210,7 +210,7 @@ def _generator_from_meta(backbone: nn.Module, schedule: NoiseSchedule, meta: dic
     cm = meta.get("consistency")
     if not cm:
         return Denoiser(backbone, schedule, meta["prediction_type"])
-    from onestep.samplers.consistency import ConsistencyDenoiser, GuidanceInput
+    from onestep.consistency import ConsistencyDenoiser, GuidanceInput
 
     guidance = GuidanceInput(**meta["guidance"]) if meta.get("guidance") else None
     return ConsistencyDenoiser(

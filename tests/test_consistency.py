@@ -9,7 +9,7 @@ import torch
 from conftest import changed, state_of
 from onestep.errors import ConfigError
 from onestep.export import load_student
-from onestep.samplers.consistency import (
+from onestep.consistency import (
     ConsistencyDenoiser,
     GuidanceInput,
     boundary_scalings,

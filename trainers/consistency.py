@@ -44,7 +44,7 @@ from torch import nn
 
 from onestep.denoiser import frozen
 from onestep.errors import ConfigError
-from onestep.samplers.consistency import (
+from onestep.consistency import (
     ConsistencyDenoiser,
     GuidanceInput,
     ddim_step,

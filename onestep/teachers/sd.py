@@ -386,7 +386,7 @@ def load_text_to_image_teacher(
         path: the pipeline folder.
         name: what the teacher is called in logs and student metadata.
         prompts: the training prompt set: a file (text, JSONL or CSV, see
-            :func:`onestep.eval.clip.read_prompts`) or a list.
+            :func:`onestep.teachers.text.read_prompts`) or a list.
         validation_prompts: prompts for previews (a file or a list; default: a fixed list).
         negative_prompt: replaces the empty prompt as guidance's unconditional branch.
         resolution: image side in pixels (default: the UNet's ``sample_size`` times the VAE factor).
@@ -468,7 +468,7 @@ def text_conditioning(
 
 
 def _prompt_list(source: str | list[str], what: str) -> list[str]:
-    from onestep.eval.clip import read_prompts
+    from .text import read_prompts
 
     if isinstance(source, (list, tuple)):
         out = [str(p) for p in source]
@@ -492,7 +492,7 @@ def read_image_captions(folder: str | Path) -> list[tuple[Path, str]]:
     meta = folder / "metadata.jsonl"
     pairs: list[tuple[Path, str]] = []
     if meta.is_file():
-        from onestep.eval.clip import jsonl_records
+        from .text import jsonl_records
 
         for n, item in jsonl_records(meta):
             caption = next((item[k] for k in ("text", "caption", "prompt") if isinstance(item.get(k), str)), None)

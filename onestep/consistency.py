@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from onestep.conditioning import Cond, scale_to_lcm_w
-from onestep.denoiser import Denoiser
-from onestep.errors import ConfigError
-from onestep.schedule import NoiseSchedule, expand_like
+from .conditioning import Cond, scale_to_lcm_w
+from .denoiser import Denoiser
+from .errors import ConfigError
+from .schedule import NoiseSchedule, expand_like
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0

@@ -1,0 +1,132 @@
+"""Weights I/O, safetensors only: trainable weights of a network, strict loads, and the
+generator a training checkpoint holds.
+
+Used by the trainers (``init_generator``, ``init_fake_score``, DisBack's nodes, checkpoints)
+and by evaluation (scoring each ``checkpoint-N`` of a run), so it lives in core.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, OnestepError
+
+#: In a checkpoint folder: the generator as an export would hold it (EMA weights, LoRA merged),
+#: written when those differ from the raw weights in ``model.safetensors``.
+EXPORT_WEIGHTS = "generator_export.safetensors"
+#: In a checkpoint folder written by ``accelerator.save_state``: the generator's raw weights.
+GENERATOR_WEIGHTS = "model.safetensors"
+
+
+def weights_file(path: str | Path) -> Path:
+    """A ``.safetensors`` file of a generator network: the file itself, or a student folder's
+    ``generator/diffusion_pytorch_model.safetensors``. Pickles are refused."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "generator" / "diffusion_pytorch_model.safetensors"
+    if p.suffix != ".safetensors":
+        raise ConfigError(f"{path}: weights load only from .safetensors files (or a student folder), never from pickles")
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such weights file")
+    return p
+
+
+def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter of ``net`` by name (a full network, or only the adapters of a LoRA one)."""
+    return {n: p.detach().cpu().contiguous().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def save_trainable(net: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write :func:`trainable_state` of ``net`` to a safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(net), str(path), metadata=metadata)
+    return Path(path)
+
+
+def save_state(net: nn.Module, path: str | Path) -> Path:
+    """Write the whole state dict of ``net`` (on CPU, contiguous) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
+    return Path(path)
+
+
+def load_trainable(net: nn.Module, path: str | Path, what: str = "weights", trainable: set[str] | None = None) -> None:
+    """Load a safetensors file into ``net`` strictly: its keys must be exactly ``net``'s state dict
+    (a full save) or exactly its trainable parameters (:func:`save_trainable`), with matching shapes.
+    ``trainable``: those parameters' names, when ``net`` is a frozen copy of the network that trained."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: {path} is missing")
+    tensors = load_file(str(path))
+    full = set(net.state_dict())
+    if trainable is None:
+        trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    if set(tensors) == full:
+        expected = net.state_dict()
+    elif set(tensors) == set(trainable):
+        expected = dict(net.named_parameters())
+    else:
+        missing, unexpected = sorted(set(trainable) - set(tensors)), sorted(set(tensors) - full)
+        raise ConfigError(f"{what}: {path} does not match the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for n, v in tensors.items():
+            if expected[n].shape != v.shape:
+                raise ConfigError(f"{what}: {path}: {n} has shape {tuple(v.shape)}, expected {tuple(expected[n].shape)}")
+            expected[n].copy_(v)
+
+
+def generator_from_checkpoint(generator: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """A CPU copy of ``generator`` (a student's :class:`~onestep.denoiser.Denoiser`) holding the weights
+    of training checkpoint ``checkpoint``, in eval mode.
+
+    With EMA (or a LoRA generator) the checkpoint holds :data:`EXPORT_WEIGHTS`, the weights an export
+    at that step would have, and those are used; otherwise the raw generator weights
+    :data:`GENERATOR_WEIGHTS` written by ``accelerator.save_state`` are the export's weights.
+    """
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    gen = copy.deepcopy(generator).cpu()
+    exported = checkpoint / EXPORT_WEIGHTS
+    if exported.is_file():
+        state = load_file(exported)
+        if set(state) != set(gen.backbone.state_dict()):
+            raise OnestepError(f"{exported} does not hold this student's generator")
+        gen.backbone.load_state_dict(state)
+        return gen.eval()
+    weights = checkpoint / GENERATOR_WEIGHTS
+    if not weights.is_file():
+        raise OnestepError(f"{checkpoint}: no {GENERATOR_WEIGHTS} (the generator's weights)")
+    state = load_file(weights)
+    expected = gen.state_dict()
+    if set(state) != set(expected):
+        # save_state may hold the bare backbone or the Denoiser wrapper ("backbone." prefix).
+        state = {k.removeprefix("backbone."): v for k, v in state.items()}
+        expected = gen.backbone.state_dict()
+        if set(state) != set(expected):
+            missing = sorted(set(expected) - set(state))[:3]
+            raise OnestepError(f"{weights} does not hold this student's generator (missing e.g. {missing})")
+        gen.backbone.load_state_dict(state)
+    else:
+        gen.load_state_dict(state)
+    return gen.eval()
+
+
+__all__ = [
+    "EXPORT_WEIGHTS",
+    "GENERATOR_WEIGHTS",
+    "generator_from_checkpoint",
+    "load_trainable",
+    "save_state",
+    "save_trainable",
+    "trainable_state",
+    "weights_file",
+]
