@@ -89,7 +89,8 @@ def random_teacher(model: str):
 
     from onestep.schedule import NoiseSchedule
     from onestep.teachers import Teacher
-    from onestep.teachers.sd import LatentVAE, TextConditioning
+    from onestep.teachers.latents import LatentVAE
+    from onestep.teachers.text import TextConditioning
 
     spec = MODELS[model]
     torch.manual_seed(0)

@@ -69,7 +69,7 @@ class Conditioning:
 
     ``kind`` is ``"none"`` (unconditional) or ``"class"`` (integer labels
     ``0 .. num_classes-1`` with ``null_class`` as the unconditional label used by
-    guidance). ``"text"`` is :class:`onestep.teachers.sd.TextConditioning` (conditions are
+    guidance). ``"text"`` is :class:`onestep.teachers.text.TextConditioning` (conditions are
     dicts of prompt embeddings).
     """
 

@@ -22,11 +22,11 @@ Text-to-image students (teachers that are Stable Diffusion / SDXL pipeline folde
 complete diffusers pipeline folder: the UNet in ``unet/`` (``onestep.json`` says so in
 ``generator_subfolder``), ``vae/``, ``text_encoder*/``, ``tokenizer*/`` copied from the teacher,
 ``scheduler/`` set to the student's timesteps, ``model_index.json``, and the UNet once more as
-one file, ``student_unet.safetensors`` (diffusers key names); see :mod:`onestep.teachers.sd`.
+one file, ``student_unet.safetensors`` (diffusers key names); see :mod:`onestep.pipeline`.
 Students of flow-matching SD3 teachers are the same with the ``SD3Transformer2DModel`` in
 ``transformer/`` (and ``student_transformer.safetensors``), ``text_encoder_3/`` + ``tokenizer_3/``
 when the teacher has a T5, and a ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling``
-(:mod:`onestep.teachers.sd3`); ``onestep.json`` adds ``pipeline_sigmas``, the ``sigmas=`` that make
+(:mod:`onestep.pipeline`); ``onestep.json`` adds ``pipeline_sigmas``, the ``sigmas=`` that make
 the pipeline's steps the student's timesteps.
 
 Consistency students also record ``consistency`` (parameterisation, grid, timesteps for 1, 2, 4
@@ -48,6 +48,7 @@ from torch import nn
 from .conditioning import Conditioning
 from .denoiser import Denoiser
 from .errors import StudentFormatError
+from .pipeline import pipeline_sigmas, student_text_parts, write_pipeline_parts
 from .schedule import NoiseSchedule
 from .teachers import PICKLE_SUFFIXES, Teacher
 
@@ -111,16 +112,12 @@ def export_student(
         "re-noise x0 to the next timestep with fresh noise; the last x0 is the sample",
     }
     if text_to_image and teacher.schedule.kind == "flow":
-        from .teachers.sd3 import pipeline_sigmas
-
         meta["pipeline_sigmas"] = pipeline_sigmas(meta)
     if extra:
         meta.update(extra)
     if meta.get("consistency") and cls_name == "UNet2DConditionModel":
         write_lcm_scheduler(out / "scheduler", meta)
     if text_to_image:
-        from .teachers.sd import write_pipeline_parts
-
         write_pipeline_parts(out, teacher, meta, subfolder)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -254,8 +251,6 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
     generator = _generator_from_meta(backbone, schedule, meta).eval()
     vae = None
     if meta["conditioning"].get("kind") == "text":
-        from .teachers.sd import student_text_parts
-
         conditioning, vae = student_text_parts(path, meta, device)
     else:
         conditioning = Conditioning(**meta["conditioning"])

@@ -12,7 +12,7 @@ from conftest import leave_launch
 from test_t2i_memory import CountingVAE
 
 from onestep.teachers import load_teacher
-from onestep.teachers.sd import encode_image_folder, latent_cache_dir, read_image_captions
+from onestep.teachers.latents import encode_image_folder, latent_cache_dir, read_image_captions
 
 
 def main(sd_dir: Path, image_dir: Path) -> None:

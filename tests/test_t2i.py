@@ -129,7 +129,7 @@ def test_real_images_are_encoded_once_and_cached(sd_dir, image_dir, tmp_path):
     # The cached latents are the VAE's: decode(encode(img)) of the first image, by hand.
     from safetensors.torch import load_file
 
-    from onestep.teachers.sd import load_image
+    from onestep.teachers.latents import load_image
 
     img = load_image(image_dir / "img_0.png", 16)[None]
     z = t1.vae.encode(img)
@@ -281,7 +281,7 @@ def test_exported_folder_is_a_diffusers_pipeline_equal_to_onestep_sampler(make, 
 
 
 def test_k_step_student_scheduler_picks_its_timesteps():
-    from onestep.teachers.sd import _lcm_original_steps, student_scheduler
+    from onestep.pipeline import _lcm_original_steps, student_scheduler
 
     schedule = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     for ts in ([999], [999, 749, 499, 249], [800], [999, 499]):
@@ -307,7 +307,7 @@ def test_sample_cli_with_prompts(sd_dir, prompt_file, tmp_path):
     assert saved.shape == (3, 3, 16, 16)  # decoded images, not latents
     assert main(["sample", "--student", str(student), "--out", str(out), "--class", "1"]) == 2
     with pytest.raises(OnestepError):
-        from onestep.sampling import sample_to_folder
+        from onestep.samplers.commands import sample_to_folder
 
         sample_to_folder(student, out, 2, prompts=None, nasa_alpha=0.5)
 

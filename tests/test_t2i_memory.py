@@ -13,9 +13,9 @@ from conftest import changed, state_of, tiny_config
 from t2i_fixtures import make_tiny_sd, write_image_folder, write_prompts
 
 from onestep.errors import ConfigError
-from onestep.memory import resolve_frozen_dtype, storage_bytes
+from onestep.trainers.memory import resolve_frozen_dtype, storage_bytes
 from onestep.teachers import load_teacher
-from onestep.teachers.sd import LatentVAE, encode_image_folder, latent_cache_dir, load_image, read_image_captions
+from onestep.teachers.latents import LatentVAE, encode_image_folder, latent_cache_dir, load_image, read_image_captions
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ A teacher folder is what ``StableDiffusion3Pipeline.save_pretrained`` writes: ``
 ``from_pretrained(path, use_safetensors=True)``; nothing reaches a hub and no remote code runs.
 
 What differs from the UNet teachers of :mod:`onestep.teachers.sd` is small, and everything else
-(cached text conditioning, the latent VAE, prompt files, real-image latents, the student pipeline
-folder) is shared with them:
+(cached text conditioning and prompt files, :mod:`onestep.teachers.text`; the latent VAE and
+real-image latents, :mod:`onestep.teachers.latents`; the student pipeline folder,
+:mod:`onestep.pipeline`) is shared with them:
 
 - the schedule is :class:`onestep.schedule.FlowMatchSchedule` (``x_t = (1 - sigma) x_0 + sigma eps``,
   prediction type ``"flow"``, the transformer fed ``sigma * T``);
@@ -31,16 +32,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TeacherError
-from .sd import (
-    LatentVAE,
-    PromptEncoder,
-    component_class,
-    image_folder_data,
-    read_model_index,
-    read_scheduler_config,
-    require_parts,
-    text_conditioning,
-)
+from ..schedule import FlowMatchSchedule, NoiseSchedule
+from .base import Teacher, _sha256_of
+from .latents import LatentVAE
+from .sd import component_class, read_model_index, read_scheduler_config, require_parts, text_teacher_data
+from .text import PromptEncoder
 
 SD3_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
@@ -144,27 +140,15 @@ class SD3PromptEncoder(PromptEncoder):
         }
 
 
-def load_sd3_teacher(
-    path: Path,
-    name: str,
-    prompts: str | list[str] | None = None,
-    validation_prompts: str | list[str] | None = None,
-    negative_prompt: str | None = None,
-    resolution: int | None = None,
-    real_images: str | None = None,
-    cache_text_embeddings: bool = True,
-    device: torch.device | str = "cpu",
-):
+def load_sd3_teacher(path: Path, name: str, resolution: int | None = None, device: torch.device | str = "cpu", **text_options):
     """Load an SD3 pipeline folder as a latent flow-matching :class:`~onestep.teachers.Teacher`.
 
-    The arguments are those of :func:`onestep.teachers.sd.load_text_to_image_teacher`.
+    The arguments are those of :func:`onestep.teachers.sd.load_text_to_image_teacher` (``text_options``:
+    ``prompts``, ``validation_prompts``, ``negative_prompt``, ``real_images``, ``cache_text_embeddings``).
     ``resolution`` defaults to the transformer's ``sample_size`` times the VAE factor and must be
     a multiple of the VAE factor times the patch size.
     """
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-    from . import Teacher, _sha256_of
-    from ..schedule import FlowMatchSchedule, NoiseSchedule
 
     index = read_model_index(path)
     parts = sd3_parts(path, index)
@@ -185,9 +169,7 @@ def load_sd3_teacher(
     encoder = SD3PromptEncoder(
         path, (side, side), int(transformer.config.joint_attention_dim), t5="text_encoder_3" in parts, device=device
     )
-    conditioning = text_conditioning(encoder, prompts, validation_prompts, negative_prompt, cache_text_embeddings)
-    real_data = image_folder_data(real_images, conditioning, latent_vae, side, device=device) if real_images else None
-    conditioning.prepare()
+    conditioning, real_data = text_teacher_data(encoder, latent_vae, side, device, **text_options)
     return Teacher(
         name=name,
         backbone=transformer,
@@ -204,25 +186,4 @@ def load_sd3_teacher(
     )
 
 
-def student_scheduler_config(meta: dict[str, Any]) -> dict[str, Any]:
-    """The ``FlowMatchEulerDiscreteScheduler`` settings of an SD3 student folder: the teacher's
-    ``num_train_timesteps`` and ``shift`` (so ``scheduler.timesteps`` are the transformer inputs
-    onestep feeds) and ``stochastic_sampling`` (each step predicts x0 and re-noises it to the next
-    sigma with fresh noise, onestep's K-step rule; the last step returns x0)."""
-    schedule = meta["schedule"]
-    return {
-        "num_train_timesteps": int(schedule["num_train_timesteps"]),
-        "shift": float(schedule.get("shift", 1.0)),
-        "stochastic_sampling": True,
-    }
-
-
-def pipeline_sigmas(meta: dict[str, Any]) -> list[float]:
-    """What to pass as ``sigmas=`` to the student pipeline so that its K steps are the student's
-    timesteps: the unshifted ``(t + 1) / T`` (the scheduler applies the shift itself). Not needed
-    for a one-step student at ``t = T - 1``: ``num_inference_steps=1`` alone gives sigma 1."""
-    T = int(meta["schedule"]["num_train_timesteps"])
-    return [(int(t) + 1) / T for t in meta["timesteps"]]
-
-
-__all__ = ["SD3PromptEncoder", "is_sd3", "load_sd3_teacher", "pipeline_sigmas", "sd3_parts", "student_scheduler_config"]
+__all__ = ["SD3_PARTS", "SD3PromptEncoder", "T5_MAX_LENGTH", "is_sd3", "load_sd3_teacher", "sd3_parts"]
