@@ -18,6 +18,7 @@ import json
 import platform
 import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ def measure(student: str, teacher: str | None, repeats: int, log: Path) -> dict:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from onestep.demo.testing import click_to_image_ms, headless_chromium, start_demo, stop_demo, wait_for
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the demo-driving helpers are test support
+    from demo_testing import click_to_image_ms, headless_chromium, start_demo, stop_demo, wait_for
 
     t0 = time.perf_counter()
     proc, url = start_demo(student, teacher=teacher, log=log, timeout=300)

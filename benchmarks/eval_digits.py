@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from onestep.digits import classify_digits, digits_dataset
     from onestep.eval import digits_fid
-    from onestep.eval.fidelity import compute_fid_kid
+    from onestep.eval.metrics import compute_fid_kid
     from onestep.eval.generate import sample_student_images
     from onestep.export import load_student
     from onestep.samplers.student import teacher_sample_from_seeds

@@ -21,8 +21,8 @@ from accelerate.logging import get_logger
 
 from onestep.errors import OnestepError
 from onestep.export import Student, load_student
-from onestep.quickstart import TEACHER_STEPS, _timed
-from onestep.sampling import default_device
+from onestep.quickstart import TEACHER_STEPS
+from onestep.runtime import default_device, timed
 from onestep.teachers import Teacher, load_teacher
 from onestep.viz import save_samples_picture, to_uint8
 
@@ -253,7 +253,7 @@ class DemoModel:
         with self._lock:
             s = self.student
             timesteps = s.timesteps_for(int(req.steps))
-            (xs, _), sec = _timed(sample_student_from_seeds, s.generator, s, timesteps, seeds, labels, device=self.device)
+            (xs, _), sec = timed(sample_student_from_seeds, s.generator, s, timesteps, seeds, labels, device=self.device)
         return DemoResult(xs, sec, timesteps, seeds, labels, str(self.device))
 
     def _run_text_student(self, req: DemoRequest, seeds: list[int]) -> DemoResult:
@@ -270,7 +270,7 @@ class DemoModel:
             s = self.student
             timesteps = s.timesteps_for(int(req.steps))
             try:
-                xs, sec = _timed(sample_text_student, s, [req.prompt.strip()], seeds, int(req.steps), negative, alpha, self.device)
+                xs, sec = timed(sample_text_student, s, [req.prompt.strip()], seeds, int(req.steps), negative, alpha, self.device)
             except OnestepError as e:
                 raise DemoInputError(str(e)) from e
         return DemoResult(xs, sec, timesteps, seeds, None, str(self.device))
@@ -286,7 +286,7 @@ class DemoModel:
         self.check(req)
         t = self.teacher
         with self._lock:
-            xt, sec = _timed(
+            xt, sec = timed(
                 teacher_sample_from_seeds, self._teacher_denoiser, t, result.seeds, result.labels, int(req.teacher_steps),
                 t.guidance_scale, device=self.device,
             )

@@ -3,13 +3,24 @@
 Importing this package is cheap: names load on first use, and torch-fidelity is imported
 only by the functions that compute with it.
 
-- :func:`frechet_distance` (``mu1, sigma1, mu2, sigma2 -> float``): the closed form between
-  two Gaussians.
-- :func:`digits_features`, :func:`digits_fid`: features of the shipped digits classifier and
-  FID on them (CPU-scale; see :mod:`onestep.eval.digits_net` for the one preprocessing).
-- :func:`compute_fid_kid` and friends (:mod:`onestep.eval.fidelity`): FID/KID through
-  torch-fidelity with the ``digits`` or Inception extractor, reference statistics cached.
-- :func:`clip_score` (:mod:`onestep.eval.clip`): ``100 * max(cos, 0)`` averaged.
+Modules:
+
+- :mod:`~onestep.eval.frechet`: :func:`frechet_distance` (``mu1, sigma1, mu2, sigma2 -> float``),
+  the closed form between two Gaussians, and :func:`feature_statistics`.
+- :mod:`~onestep.eval.digits_net`: the shipped digits classifier; :func:`digits_features`,
+  :func:`digits_fid` (CPU-scale FID; the one preprocessing is documented there);
+  :mod:`~onestep.eval.train_digits_features` retrains it.
+- :mod:`~onestep.eval.images`: the uint8 quantisation every evaluator uses, image folders.
+- :mod:`~onestep.eval.extractors`: feature extractors registered with torch-fidelity (``digits``,
+  Inception-v3 from local weights, your own via :func:`register_extractor`) and :func:`extract_features`.
+- :mod:`~onestep.eval.stats_cache`: reference statistics cached as ``.npz`` (:func:`reference_statistics`).
+- :mod:`~onestep.eval.metrics`: FID/KID through torch-fidelity (:func:`compute_fid_kid`).
+- :mod:`~onestep.eval.clip`: :func:`clip_score`, ``100 * max(cos, 0)`` averaged, on
+  :mod:`onestep.clip`'s CLIP wrapper.
+- :mod:`~onestep.eval.mixture`: mode coverage and weights for the 2D mixture teachers.
+- :mod:`~onestep.eval.generate`: sampling students and checkpoints for evaluation.
+- :mod:`~onestep.eval.report`: ``metrics.json``, tables, plots, ``report.md``.
+- :mod:`~onestep.eval.commands` and :mod:`~onestep.eval.cli`: ``onestep eval fid | clip | run``.
 """
 
 from __future__ import annotations
@@ -24,12 +35,13 @@ _EXPORTS = {
     "digits_fid": "digits_net",
     "digits_logits": "digits_net",
     "quantize_digits": "digits_net",
-    "compute_fid_kid": "fidelity",
-    "extract_features": "fidelity",
-    "reference_statistics": "fidelity",
-    "register_extractors": "fidelity",
+    "compute_fid_kid": "metrics",
+    "extract_features": "extractors",
+    "register_extractor": "extractors",
+    "register_extractors": "extractors",
+    "reference_statistics": "stats_cache",
     "clip_score": "clip",
-    "read_prompts": "clip",
+    "read_prompts": "onestep.teachers.text",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -37,7 +49,8 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name]
+        value = getattr(importlib.import_module(module if module.startswith("onestep.") else f"{__name__}.{module}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

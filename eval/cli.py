@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _fid_like(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref", default=None, help="reference: 'digits' (the bundled real digits) or a folder of images (default: digits, unless --ref-stats names an existing file)")
     p.add_argument("--ref-stats", help="a .npz with mu and sigma (and features, for KID): read if it exists, else computed from --ref and written there")
-    p.add_argument("--extractor", default="digits", help="'digits' (CPU-scale, 16x16 digits), 'inception' (torch-fidelity's Inception-v3) or a name registered with onestep.eval.fidelity.register_extractor")
+    p.add_argument("--extractor", default="digits", help="'digits' (CPU-scale, 16x16 digits), 'inception' (torch-fidelity's Inception-v3) or a name registered with onestep.eval.extractors.register_extractor")
     p.add_argument("--inception-weights", help="local Inception-v3 weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth or a .safetensors); default: the torch hub cache")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-kid", action="store_true", help="FID only")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from onestep.errors import OnestepError
+from onestep.runtime import default_device
 
 from .report import format_table, markdown_table, plot_curve, save_grid, student_info, write_metrics, write_report
 
@@ -26,9 +27,8 @@ def default_out(path: str | Path, command: str) -> Path:
 
 
 def _device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device``, else :func:`onestep.runtime.default_device`."""
+    return torch.device(device) if device else default_device()
 
 
 def _is_digits_student(student) -> bool:
@@ -67,7 +67,8 @@ def fid_command(
     """FID/KID of a student (sampled for seeds ``seed .. seed+N-1``) or of a folder of images."""
     from onestep.export import load_student
 
-    from .fidelity import check_weights_early, compute_fid_kid, resolve_extractor
+    from .extractors import check_weights_early, resolve_extractor
+    from .metrics import compute_fid_kid
 
     if (student is None) == (images is None):
         raise OnestepError("give exactly one of --student DIR and --images DIR")
@@ -84,7 +85,7 @@ def fid_command(
         name = f"student ({len(timesteps)} step{'s' if len(timesteps) > 1 else ''})"
         src = student
     else:
-        from .fidelity import load_images
+        from .images import load_images
 
         x = load_images(images)
         record.update(images=str(images), seeds=None)
@@ -148,8 +149,10 @@ def run_command(
     ``student/`` (the EMA weights when EMA was on) on the same seeds; write the curve."""
     from onestep.export import load_student
 
-    from .fidelity import check_weights_early, extract_features, fid_kid_from_features, reference_statistics, resolve_extractor
+    from .extractors import check_weights_early, extract_features, resolve_extractor
     from .generate import load_generator_from_checkpoint
+    from .metrics import fid_kid_from_features
+    from .stats_cache import reference_statistics
 
     run_dir = Path(run).expanduser()
     if not run_dir.is_dir():
@@ -220,7 +223,10 @@ def clip_command(
 ) -> dict[str, Any]:
     """CLIP score of a text-to-image student (a diffusers pipeline folder) or of a folder of images
     (file ``i`` in name order belongs to prompt ``i``) over a prompt file."""
-    from .clip import CLIP_SCORE_DEFINITION, clip_score, load_clip, read_prompts, sample_pipeline
+    from onestep.clip import load_clip
+    from onestep.teachers.text import read_prompts
+
+    from .clip import CLIP_SCORE_DEFINITION, clip_score, sample_pipeline
 
     if (student is None) == (images is None):
         raise OnestepError("give exactly one of --student DIR and --images DIR")
@@ -228,7 +234,7 @@ def clip_command(
     if num_samples is not None:
         texts = texts[:num_samples]
     dev = _device(device)
-    bundle = load_clip(clip_model, dev)
+    encoder = load_clip(clip_model, dev)
     record: dict[str, Any] = {"command": "clip", "prompts": str(prompts), "clip_model": str(clip_model), "definition": CLIP_SCORE_DEFINITION}
     t0 = time.perf_counter()
     if student is not None:
@@ -236,7 +242,7 @@ def clip_command(
         record.update(student=info, seeds=[seed, seed + len(texts) - 1], guidance_scale=guidance_scale)
         src = student
     else:
-        from .fidelity import load_images
+        from .images import load_images
 
         x = load_images(images)
         if len(x) < len(texts):
@@ -245,7 +251,7 @@ def clip_command(
         record.update(images=str(images), seeds=None)
         src = images
     t1 = time.perf_counter()
-    res = clip_score(x, texts, bundle, batch_size=batch_size, progress=progress)
+    res = clip_score(x, texts, encoder, batch_size=batch_size, progress=progress)
     t2 = time.perf_counter()
     row = {"what": Path(src).name, "clip_score": res["clip_score"], "samples": len(texts)}
     record.update(metrics={"clip_score": res["clip_score"], "clip_score_std": res["clip_score_std"]}, num_samples=len(texts), rows=[row],

@@ -117,7 +117,7 @@ def _cmd_train(args, extra: list[str]) -> int:
 def _cmd_sample(args, extra: list[str]) -> int:
     if extra:
         raise OnestepError(f"unknown arguments: {' '.join(extra)}")
-    from .sampling import sample_to_folder
+    from .samplers.commands import sample_to_folder
 
     if args.num_samples < 1:
         raise OnestepError("--num-samples must be at least 1")

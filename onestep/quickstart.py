@@ -17,6 +17,7 @@ import torch
 
 from .digits import NUM_CLASSES, classify_digits
 from .export import load_student
+from .runtime import default_device, timed
 from .teachers import load_teacher
 from .viz import save_comparison
 
@@ -24,12 +25,6 @@ PRESET = "digits_dmd2"
 TEACHER_STEPS = 50
 PER_CLASS = 8
 FID_SAMPLES = 300
-
-
-def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
 
 
 def time_student_and_teacher(
@@ -41,8 +36,8 @@ def time_student_and_teacher(
     from onestep.samplers.student import sample_student_from_seeds, teacher_sample_from_seeds
 
     sample_student_from_seeds(student.generator, student, student.timesteps, seeds[:2], labels[:2])
-    (xs, _), s_sec = _timed(sample_student_from_seeds, student.generator, student, student.timesteps, seeds, labels, batch_size=batch_size)
-    xt, t_sec = _timed(
+    (xs, _), s_sec = timed(sample_student_from_seeds, student.generator, student, student.timesteps, seeds, labels, batch_size=batch_size)
+    xt, t_sec = timed(
         teacher_sample_from_seeds, teacher.denoiser(), teacher, seeds, labels, TEACHER_STEPS, teacher.guidance_scale,
         batch_size=batch_size, progress=progress,
     )
@@ -75,9 +70,9 @@ def compare_student_teacher(
     )
 
     t_labels = [i % NUM_CLASSES for i in range(timing_samples)]
-    timed = time_student_and_teacher(student, teacher, list(range(1000, 1000 + timing_samples)), t_labels, batch_size)
-    s_sec, t_sec = timed["student_seconds"], timed["teacher_seconds"]
-    xs_all, xt_all = torch.cat([xs, timed["student_samples"]]), torch.cat([xt, timed["teacher_samples"]])
+    timing = time_student_and_teacher(student, teacher, list(range(1000, 1000 + timing_samples)), t_labels, batch_size)
+    s_sec, t_sec = timing["student_seconds"], timing["teacher_seconds"]
+    xs_all, xt_all = torch.cat([xs, timing["student_samples"]]), torch.cat([xt, timing["teacher_samples"]])
     extra = max(0, fid_samples - len(xs_all))
     if extra:
         e_seeds, e_labels = list(range(2000, 2000 + extra)), [i % NUM_CLASSES for i in range(extra)]
@@ -101,7 +96,7 @@ def compare_student_teacher(
         "teacher_class_accuracy": acc_t,
         "class_accuracy_samples": len(y),
         **scores,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": default_device().type,
         "threads": torch.get_num_threads(),
     }
 

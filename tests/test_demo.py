@@ -171,7 +171,7 @@ def test_cli_demo_with_a_folder_that_is_not_a_student_exits_2(capsys, tmp_path):
 def demo_server(demo_student, tiny_teacher_dir, tmp_path_factory):
     """``onestep demo`` as its own process on a free localhost port; stopped by its PID at the end."""
     _require("gradio")
-    from onestep.demo.testing import start_demo, stop_demo
+    from demo_testing import start_demo, stop_demo
 
     log = tmp_path_factory.mktemp("demo_server") / "demo.log"
     proc, url = start_demo(demo_student, teacher=tiny_teacher_dir, log=log)
@@ -255,7 +255,7 @@ def test_client_loads_another_student_and_its_step_range(demo_server, demo_stude
 @pytest.mark.slow  # the app's process takes 15-30 s to import torch, diffusers and gradio
 def test_browser_sets_a_class_clicks_generate_and_sees_images(demo_server, tmp_path):
     _require("selenium")
-    from onestep.demo import testing
+    import demo_testing as testing
 
     if testing.find_chromium() is None:
         if os.environ.get("CI"):

@@ -12,14 +12,10 @@ from onestep.cli import main
 from onestep.digits import digits_dataset
 from onestep.errors import OnestepError
 from onestep.eval import digits_fid
-from onestep.eval.fidelity import (
-    INCEPTION_FILE,
-    compute_fid_kid,
-    extract_features,
-    load_images,
-    load_inception_state,
-    reference_statistics,
-)
+from onestep.eval.extractors import INCEPTION_FILE, extract_features, load_inception_state
+from onestep.eval.images import load_images
+from onestep.eval.metrics import compute_fid_kid
+from onestep.eval.stats_cache import reference_statistics
 
 
 def _write_pngs(images: torch.Tensor, folder):
@@ -62,7 +58,7 @@ def test_same_images_give_the_same_fid_whatever_the_batch_size(tmp_path, halves)
 
 
 def test_reference_statistics_are_cached_and_reused(tmp_path, monkeypatch, halves):
-    import onestep.eval.fidelity as fid_mod
+    import onestep.eval.stats_cache as fid_mod
 
     calls = []
     real_extract = fid_mod.extract_features
@@ -136,7 +132,7 @@ def random_inception_state():
 def test_inception_reads_local_weights_and_the_warm_torch_cache(tmp_path, monkeypatch, random_inception_state):
     from safetensors.torch import save_file
 
-    import onestep.eval.fidelity as fid_mod
+    import onestep.eval.extractors as fid_mod
 
     x, _ = digits_dataset()
     imgs = x[:3]
@@ -230,7 +226,7 @@ def test_checkpoints_with_ema_are_scored_with_the_ema_weights(tmp_path, tiny_tea
     from onestep.eval.generate import load_generator_from_checkpoint
     from onestep.export import load_student
     from onestep.trainers import DMD2Trainer
-    from onestep.trainers.base import EXPORT_WEIGHTS
+    from onestep.weights import EXPORT_WEIGHTS
 
     cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=2, checkpoint_every=1, ema_decay=0.5, lr_generator=1e-2)
     DMD2Trainer(cfg).train()

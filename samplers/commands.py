@@ -1,4 +1,5 @@
-"""``onestep sample``: sample a student folder into PNGs and ``samples.npz``."""
+"""``onestep sample``: what the command does, called by :mod:`onestep.cli`: sample a student folder
+into PNGs and ``samples.npz``."""
 
 from __future__ import annotations
 
@@ -6,15 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .errors import OnestepError
-from .export import load_student
-from .viz import save_samples_picture, to_uint8
+from onestep.errors import OnestepError
+from onestep.export import load_student
+from onestep.runtime import default_device
+from onestep.viz import save_samples_picture, to_uint8
 
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from .student import sample_student_from_seeds, sample_text_student
 
 
 def sample_to_folder(
@@ -38,8 +37,6 @@ def sample_to_folder(
     Writes ``samples.npz`` (``samples``: raw float32, ``labels``, ``seeds``), one PNG per image
     (``sample_00000.png``, ...) and ``grid.png`` (a scatter plot for 2D students).
     """
-    from onestep.samplers.student import sample_student_from_seeds
-
     device = default_device()
     student = load_student(student_dir, device=device)
     timesteps = student.timesteps_for(steps)
@@ -62,8 +59,6 @@ def sample_to_folder(
         labels = None
     seeds = list(range(seed, seed + num_samples))
     if cond.kind == "text":
-        from onestep.samplers.student import sample_text_student
-
         x = sample_text_student(
             student, prompts, seeds, steps, negative_prompt, nasa_alpha, device=device, batch_size=min(batch_size, 16)
         )
