@@ -58,7 +58,7 @@ def _load(preset: str, teacher: str, out: Path, overrides: dict):
 def gmm_warm_start(teacher: str, out: Path, steps: int) -> tuple[Path, Path]:
     """Regress the generator onto teacher ODE pairs and fit the fake score to the teacher's data
     (DisBack's stage 0 does exactly that); returns the two safetensors files."""
-    from onestep.trainers.base import save_trainable
+    from onestep.weights import save_trainable
 
     g_path, f_path = out / "warm-generator.safetensors", out / "warm-fake.safetensors"
     if g_path.is_file() and f_path.is_file():

@@ -113,12 +113,15 @@ def _coerce(cls, name: str, value: Any) -> Any:
     raise ConfigError(f"{name}: {value!r} is not a valid {hint}")
 
 
-def build_config(cls, values: dict[str, Any], source: str = "config"):
-    """Instantiate dataclass ``cls`` from ``values``, with a clear error for unknown keys."""
+def build_config(cls, values: dict[str, Any], source: str = "config", renamed: dict[str, str] | None = None):
+    """Instantiate dataclass ``cls`` from ``values``, with a clear error for unknown keys
+    (``renamed``: old key -> the field that replaced it, named in the error)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in values if k not in names]
     if unknown:
         k = unknown[0]
+        if renamed and renamed.get(k) in names:
+            raise ConfigError(f"{source}: {k!r} was replaced by {renamed[k]!r}; see onestep train --show-config")
         close = difflib.get_close_matches(k, sorted(names), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{source}: unknown key {k!r} for {cls.__name__}{hint}")
@@ -127,6 +130,19 @@ def build_config(cls, values: dict[str, Any], source: str = "config"):
 
 def config_to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def flat_hparams(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict for trackers' hparams, which take only scalars and strings."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (int, float, str, bool)):
+            out[k] = v
+        elif v is None:
+            out[k] = "none"
+        else:
+            out[k] = str(v)
+    return out
 
 
 def field_help(cls) -> list[tuple[str, Any, str]]:

@@ -26,6 +26,8 @@ Guidance. A student trained on a range of guidance scales receives its scale as 
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -232,13 +234,76 @@ def ddim_step(
     return an * x0 + (sn**2 - sig**2).clamp(min=0).sqrt() * eps + sig * noise.float()
 
 
+# ------------------------------------------------------------------- losses
+
+LOSSES = ("l2", "huber", "pseudo_huber")
+
+
+def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float) -> torch.Tensor:
+    """Per-sample distance ``(B,)``: mean squared error, LCM's per-element Huber
+    ``mean(sqrt((a - b)^2 + c^2) - c)`` or iCT's pseudo-Huber ``sqrt(|a - b|^2 + c^2) - c``."""
+    diff = (a.float() - b.float()).flatten(1)
+    if kind == "l2":
+        return (diff**2).mean(1)
+    if kind == "huber":
+        return ((diff**2 + c**2).sqrt() - c).mean(1)
+    if kind == "pseudo_huber":
+        return ((diff**2).sum(1) + c**2).sqrt() - c
+    raise ConfigError(f"unknown consistency loss {kind!r}; expected one of {LOSSES}")
+
+
+def ict_num_steps(step: int, max_steps: int, initial: int, final: int) -> int:
+    """iCT's doubling schedule: ``min(s0 * 2^floor(k / K'), s1)`` with ``K' = floor(K / (log2(s1 / s0) + 1))``."""
+    k_prime = max(1, math.floor(max_steps / (math.log2(final / initial) + 1)))
+    return min(initial * 2 ** (step // k_prime), final)
+
+
+# ------------------------------------------------------ the guided student
+
+
+def with_guidance_input(backbone: nn.Module, guidance: GuidanceInput) -> nn.Module:
+    """A trainable copy of ``backbone`` that also takes the guidance scale, equal to it at start.
+
+    ``timestep_cond``: the same class with ``time_cond_proj_dim`` set and the new projection
+    zero-initialised. ``class_table``: ``num_class_embeds`` times the number of levels, each
+    level a copy of the original table.
+    """
+    cfg = {k: v for k, v in dict(backbone.config).items() if not k.startswith("_")}
+    state = backbone.state_dict()
+    if guidance.kind == "timestep_cond":
+        if cfg.get("time_cond_proj_dim") == guidance.embedding_dim:
+            net = copy.deepcopy(backbone)
+        else:
+            cfg["time_cond_proj_dim"] = guidance.embedding_dim
+            net = type(backbone).from_config(cfg)
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if unexpected or any("cond_proj" not in k for k in missing):
+                raise ConfigError(f"cannot add a guidance embedding to this {type(backbone).__name__}: {missing + unexpected}")
+            nn.init.zeros_(net.time_embedding.cond_proj.weight)
+    else:
+        if getattr(backbone, "class_embedding", None) is None or not isinstance(backbone.class_embedding, nn.Embedding):
+            raise ConfigError(f"{type(backbone).__name__} has no class-embedding table to carry the guidance scale")
+        cfg["num_class_embeds"] = guidance.stride * len(guidance.scales)
+        net = type(backbone).from_config(cfg)
+        state = dict(state)
+        state["class_embedding.weight"] = state["class_embedding.weight"].repeat(len(guidance.scales), 1)
+        net.load_state_dict(state)
+    net.requires_grad_(True)
+    net.train()
+    return net
+
+
 __all__ = [
+    "LOSSES",
     "ConsistencyDenoiser",
     "GuidanceInput",
     "boundary_scalings",
+    "consistency_distance",
     "ddim_step",
     "guidance_scale_embedding",
+    "ict_num_steps",
     "lcm_grid",
     "lcm_timesteps",
     "segment_edges",
+    "with_guidance_input",
 ]

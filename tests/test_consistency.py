@@ -1,5 +1,6 @@
 """Consistency distillation (issue 4): boundary condition, DDIM solver, EMA target, sampling, guidance input."""
 
+import dataclasses
 import json
 import math
 
@@ -7,22 +8,24 @@ import pytest
 import torch
 
 from conftest import changed, state_of
-from onestep.errors import ConfigError
-from onestep.export import load_student
 from onestep.consistency import (
     ConsistencyDenoiser,
     GuidanceInput,
     boundary_scalings,
+    consistency_distance,
     ddim_step,
     guidance_scale_embedding,
+    ict_num_steps,
     lcm_grid,
     lcm_timesteps,
     segment_edges,
+    with_guidance_input,
 )
+from onestep.errors import ConfigError
+from onestep.export import load_student
 from onestep.samplers.student import sample_student_from_seeds
 from onestep.schedule import NoiseSchedule
 from onestep.trainers import ConsistencyConfig, ConsistencyTrainer
-from onestep.trainers.consistency import consistency_distance, ict_num_steps, with_guidance_input
 
 
 def tiny_cd_config(tmp_path, teacher_dir, **overrides):
@@ -134,16 +137,18 @@ def test_steps_train_student_not_teacher_and_move_target_by_rate(tmp_path, tiny_
     tr = ConsistencyTrainer(cfg)
     teacher0 = state_of(tr.teacher.backbone)
     student0 = state_of(tr.generator.backbone)
-    assert changed(student0, tr.fake.backbone) == 0  # the target starts as the student
+    target = tr.extras["target"]
+    assert tr.fake is None and tr.opt_f is None  # no fake score is built or trained
+    assert changed(student0, target) == 0  # the target starts as the student
     for _ in range(2):
-        target_before = [p.detach().clone() for p in tr.fake.backbone.parameters()]
+        target_before = [p.detach().clone() for p in target.parameters()]
         logs = tr.train_step()
         assert math.isfinite(logs["loss/consistency"])
-        for p_t, before, p_s in zip(tr.fake.backbone.parameters(), target_before, tr.generator.backbone.parameters()):
+        for p_t, before, p_s in zip(target.parameters(), target_before, tr.generator.backbone.parameters()):
             torch.testing.assert_close(p_t, 0.9 * before + 0.1 * p_s, rtol=1e-6, atol=1e-7)
     assert changed(student0, tr.generator.backbone) > 0
     assert changed(teacher0, tr.teacher.backbone) == 0
-    assert not any(p.grad is not None for p in tr.fake.parameters())
+    assert not any(p.grad is not None for p in target.parameters())
 
 
 def test_teacher_step_is_guided_ddim_on_the_grid(tmp_path, tiny_teacher_dir):
@@ -300,7 +305,7 @@ def test_teacher_fit_warm_start_moves_student_toward_teacher_and_target_follows(
     logs = tr.train_step()
     assert "loss/teacher_fit" in logs and "loss/consistency" not in logs
     assert changed(student0, tr.generator.backbone) > 0
-    assert changed(state_of(tr.generator.backbone), tr.fake.backbone) == 0  # the target is the student again
+    assert changed(state_of(tr.generator.backbone), tr.extras["target"]) == 0  # the target is the student again
     assert "loss/consistency" in tr.train_step()
 
 
@@ -316,3 +321,25 @@ def test_lcm_lora_trains_the_adapters_against_the_student_itself(tmp_path, tiny_
     assert moved and all("lora_" in n for n in moved)  # only the adapters train
     student = tr.export()
     assert not any("lora" in k for k in load_student(student).generator.state_dict())  # merged at export
+
+
+def test_resumed_run_restores_the_ema_target_and_ends_bit_identical(tmp_path, tiny_teacher_dir):
+    """The EMA target is an extra network of the loop: checkpointed as target.safetensors and read
+    back on resume, so a run stopped at step 2 and resumed ends where a straight run does."""
+    from safetensors.torch import load_file
+
+    straight = ConsistencyTrainer(tiny_cd_config(tmp_path / "a", tiny_teacher_dir, max_steps=4, target_ema_decay=0.9, export=False))
+    straight.train()
+    cfg = tiny_cd_config(tmp_path / "b", tiny_teacher_dir, max_steps=2, target_ema_decay=0.9, export=False)
+    first = ConsistencyTrainer(cfg)
+    first.train()
+    saved = load_file(str(tmp_path / "b" / "run" / "checkpoint-2" / "target.safetensors"))
+    assert set(saved) == set(first.extras["target"].state_dict())
+    assert all(torch.equal(saved[k], v) for k, v in first.extras["target"].state_dict().items())
+    resumed = ConsistencyTrainer(dataclasses.replace(cfg, max_steps=4, resume="latest"))
+    assert changed(state_of(first.extras["target"]), resumed.extras["target"]) > 0  # a fresh copy of the student
+    resumed.load_checkpoint("latest")
+    assert changed(state_of(first.extras["target"]), resumed.extras["target"]) == 0  # read back, not rebuilt from the student
+    resumed.train()
+    assert changed(state_of(straight.generator.backbone), resumed.generator.backbone) == 0
+    assert changed(state_of(straight.extras["target"]), resumed.extras["target"]) == 0

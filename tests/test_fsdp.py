@@ -1,4 +1,4 @@
-"""FSDP (FSDP2 via onestep.sharding) on two CPU processes: sharded training equals unsharded data
+"""FSDP (FSDP2 via onestep.trainers.sharding) on two CPU processes: sharded training equals unsharded data
 parallel, resumes exactly from its safetensors checkpoints, and exports a whole student."""
 
 import json

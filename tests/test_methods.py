@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import changed, state_of, tiny_config
+from onestep.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from onestep.errors import ConfigError
 from onestep.trainers import make_trainer
-from onestep.trainers.base import load_trainable, save_trainable
+from onestep.weights import load_trainable, save_trainable
 from onestep.trainers.fdistill import F_WEIGHTS, RatioNormaliser, density_ratio, f_weight, normalise_batch_mean
 from onestep.trainers.sid import sid_loss
 from onestep.trainers.vsd import ClampedClipLoss, vsd_gradient
@@ -128,8 +129,15 @@ def test_clamped_clip_loss_matches_its_formula_and_reaches_the_images(tmp_path):
     model = CLIPModel.from_pretrained(path)
     images = (torch.rand(3, 3, 16, 16) * 2 - 1).requires_grad_(True)
     ids = torch.randint(0, 99, (3, 6))
-    x = torch.nn.functional.interpolate((images.detach() + 1) / 2, size=(32, 32), mode="bicubic", align_corners=False)
-    x = (x - torch.tensor(ClampedClipLoss.MEAN).view(1, 3, 1, 1)) / torch.tensor(ClampedClipLoss.STD).view(1, 3, 1, 1)
+    # The CLIP image processor's steps for a folder without preprocessor_config.json (OpenAI CLIP's, at the
+    # model's image_size 32): pixels (x + 1) * 127.5; shorter side 16 -> 32 as PIL resizes a uint8 image:
+    # bicubic (torch's antialiased bicubic is PIL's filter, Keys a = -0.5) along the width, then along the
+    # height, each pass clamped to 0..255; centre crop 32x32 (a no-op here); rescale by 1/255; normalise
+    # with OpenAI's mean and std.
+    bicubic = dict(mode="bicubic", antialias=True, align_corners=False)
+    x = torch.nn.functional.interpolate((images.detach() + 1) * 127.5, size=(16, 32), **bicubic).clamp(0, 255)
+    x = torch.nn.functional.interpolate(x, size=(32, 32), **bicubic).clamp(0, 255) / 255
+    x = (x - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         img = model.get_image_features(pixel_values=x)
         txt = model.get_text_features(input_ids=ids)
@@ -276,12 +284,12 @@ def test_disback_with_lora_fake_score_targets_each_node_s_adapters(tmp_path, tin
 
     tr = make_trainer(tiny_config("disback-dmd2", tmp_path, tiny_teacher_dir, max_steps=11, fake_score="lora", lora_rank=2, **DISBACK))
     _targets(tr, 11)  # records nodes 0-3, then targets node 2 (steps 6, 8) and node 1 (step 10)
-    assert tr.current_target == 1 and tr.teacher is tr._target_net
+    assert tr.current_target == 1 and tr.teacher is tr.extras["node_target"]
     node1 = load_file(str(tr.output_dir / "disback" / "node-01.safetensors"))
     assert node1 and all("lora_" in k for k in node1)  # a LoRA node holds the adapters only
-    target = dict(tr._target_net.backbone.named_parameters())
+    target = dict(tr.extras["node_target"].backbone.named_parameters())
     assert all(torch.equal(target[k], v) for k, v in node1.items())
-    assert tr._target_net.use_adapters  # the target runs the node's adapters on the teacher's weights
+    assert tr.extras["node_target"].use_adapters  # the target runs the node's adapters on the teacher's weights
 
 
 def test_disback_resumed_run_continues_with_same_target_and_weights(tmp_path, tiny_teacher_dir):

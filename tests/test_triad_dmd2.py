@@ -88,7 +88,7 @@ def test_dmd2_generator_gradient_matches_formula(tmp_path, tiny_teacher_dir):
     # Replay the random draws after G(z): t, then the noise.
     tr.rng.set_state(rng_state)
     n = x.shape[0]
-    t = tr.sample_t(n, cfg.dm_t_min, cfg.dm_t_max)
+    t = tr.sample_t(n, *cfg.loss_t_range)
     x_t = tr.schedule.add_noise(x, tr.randn(tuple(x.shape)), t)
     with torch.no_grad():
         real = tr.teacher.guided(x_t, t, batch["cond"], batch["uncond"], cfg.guidance_scale)
@@ -133,5 +133,15 @@ def test_config_validation():
         DMD2Config(ema_decay=1.5)
     with pytest.raises(ConfigError, match="strictly decreasing"):
         DMD2Config(generator_timesteps=[249, 999])
-    with pytest.raises(ConfigError, match="dm_t_min"):
-        DMD2Config(dm_t_min=0.9, dm_t_max=0.5)
+    with pytest.raises(ConfigError, match="loss_t_range"):
+        DMD2Config(loss_t_range=[0.9, 0.5])
+    with pytest.raises(ConfigError, match="loss_t_range"):
+        DMD2Config(loss_t_range=[0.5])
+
+
+def test_old_timestep_range_keys_name_their_replacement():
+    from onestep.trainers import load_config
+
+    with pytest.raises(ConfigError, match="'vsd_t_min' was replaced by 'loss_t_range'"):
+        load_config("digits_vsd", {"vsd_t_min": 0.1})
+    assert load_config("digits_vsd", {"loss_t_range": [0.1, 0.9]}).loss_t_range == [0.1, 0.9]

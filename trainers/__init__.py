@@ -1,7 +1,16 @@
-"""Trainers: the shared loop (``base.py``) and one file per method.
+"""Trainers: the shared loop and one file per method (``onestep.trainers``).
 
-``METHODS`` maps a method name to its (config dataclass, trainer class); that dict is
-the whole registry.
+| file | holds |
+|---|---|
+| ``base.py`` | :class:`DistillTrainer`, the one loop: accelerator, optimizers, the step, method helpers |
+| ``config.py`` | :class:`DistillConfig`, the settings every method shares |
+| ``checkpoint.py`` | checkpoints and resume, the generator to export, export and previews |
+| ``sharding.py``, ``memory.py`` | FSDP2 sharding and its checkpoints; attention kernels and frozen dtypes |
+| ``warmstart.py`` | DMD's regression warm start |
+| ``dmd2.py``, ``vsd.py``, ``fdistill.py``, ``sid.py``, ``disback.py``, ``consistency.py`` | one method each: its config and trainer side by side |
+
+``METHODS`` maps a method name (each config's ``method`` default, written once) to its
+(config dataclass, trainer class); that dict is the whole registry.
 """
 
 from __future__ import annotations
@@ -12,7 +21,9 @@ from typing import Any
 from onestep.config import build_config, read_yaml, resolve_config_path
 from onestep.errors import ConfigError
 
-from .base import DistillConfig, DistillTrainer
+from .base import DistillTrainer
+from .config import RENAMED_FIELDS, DistillConfig
+from .consistency import ConsistencyConfig, ConsistencyTrainer
 from .disback import (
     DisBackDMD2Config,
     DisBackDMD2Trainer,
@@ -23,23 +34,23 @@ from .disback import (
     DisBackVSDConfig,
     DisBackVSDTrainer,
 )
-from .consistency import ConsistencyConfig, ConsistencyTrainer
 from .dmd2 import DMD2Config, DMD2Trainer
 from .fdistill import FDistillConfig, FDistillTrainer
 from .sid import SiDConfig, SiDTrainer
 from .vsd import VSDConfig, VSDTrainer
 
-METHODS: dict[str, tuple[type[DistillConfig], type[DistillTrainer]]] = {
-    "dmd2": (DMD2Config, DMD2Trainer),
-    "consistency": (ConsistencyConfig, ConsistencyTrainer),
-    "vsd": (VSDConfig, VSDTrainer),
-    "fdistill": (FDistillConfig, FDistillTrainer),
-    "sid": (SiDConfig, SiDTrainer),
-    "disback-dmd2": (DisBackDMD2Config, DisBackDMD2Trainer),
-    "disback-vsd": (DisBackVSDConfig, DisBackVSDTrainer),
-    "disback-fdistill": (DisBackFDistillConfig, DisBackFDistillTrainer),
-    "disback-sid": (DisBackSiDConfig, DisBackSiDTrainer),
-}
+TRAINERS: tuple[type[DistillTrainer], ...] = (
+    DMD2Trainer,
+    ConsistencyTrainer,
+    VSDTrainer,
+    FDistillTrainer,
+    SiDTrainer,
+    DisBackDMD2Trainer,
+    DisBackVSDTrainer,
+    DisBackFDistillTrainer,
+    DisBackSiDTrainer,
+)
+METHODS: dict[str, tuple[type[DistillConfig], type[DistillTrainer]]] = {t.method_name: (t.config_class, t) for t in TRAINERS}
 
 
 def method_classes(name: str) -> tuple[type[DistillConfig], type[DistillTrainer]]:
@@ -63,7 +74,7 @@ def load_config(config: str | Path, overrides: dict[str, Any] | None = None, out
     if output_dir is not None:
         values["output_dir"] = output_dir
     values.setdefault("output_dir", str(Path("runs") / path.stem))
-    return build_config(cfg_cls, values, source=str(path))
+    return build_config(cfg_cls, values, source=str(path), renamed=RENAMED_FIELDS)
 
 
 def make_trainer(config: DistillConfig, **kwargs) -> DistillTrainer:

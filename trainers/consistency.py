@@ -24,9 +24,10 @@ Algorithm, per iteration (LCM Alg. 1 in this project's notation):
 5. update the student, then the target: ``theta_target <- mu theta_target + (1 - mu) theta``
    (``mu = target_ema_decay``; 0 makes the target the student itself, as MLCM and iCT do).
 
-The EMA target lives in the shared loop's fake-score slot (a full copy of the student's
-network, prepared, checkpointed and resumed with it); no fake score is trained. It is not
-the export EMA (``ema_decay``), which the loop keeps as for every method.
+No fake score is built (``fake_score: none``). The EMA target is one of the loop's extra
+networks (a frozen copy of the student's network, placed, sharded and checkpointed by the
+loop as ``target.safetensors``) and follows the student in :meth:`after_generator_step`. It is
+not the export EMA (``ema_decay``), which the loop keeps as for every method.
 """
 
 from __future__ import annotations
@@ -39,28 +40,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.logging import get_logger
 from torch import nn
 
-from onestep.denoiser import frozen
-from onestep.errors import ConfigError
+from onestep.config import config_field
 from onestep.consistency import (
+    LOSSES,
     ConsistencyDenoiser,
     GuidanceInput,
+    consistency_distance,
     ddim_step,
+    ict_num_steps,
     lcm_grid,
     lcm_timesteps,
     segment_edges,
+    with_guidance_input,
 )
+from onestep.denoiser import frozen
+from onestep.errors import ConfigError
 from onestep.teachers import Teacher
-from onestep.sharding import resharded
 
-from .base import DistillConfig, DistillTrainer, _help, load_teacher_for
+from .base import DistillTrainer
+from .config import DistillConfig, load_teacher_for
 from .dmd2 import GANHead
-
-logger = get_logger(__name__)
-
-LOSSES = ("l2", "huber", "pseudo_huber")
+from .sharding import resharded
 
 
 @dataclass
@@ -69,37 +71,41 @@ class ConsistencyConfig(DistillConfig):
 
     ``guidance_scale`` is the fixed teacher CFG scale, or, with ``guidance_scale_range``, the
     student's default scale at sampling. ``generator_timesteps`` and
-    ``fake_updates_per_generator`` are not used: the student's timesteps come from the grid.
+    ``fake_updates_per_generator`` are not used: the student's timesteps come from the grid,
+    and the student is updated every iteration.
     """
 
-    method: str = _help("training method", "consistency")
-    num_ddim_timesteps: int = _help("N: points of the DDIM grid the teacher steps along (skip k = T / N)", 50)
-    max_timestep: int | None = _help(
+    FAKE_SCORES = ("none",)
+
+    method: str = config_field("training method", "consistency")
+    fake_score: str = config_field("consistency distillation trains no fake score: 'none'", "none")
+    num_ddim_timesteps: int = config_field("N: points of the DDIM grid the teacher steps along (skip k = T / N)", 50)
+    max_timestep: int | None = config_field(
         "top of the grid, the label pure noise gets at sampling (default T-1; keep sqrt(abar) there "
         "above ~0.05 for eps-predicting students)"
     )
-    target_ema_decay: float = _help("EMA rate mu of the target network; 0: the target is the student itself (MLCM, iCT)", 0.95)
-    loss: str = _help("'l2', 'huber' (LCM, per element) or 'pseudo_huber' (iCT, on the whole sample)", "l2")
-    huber_c: float | None = _help("c of the (pseudo-)Huber loss (default 0.001; pseudo_huber: 0.00054 sqrt(dim))")
-    sigma_data: float = _help("sigma_data of the boundary condition", 0.5)
-    timestep_scaling: float = _help("timestep scaling of the boundary condition (LCM: 10)", 10.0)
-    guidance_scale_range: list[float] | None = _help(
+    target_ema_decay: float = config_field("EMA rate mu of the target network; 0: the target is the student itself (MLCM, iCT)", 0.95)
+    loss: str = config_field("'l2', 'huber' (LCM, per element) or 'pseudo_huber' (iCT, on the whole sample)", "l2")
+    huber_c: float | None = config_field("c of the (pseudo-)Huber loss (default 0.001; pseudo_huber: 0.00054 sqrt(dim))")
+    sigma_data: float = config_field("sigma_data of the boundary condition", 0.5)
+    timestep_scaling: float = config_field("timestep scaling of the boundary condition (LCM: 10)", 10.0)
+    guidance_scale_range: list[float] | None = config_field(
         "[min, max]: draw the teacher's CFG scale per sample from this range (our convention; LCM's "
         "w in [5, 15] is [6, 16] here) and feed it to the student as an input"
     )
-    guidance_levels: int = _help("class-conditional students without timestep_cond: guidance levels of the class table", 9)
-    guidance_embedding_dim: int = _help("UNet2DConditionModel students: time_cond_proj_dim of the guidance embedding", 256)
-    eta: float = _help("SCott: eta of the stochastic DDIM teacher step (0: deterministic, plain LCM)", 0.0)
-    gan_weight: float = _help("SCott: weight of the adversarial term softplus(-D(f)) (0: none; paper 0.4)", 0.0)
-    gan_head_channels: int = _help("width of the GAN head on the teacher's bottleneck features", 64)
-    num_segments: int = _help("MLCM: M segments of the trajectory (1: one-segment LCM); the student samples in M steps", 1)
-    teacher_free: bool = _help("iCT: consistency training without the teacher (x_lo uses the same noise at t_lo)", False)
-    ict_initial_steps: int = _help("iCT: grid size at the start of the doubling schedule", 10)
-    ict_final_steps: int = _help("iCT: largest grid size of the doubling schedule", 640)
-    ict_p_mean: float = _help("iCT: mean of the lognormal over sigma = s_t / a_t for drawing grid pairs", -1.1)
-    ict_p_std: float = _help("iCT: std of that lognormal", 2.0)
-    sampling_steps: int = _help("default sampling steps recorded in the student (segments: num_segments)", 4)
-    teacher_fit_steps: int = _help(
+    guidance_levels: int = config_field("class-conditional students without timestep_cond: guidance levels of the class table", 9)
+    guidance_embedding_dim: int = config_field("UNet2DConditionModel students: time_cond_proj_dim of the guidance embedding", 256)
+    eta: float = config_field("SCott: eta of the stochastic DDIM teacher step (0: deterministic, plain LCM)", 0.0)
+    gan_weight: float = config_field("SCott: weight of the adversarial term softplus(-D(f)) (0: none; paper 0.4)", 0.0)
+    gan_head_channels: int = config_field("width of the GAN head on the teacher's bottleneck features", 64)
+    num_segments: int = config_field("MLCM: M segments of the trajectory (1: one-segment LCM); the student samples in M steps", 1)
+    teacher_free: bool = config_field("iCT: consistency training without the teacher (x_lo uses the same noise at t_lo)", False)
+    ict_initial_steps: int = config_field("iCT: grid size at the start of the doubling schedule", 10)
+    ict_final_steps: int = config_field("iCT: largest grid size of the doubling schedule", 640)
+    ict_p_mean: float = config_field("iCT: mean of the lognormal over sigma = s_t / a_t for drawing grid pairs", -1.1)
+    ict_p_std: float = config_field("iCT: std of that lognormal", 2.0)
+    sampling_steps: int = config_field("default sampling steps recorded in the student (segments: num_segments)", 4)
+    teacher_fit_steps: int = config_field(
         "first iterations fit the student's x0 to the teacher's (guided) x0 on noised data: the 'initialised "
         "from the teacher' start for fresh networks (analytic teachers); 0 for students copied from the teacher",
         0,
@@ -139,71 +145,12 @@ class ConsistencyConfig(DistillConfig):
             raise ConfigError(f"teacher_fit_steps must be >= 0 (got {self.teacher_fit_steps})")
         if self.ict_final_steps < self.ict_initial_steps:
             raise ConfigError("ict_final_steps must be >= ict_initial_steps")
-        if self.fake_score != "copy":
-            raise ConfigError("consistency distillation keeps its EMA target in the fake-score slot: use fake_score: copy")
         if self.regression_warmup_steps:
             raise ConfigError("regression_warmup_steps is a DMD warm start; consistency distillation does not use it (set 0)")
 
     @property
     def parameterisation(self) -> str:
         return "segments" if self.num_segments > 1 else "lcm"
-
-
-# ------------------------------------------------------------------- losses
-
-
-def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float) -> torch.Tensor:
-    """Per-sample distance ``(B,)``: mean squared error, LCM's per-element Huber
-    ``mean(sqrt((a - b)^2 + c^2) - c)`` or iCT's pseudo-Huber ``sqrt(|a - b|^2 + c^2) - c``."""
-    diff = (a.float() - b.float()).flatten(1)
-    if kind == "l2":
-        return (diff**2).mean(1)
-    if kind == "huber":
-        return ((diff**2 + c**2).sqrt() - c).mean(1)
-    if kind == "pseudo_huber":
-        return ((diff**2).sum(1) + c**2).sqrt() - c
-    raise ConfigError(f"unknown consistency loss {kind!r}; expected one of {LOSSES}")
-
-
-def ict_num_steps(step: int, max_steps: int, initial: int, final: int) -> int:
-    """iCT's doubling schedule: ``min(s0 * 2^floor(k / K'), s1)`` with ``K' = floor(K / (log2(s1 / s0) + 1))``."""
-    k_prime = max(1, math.floor(max_steps / (math.log2(final / initial) + 1)))
-    return min(initial * 2 ** (step // k_prime), final)
-
-
-# ------------------------------------------------------ the guided student
-
-
-def with_guidance_input(backbone: nn.Module, guidance: GuidanceInput) -> nn.Module:
-    """A trainable copy of ``backbone`` that also takes the guidance scale, equal to it at start.
-
-    ``timestep_cond``: the same class with ``time_cond_proj_dim`` set and the new projection
-    zero-initialised. ``class_table``: ``num_class_embeds`` times the number of levels, each
-    level a copy of the original table.
-    """
-    cfg = {k: v for k, v in dict(backbone.config).items() if not k.startswith("_")}
-    state = backbone.state_dict()
-    if guidance.kind == "timestep_cond":
-        if cfg.get("time_cond_proj_dim") == guidance.embedding_dim:
-            net = copy.deepcopy(backbone)
-        else:
-            cfg["time_cond_proj_dim"] = guidance.embedding_dim
-            net = type(backbone).from_config(cfg)
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            if unexpected or any("cond_proj" not in k for k in missing):
-                raise ConfigError(f"cannot add a guidance embedding to this {type(backbone).__name__}: {missing + unexpected}")
-            nn.init.zeros_(net.time_embedding.cond_proj.weight)
-    else:
-        if getattr(backbone, "class_embedding", None) is None or not isinstance(backbone.class_embedding, nn.Embedding):
-            raise ConfigError(f"{type(backbone).__name__} has no class-embedding table to carry the guidance scale")
-        cfg["num_class_embeds"] = guidance.stride * len(guidance.scales)
-        net = type(backbone).from_config(cfg)
-        state = dict(state)
-        state["class_embedding.weight"] = state["class_embedding.weight"].repeat(len(guidance.scales), 1)
-        net.load_state_dict(state)
-    net.requires_grad_(True)
-    net.train()
-    return net
 
 
 def guidance_input_for(config: ConsistencyConfig, teacher: Teacher) -> GuidanceInput | None:
@@ -230,7 +177,7 @@ def guidance_input_for(config: ConsistencyConfig, teacher: Teacher) -> GuidanceI
 
 
 class ConsistencyTrainer(DistillTrainer):
-    method_name = "consistency"
+    config_class = ConsistencyConfig
     uses_real_data = True
     config: ConsistencyConfig
 
@@ -254,12 +201,7 @@ class ConsistencyTrainer(DistillTrainer):
         self.edges = segment_edges(self.grid, c.num_segments) if c.num_segments > 1 else [0]
         self.sampling_timesteps = lcm_timesteps(self.grid, c.num_segments if c.num_segments > 1 else min(c.sampling_steps, len(self.grid)))
         self.student = self._consistency_view(self.generator.backbone)
-        # The EMA target: the fake-score slot's network, started equal to the student (unused when mu = 0).
-        if c.target_ema_decay > 0:
-            with torch.no_grad():
-                self.fake.backbone.load_state_dict(self.generator.backbone.state_dict())
-        self.fake.requires_grad_(False)
-        self.target = self._consistency_view(self.fake.backbone) if c.target_ema_decay > 0 else self.student
+        self.target = self._consistency_view(self.extras["target"]) if c.target_ema_decay > 0 else self.student
         if c.huber_c is not None:
             self.huber_c = c.huber_c
         elif c.loss == "pseudo_huber":
@@ -272,6 +214,12 @@ class ConsistencyTrainer(DistillTrainer):
         return ConsistencyDenoiser(
             backbone, self.schedule, self.generator.prediction_type, c.parameterisation, c.sigma_data, c.timestep_scaling, self.guidance_input
         )
+
+    def extra_networks(self) -> dict[str, nn.Module]:
+        """The EMA target: a frozen copy of the student's network (none when mu = 0: the target is the student)."""
+        if self.config.target_ema_decay <= 0:
+            return {}
+        return {"target": copy.deepcopy(self.generator.backbone).requires_grad_(False)}
 
     def build_heads(self) -> dict[str, nn.Module]:
         if self.config.gan_weight <= 0:
@@ -354,8 +302,17 @@ class ConsistencyTrainer(DistillTrainer):
         _, feats = self.teacher(x_t, t, cond, return_features=True)
         return self.heads["gan"](feats)
 
+    def is_generator_step(self, step: int) -> bool:
+        return True  # the student learns every iteration
+
+    def is_fake_step(self, step: int) -> bool:
+        """Only SCott's GAN head trains beside the student, once the teacher fit is over."""
+        return self.config.gan_weight > 0 and step >= self.config.teacher_fit_steps
+
     def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
+        if self.state.step < c.teacher_fit_steps:
+            return self.teacher_fit_loss(batch)
         x0, cond = batch["real"], batch.get("real_cond")
         n = x0.shape[0]
         uncond = self.conditioning.null(n, device=self.device)
@@ -411,38 +368,24 @@ class ConsistencyTrainer(DistillTrainer):
         mu = self.config.target_ema_decay
         if mu <= 0:
             return
-        resharded(self.fake.backbone, self.generator.backbone)  # FSDP: both as shards, alike
-        for p_t, p_s in zip(self.fake.backbone.parameters(), self.generator.backbone.parameters()):
+        target = self.extras["target"]
+        resharded(target, self.generator.backbone)  # FSDP: both as shards, alike
+        for p_t, p_s in zip(target.parameters(), self.generator.backbone.parameters()):
             p_t.lerp_(p_s.detach().to(p_t.dtype), 1 - mu)
 
-    def train_step(self) -> dict[str, float]:
-        """One iteration: a student update, the EMA target, and the GAN head (SCott)."""
-        self.state.reseed()
-        batch = self.make_batch()
-        self.generator.train()
+    def after_generator_step(self) -> None:
+        """The target follows the student: exactly during the teacher fit, by EMA after it (then the
+        export EMA steps, as for every method)."""
         if self.state.step < self.config.teacher_fit_steps:
-            loss, logs = self.teacher_fit_loss(batch)
-            logs["grad_norm/generator"] = self._update(loss, self.generator, self.opt_g, self.sched_g)
             if self.config.target_ema_decay > 0:
-                with torch.no_grad():  # the target follows the warm start exactly
-                    self.fake.backbone.load_state_dict(self.generator.backbone.state_dict())
-            self.state.step += 1
-            return logs
-        loss, logs = self.generator_loss(batch)
-        logs["grad_norm/generator"] = self._update(loss, self.generator, self.opt_g, self.sched_g)
+                with torch.no_grad():
+                    self.extras["target"].load_state_dict(self.generator.backbone.state_dict())
+            return
         self.update_target()
-        if self.ema is not None:
-            self.ema.step([p for p in self.generator.parameters() if p.requires_grad])
-        if self.config.gan_weight > 0:
-            self.opt_f.zero_grad(set_to_none=True)
-            loss_d, ld = self.fake_score_loss(batch)
-            logs.update(ld)
-            logs["grad_norm/gan_head"] = self._update(loss_d, self.heads, self.opt_f, self.sched_f)
-        self.state.step += 1
-        return logs
+        super().after_generator_step()
 
     # ------------------------------------------------------ export / preview
-    def student_meta(self) -> dict[str, Any]:
+    def export_meta(self) -> dict[str, Any]:
         """What ``onestep.json`` records about the consistency parameterisation and guidance."""
         c = self.config
         if c.num_segments > 1:
@@ -470,17 +413,7 @@ class ConsistencyTrainer(DistillTrainer):
     def export_timesteps(self) -> list[int]:
         return list(self.sampling_timesteps)
 
-    def export_meta(self) -> dict:
-        return self.student_meta()
+    def sampling_generator(self, net: nn.Module) -> ConsistencyDenoiser:
+        return self._consistency_view(net)
 
-    @torch.no_grad()
-    def preview_samples(self, n: int | None = None, net=None):
-        from onestep.samplers.student import sample_student_from_seeds
-
-        n = n or self.config.preview_num
-        labels = [i % max(1, self.conditioning.num_classes) for i in range(n)]
-        gen = self._consistency_view(net if net is not None else self.generator_for_export()).eval()
-        return sample_student_from_seeds(gen, self.teacher_spec, self.sampling_timesteps, seeds=range(n), labels=labels, device=self.device)
-
-
-__all__ = ["ConsistencyConfig", "ConsistencyTrainer", "consistency_distance", "ict_num_steps", "with_guidance_input"]
+__all__ = ["ConsistencyConfig", "ConsistencyTrainer"]

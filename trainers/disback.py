@@ -31,10 +31,11 @@ from typing import Any
 
 from torch import nn
 
+from onestep.config import config_field
 from onestep.errors import ConfigError
-from onestep.sharding import gather_trainable, load_whole
+from onestep.weights import load_trainable, save_trainable
 
-from .base import _help, load_trainable, save_trainable
+from .sharding import gather_trainable, load_whole
 from .dmd2 import DMD2Config, DMD2Trainer
 from .fdistill import FDistillConfig, FDistillTrainer
 from .sid import SiDConfig, SiDTrainer
@@ -45,9 +46,9 @@ from .vsd import VSDConfig, VSDTrainer
 class DisBackFields:
     """The DisBack settings added to the base method's config."""
 
-    disback_nodes: int = _help("N: the degradation path is saved as N + 1 fake-score nodes", 4)
-    disback_record_steps: int = _help("iterations of stage 1 (degradation recording, generator frozen)", 200)
-    disback_interval: int = _help("generator steps spent on each intermediate target in stage 2", 50)
+    disback_nodes: int = config_field("N: the degradation path is saved as N + 1 fake-score nodes", 4)
+    disback_record_steps: int = config_field("iterations of stage 1 (degradation recording, generator frozen)", 200)
+    disback_interval: int = config_field("generator steps spent on each intermediate target in stage 2", 50)
 
     def check_disback(self) -> None:
         if self.disback_nodes < 1 or self.disback_record_steps < self.disback_nodes or self.disback_interval < 1:
@@ -61,7 +62,6 @@ class DisBackMixin:
     """Stages and targets of DisBack on top of a distribution-matching trainer."""
 
     def __init__(self, config, **kwargs):
-        self._target_net: nn.Module | None = None
         super().__init__(config, **kwargs)
         self.real_teacher = self.teacher
         self.node_dir = self.output_dir / "disback"
@@ -137,15 +137,14 @@ class DisBackMixin:
         return logs
 
     # ------------------------------------------------------------ nodes
-    def _new_target_net(self) -> nn.Module:
-        """The network that holds a node as the real score: a frozen copy of the fake score."""
-        return copy.deepcopy(self.fake).requires_grad_(False).eval()
+    def extra_networks(self) -> dict[str, nn.Module]:
+        # The network that holds a node as the real score: a frozen copy of the fake score, built
+        # now, whole (under FSDP it is sharded with the triad; a sharded network cannot be copied later).
+        return {**super().extra_networks(), "node_target": copy.deepcopy(self.fake).requires_grad_(False).eval()}
 
-    def extra_sharded_networks(self) -> list[nn.Module]:
-        # FSDP: the node target is built now, whole, and sharded with the triad (a sharded network
-        # cannot be copied later).
-        self._target_net = self._new_target_net()
-        return [self._target_net.backbone]
+    def saved_extra_networks(self) -> dict[str, nn.Module]:
+        # The node target is read back from its node file on resume (set_target), not checkpointed.
+        return {k: v for k, v in super().saved_extra_networks().items() if k != "node_target"}
 
     def _trainable_names(self) -> set[str]:
         return {n for n, p in self.fake.backbone.named_parameters() if p.requires_grad}
@@ -176,8 +175,7 @@ class DisBackMixin:
         if i == 0:
             self.teacher = self.real_teacher
         else:
-            if self._target_net is None:
-                self._target_net = self._new_target_net()
+            target = self.extras["node_target"]
             # A node holds the fake score's trainable weights (all of it, or its LoRA adapters).
             if self.fsdp:
                 from safetensors.torch import load_file
@@ -185,10 +183,10 @@ class DisBackMixin:
                 path = self.node_path(i)
                 if not path.is_file():
                     raise ConfigError(f"DisBack node {i}: {path} is missing")
-                load_whole(self._target_net.backbone, load_file(str(path)), self._trainable_names(), f"DisBack node {i}: {path}")
+                load_whole(target.backbone, load_file(str(path)), self._trainable_names(), f"DisBack node {i}: {path}")
             else:
-                load_trainable(self._target_net.backbone, self.node_path(i), f"DisBack node {i}", self._trainable_names())
-            self.teacher = self._target_net
+                load_trainable(target.backbone, self.node_path(i), f"DisBack node {i}", self._trainable_names())
+            self.teacher = target
         self.current_target = i
         if self.accelerator.is_main_process:
             self.write_state()
@@ -205,7 +203,7 @@ class DisBackMixin:
 
 @dataclass
 class DisBackDMD2Config(DMD2Config, DisBackFields):
-    method: str = _help("training method", "disback-dmd2")
+    method: str = config_field("training method", "disback-dmd2")
 
     def __post_init__(self):
         super().__post_init__()
@@ -214,7 +212,7 @@ class DisBackDMD2Config(DMD2Config, DisBackFields):
 
 @dataclass
 class DisBackVSDConfig(VSDConfig, DisBackFields):
-    method: str = _help("training method", "disback-vsd")
+    method: str = config_field("training method", "disback-vsd")
 
     def __post_init__(self):
         super().__post_init__()
@@ -223,7 +221,7 @@ class DisBackVSDConfig(VSDConfig, DisBackFields):
 
 @dataclass
 class DisBackFDistillConfig(FDistillConfig, DisBackFields):
-    method: str = _help("training method", "disback-fdistill")
+    method: str = config_field("training method", "disback-fdistill")
 
     def __post_init__(self):
         super().__post_init__()
@@ -232,7 +230,7 @@ class DisBackFDistillConfig(FDistillConfig, DisBackFields):
 
 @dataclass
 class DisBackSiDConfig(SiDConfig, DisBackFields):
-    method: str = _help("training method", "disback-sid")
+    method: str = config_field("training method", "disback-sid")
 
     def __post_init__(self):
         super().__post_init__()
@@ -240,16 +238,16 @@ class DisBackSiDConfig(SiDConfig, DisBackFields):
 
 
 class DisBackDMD2Trainer(DisBackMixin, DMD2Trainer):
-    method_name = "disback-dmd2"
+    config_class = DisBackDMD2Config
 
 
 class DisBackVSDTrainer(DisBackMixin, VSDTrainer):
-    method_name = "disback-vsd"
+    config_class = DisBackVSDConfig
 
 
 class DisBackFDistillTrainer(DisBackMixin, FDistillTrainer):
-    method_name = "disback-fdistill"
+    config_class = DisBackFDistillConfig
 
 
 class DisBackSiDTrainer(DisBackMixin, SiDTrainer):
-    method_name = "disback-sid"
+    config_class = DisBackSiDConfig

@@ -25,26 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onestep.config import config_field
 from onestep.denoiser import frozen
 from onestep.errors import ConfigError
 
-from .base import DistillConfig, DistillTrainer, _help, inject_gradient
+from .base import DistillTrainer, inject_gradient
+from .config import DistillConfig
 
 
 @dataclass
 class DMD2Config(DistillConfig):
     """DMD2 settings (paper defaults in METHODS.md; tune per teacher)."""
 
-    dm_t_min: float = _help("lowest timestep of the distribution-matching loss, as a fraction of T", 0.02)
-    dm_t_max: float = _help("highest timestep of the distribution-matching loss, as a fraction of T", 0.98)
-    gan_weight_generator: float = _help("weight of the generator's GAN term softplus(-D(G(z))) (0: no GAN)", 0.0)
-    gan_weight_discriminator: float = _help("weight of the discriminator loss added to the fake-score loss (above 1e-2 the fake score breaks)", 1e-2)
-    gan_head_channels: int = _help("width of the GAN head on the fake score's bottleneck features", 64)
+    method: str = config_field("training method", "dmd2")
+    gan_weight_generator: float = config_field("weight of the generator's GAN term softplus(-D(G(z))) (0: no GAN)", 0.0)
+    gan_weight_discriminator: float = config_field("weight of the discriminator loss added to the fake-score loss (above 1e-2 the fake score breaks)", 1e-2)
+    gan_head_channels: int = config_field("width of the GAN head on the fake score's bottleneck features", 64)
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.dm_t_min < self.dm_t_max <= 1:
-            raise ConfigError(f"need 0 <= dm_t_min < dm_t_max <= 1 (got {self.dm_t_min}, {self.dm_t_max})")
         if self.gan_weight_generator < 0 or self.gan_weight_discriminator < 0:
             raise ConfigError("GAN weights must be >= 0")
 
@@ -89,7 +88,7 @@ def dm_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -
 
 
 class DMD2Trainer(DistillTrainer):
-    method_name = "dmd2"
+    config_class = DMD2Config
     config: DMD2Config
 
     @property
@@ -124,7 +123,7 @@ class DMD2Trainer(DistillTrainer):
         c = self.config
         cond, uncond = batch["cond"], batch["uncond"]
         # 1. x = G(z); noise it at t ~ U{0.02T .. 0.98T}.
-        x, x_t, t = self.generate_and_noise(batch, c.dm_t_min, c.dm_t_max)
+        x, x_t, t = self.generate_and_noise(batch, *c.loss_t_range)
         with torch.no_grad():
             # 2. Real score: teacher with CFG; fake score: no guidance.
             x0_real = self.teacher.guided(x_t, t, cond, uncond, c.guidance_scale)

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from onestep.config import config_field
 from onestep.errors import ConfigError
 
-from .base import _help
 from .dmd2 import DMD2Config, DMD2Trainer
 
 #: h(r) = f''(r) r^2 for each divergence (METHODS.md, f-distill table).
@@ -46,14 +46,14 @@ F_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class FDistillConfig(DMD2Config):
     """f-distill settings: DMD2's, plus the divergence and the density-ratio handling."""
 
-    method: str = _help("training method", "fdistill")
-    divergence: str = _help(f"f-divergence: one of {', '.join(F_WEIGHTS)}", "js")
-    gan_weight_generator: float = _help("weight of the generator's GAN term (required > 0: r comes from the discriminator)", 1e-3)
-    logit_clamp: float = _help("clamp the discriminator logit to [-c, c] before r = exp(logit)", 10.0)
-    ratio_min: float = _help("lower clamp of the density ratio r", 0.1)
-    ratio_max: float = _help("upper clamp of the density ratio r", 20.0)
-    ratio_bins: int = _help("time bins of the running normalisation of r", 10)
-    ratio_momentum: float = _help("momentum of the running mean of r in each time bin", 0.99)
+    method: str = config_field("training method", "fdistill")
+    divergence: str = config_field(f"f-divergence: one of {', '.join(F_WEIGHTS)}", "js")
+    gan_weight_generator: float = config_field("weight of the generator's GAN term (required > 0: r comes from the discriminator)", 1e-3)
+    logit_clamp: float = config_field("clamp the discriminator logit to [-c, c] before r = exp(logit)", 10.0)
+    ratio_min: float = config_field("lower clamp of the density ratio r", 0.1)
+    ratio_max: float = config_field("upper clamp of the density ratio r", 20.0)
+    ratio_bins: int = config_field("time bins of the running normalisation of r", 10)
+    ratio_momentum: float = config_field("momentum of the running mean of r in each time bin", 0.99)
 
     def __post_init__(self):
         super().__post_init__()
@@ -119,7 +119,7 @@ def normalise_batch_mean(h: torch.Tensor, reduce: Callable[[torch.Tensor], torch
 
 
 class FDistillTrainer(DMD2Trainer):
-    method_name = "fdistill"
+    config_class = FDistillConfig
     config: FDistillConfig
     wants_dm_features = True
     uses_real_data = True

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from onestep.errors import ConfigError
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 FROZEN_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -149,5 +149,6 @@ def apply_memory_switches(trainer) -> None:
     settings to its triad and the teacher's VAE (called once while the trainer is built)."""
     c, triad, vae = trainer.config, trainer.triad, trainer.teacher_spec.vae
     device = trainer.accelerator.device
-    set_attention([triad.teacher.backbone, triad.fake.backbone, triad.generator.backbone, getattr(vae, "vae", None)], c.attention, device)
+    fake = triad.fake.backbone if triad.fake is not None else None
+    set_attention([triad.teacher.backbone, fake, triad.generator.backbone, getattr(vae, "vae", None)], c.attention, device)
     cast_frozen(triad, vae, resolve_frozen_dtype(c.frozen_dtype, c.mixed_precision))

@@ -13,8 +13,8 @@ FSDP is on when accelerate's config says ``distributed_type: FSDP`` (``fsdp_vers
 ``configs/accelerate/fsdp.yaml``) or when a run sets ``fsdp: true`` under any multi-process
 launch (that is how it runs on CPU with gloo, where accelerate does not enable FSDP itself).
 
-A trainer that needs one more sharded network (DisBack's node target) returns it from
-``DistillTrainer.extra_sharded_networks``, called before sharding.
+A trainer's extra networks (a consistency target, DisBack's node target) come from
+``DistillTrainer.extra_networks``, built before sharding, and are sharded with the triad.
 
 Rules the loop keeps so that the processes' collectives line up: every process runs the same
 forward passes in the same order (random choices that change control flow, such as the
@@ -38,7 +38,7 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 
-from .errors import ConfigError
+from onestep.errors import ConfigError
 
 logger = get_logger(__name__)
 
@@ -146,6 +146,23 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+
+def average_gradients(accelerator, params: list[nn.Parameter]) -> None:
+    """Data parallel without FSDP: average the gradients of ``params`` over processes in one flat
+    all-reduce (a missing gradient counts as zero)."""
+    if accelerator.num_processes == 1 or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
 
 
 def _options(**kw):
@@ -287,6 +304,7 @@ def load_sharded_checkpoint(
 
 __all__ = [
     "SHARDED_STATE",
+    "average_gradients",
     "clip_grad_norm",
     "fsdp_requested",
     "fsdp_settings",

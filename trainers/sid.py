@@ -19,25 +19,19 @@ from typing import Any
 import torch
 
 from onestep.denoiser import frozen
-from onestep.errors import ConfigError
+from onestep.config import config_field
 
-from .base import DistillConfig, DistillTrainer, _help
+from .base import DistillTrainer
+from .config import DistillConfig
 
 
 @dataclass
 class SiDConfig(DistillConfig):
     """SiD settings."""
 
-    method: str = _help("training method", "sid")
-    fake_updates_per_generator: int = _help("fake-score updates per generator update (SiD: 1)", 1)
-    sid_alpha: float = _help("alpha of the SiD loss (1.2 in the paper; 0 gives a DMD-like loss)", 1.2)
-    sid_t_min: float = _help("lowest timestep of the SiD loss, as a fraction of T", 0.02)
-    sid_t_max: float = _help("highest timestep of the SiD loss, as a fraction of T", 0.98)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.sid_t_min < self.sid_t_max <= 1:
-            raise ConfigError(f"need 0 <= sid_t_min < sid_t_max <= 1 (got {self.sid_t_min}, {self.sid_t_max})")
+    method: str = config_field("training method", "sid")
+    fake_updates_per_generator: int = config_field("fake-score updates per generator update (SiD: 1)", 1)
+    sid_alpha: float = config_field("alpha of the SiD loss (1.2 in the paper; 0 gives a DMD-like loss)", 1.2)
 
 
 def sid_loss(x_g: torch.Tensor, f_p: torch.Tensor, f_q: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -50,7 +44,7 @@ def sid_loss(x_g: torch.Tensor, f_p: torch.Tensor, f_q: torch.Tensor, alpha: flo
 
 
 class SiDTrainer(DistillTrainer):
-    method_name = "sid"
+    config_class = SiDConfig
     config: SiDConfig
 
     def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -58,7 +52,7 @@ class SiDTrainer(DistillTrainer):
         x_g = self.generate(batch)
         batch["x_gen"] = x_g.detach()
         cond, uncond = batch["cond"], batch["uncond"]
-        t = self.sample_t(x_g.shape[0], c.sid_t_min, c.sid_t_max)
+        t = self.sample_t(x_g.shape[0], *c.loss_t_range)
         # 1. Noise with gradient: x_t depends on x_g.
         x_t = self.schedule.add_noise(x_g, self.randn(tuple(x_g.shape)), t)
         # 2. Both scores on x_t, differentiated through their input, their weights frozen.

@@ -32,39 +32,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from onestep.clip import ClipEncoder, load_clip
+from onestep.config import config_field
 from onestep.errors import ConfigError
 from onestep.schedule import expand_like
 
-from .base import DistillConfig, DistillTrainer, _help, inject_gradient
+from .base import DistillTrainer, inject_gradient
+from .config import DistillConfig
 
 
 @dataclass
 class VSDConfig(DistillConfig):
     """VSD / SwiftBrush settings (reference values in METHODS.md)."""
 
-    method: str = _help("training method", "vsd")
-    fake_score: str = _help("fake score as 'lora' adapters on the teacher (SwiftBrush) or a full 'copy'", "lora")
-    fake_updates_per_generator: int = _help("fake-score updates per generator update (SwiftBrush: 1; SNOOPI saw 5:1 destabilise)", 1)
-    vsd_t_min: float = _help("lowest timestep of the VSD loss, as a fraction of T", 0.02)
-    vsd_t_max: float = _help("highest timestep of the VSD loss, as a fraction of T", 0.98)
-    guidance_range: list[float] | None = _help(
+    method: str = config_field("training method", "vsd")
+    fake_score: str = config_field("fake score as 'lora' adapters on the teacher (SwiftBrush) or a full 'copy'", "lora")
+    fake_updates_per_generator: int = config_field("fake-score updates per generator update (SwiftBrush: 1; SNOOPI saw 5:1 destabilise)", 1)
+    guidance_range: list[float] | None = config_field(
         "SNOOPI PG-SB: draw the guidance scale uniformly from [k_min, k_max] each step for teacher and fake "
         "score alike (e.g. [0.5, 4.0]); unset: the fixed guidance_scale"
     )
-    guidance_per: str = _help("PG-SB granularity: one scale per 'batch' or one per 'sample'", "batch")
-    fake_cond_drop: float = _help("probability of dropping the condition to null in the fake-score step", 0.1)
-    clip_model: str | None = _help(
+    guidance_per: str = config_field("PG-SB granularity: one scale per 'batch' or one per 'sample'", "batch")
+    fake_cond_drop: float = config_field("probability of dropping the condition to null in the fake-score step", 0.1)
+    clip_model: str | None = config_field(
         "local CLIPModel folder (config.json, safetensors weights, its CLIP tokenizer) for SwiftBrush v2's clamped "
         "CLIP loss on the decoded generator images against their prompts (text-to-image teachers only)"
     )
-    clip_tau: float = _help("clamp of the CLIP loss max(0, tau - cos)", 0.35)
-    clip_weight: float = _help("weight of the CLIP loss at the first generator step", 0.1)
-    clip_decay_steps: int = _help("generator steps over which the CLIP weight decays linearly to 0 (0: constant)", 0)
+    clip_tau: float = config_field("clamp of the CLIP loss max(0, tau - cos)", 0.35)
+    clip_weight: float = config_field("weight of the CLIP loss at the first generator step", 0.1)
+    clip_decay_steps: int = config_field("generator steps over which the CLIP weight decays linearly to 0 (0: constant)", 0)
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.vsd_t_min < self.vsd_t_max <= 1:
-            raise ConfigError(f"need 0 <= vsd_t_min < vsd_t_max <= 1 (got {self.vsd_t_min}, {self.vsd_t_max})")
         if self.guidance_range is not None:
             r = self.guidance_range
             if len(r) != 2 or not 0 <= r[0] <= r[1]:
@@ -87,74 +86,49 @@ def vsd_gradient(x_t: torch.Tensor, t: torch.Tensor, x0_teacher: torch.Tensor, x
 class ClampedClipLoss(nn.Module):
     """SwiftBrush v2's ``max(0, tau - cos(E_img(x), E_txt(prompt)))``, averaged over the batch.
 
-    Images are in ``[-1, 1]``; they are resized to the CLIP model's input size and
-    normalised with its mean and std, differentiably. Loaded only from a local folder
-    with safetensors weights.
+    Images are in ``[-1, 1]`` (the decoded generator samples, with their gradient). They get the
+    CLIP image processor's own preprocessing, carried out on tensors so the gradient reaches them
+    (:class:`onestep.clip.ClipPreprocessing`: the shorter side resized with the processor's resample,
+    centre crop, rescale, the processor's mean and std; OpenAI CLIP's at the model's image size when
+    the folder has no ``preprocessor_config.json``). The model, tokenizer and preprocessing are
+    :mod:`onestep.clip`'s wrapper, the same the CLIP score (``onestep eval clip``) uses; loaded only
+    from a local folder with safetensors weights.
+
+    Args:
+        clip: a :class:`onestep.clip.ClipEncoder`, or a ``CLIPModel`` (wrapped with ``tokenizer`` and
+            OpenAI's preprocessing at its image size).
+        tau: the clamp.
     """
 
-    MEAN = (0.48145466, 0.4578275, 0.40821073)
-    STD = (0.26862954, 0.26130258, 0.27577711)
-
-    def __init__(self, model: nn.Module, tau: float = 0.35, tokenizer=None):
+    def __init__(self, clip: ClipEncoder | nn.Module, tau: float = 0.35, tokenizer=None):
         super().__init__()
-        self.model = model.requires_grad_(False).eval()
+        self.clip = clip if isinstance(clip, ClipEncoder) else ClipEncoder(clip, tokenizer)
         self.tau = tau
-        self.tokenizer = tokenizer
-        size = model.config.vision_config.image_size
-        self.size = (size, size)
-        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def tokenizer(self):
+        return self.clip.tokenizer
 
     @classmethod
     def from_pretrained(cls, path: str, tau: float = 0.35) -> "ClampedClipLoss":
-        from pathlib import Path
-
-        from transformers import CLIPModel
-
-        from transformers import CLIPTokenizer
-
-        if not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"clip_model {path!r} is not a local CLIPModel folder (no config.json)")
-        tokenizer = None
-        if (Path(path) / "vocab.json").is_file() or (Path(path) / "tokenizer.json").is_file():
-            tokenizer = CLIPTokenizer.from_pretrained(path)
-        return cls(CLIPModel.from_pretrained(path, use_safetensors=True), tau, tokenizer)
+        """From a local CLIPModel folder (:func:`onestep.clip.load_clip`; the tokenizer may be missing)."""
+        return cls(load_clip(path, need_tokenizer=False, what="clip_model"), tau)
 
     def prompt_loss(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The loss of ``images`` against prompt strings, tokenised with the model's own tokenizer."""
         if self.tokenizer is None:
             raise ConfigError("the CLIP model folder has no tokenizer (vocab.json and merges.txt): save its CLIPTokenizer there")
-        limit = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        tok = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
-        return self(images, tok.input_ids.to(images.device), tok.attention_mask.to(images.device))
+        return self(images, *self.clip.tokenize(prompts))
 
     def cosine(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = (images.float().clamp(-1, 1) + 1) / 2
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = torch.nn.functional.interpolate(x, size=self.size, mode="bicubic", align_corners=False)
-        x = (x - self.mean) / self.std
-        img = _as_tensor(self.model.get_image_features(pixel_values=x))
-        txt = _as_tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-        return torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+        return self.clip.cosine(images, input_ids, attention_mask)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return (self.tau - self.cosine(images, input_ids, attention_mask)).clamp(min=0).mean()
 
 
-def _as_tensor(out) -> torch.Tensor:
-    """transformers returns a tensor or, in newer versions, an output object with pooled embeddings."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for name in ("image_embeds", "text_embeds", "pooler_output"):
-        v = getattr(out, name, None)
-        if v is not None:
-            return v
-    raise TypeError(f"unexpected CLIP output {type(out).__name__}")
-
-
 class VSDTrainer(DistillTrainer):
-    method_name = "vsd"
+    config_class = VSDConfig
     config: VSDConfig
 
     def __init__(self, config: VSDConfig, **kwargs):
@@ -194,7 +168,7 @@ class VSDTrainer(DistillTrainer):
         c = self.config
         cond, uncond = batch["cond"], batch["uncond"]
         # 1. x = G(z); noise it at t ~ U{0.02T .. 0.98T}.
-        x, x_t, t = self.generate_and_noise(batch, c.vsd_t_min, c.vsd_t_max)
+        x, x_t, t = self.generate_and_noise(batch, *c.loss_t_range)
         with torch.no_grad():
             # 2. Teacher and LoRA teacher with the same guidance scale (PG-SB: a random one).
             k = self.guidance_scales(x.shape[0])

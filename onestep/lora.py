@@ -1,0 +1,69 @@
+"""LoRA, in one place: which layers get adapters, adding them, and merging them back.
+
+Used by the triad (a LoRA fake score on the teacher's own weights) and by the trainers (a LoRA
+generator, merged into plain layers at export). Adapters come from peft and start at zero
+(``B = 0``), so an adapted network starts equal to its base.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d)
+
+#: Inside a transformer block, LoRA adapts these layers: the attention projections of the image
+#: and text streams and the feed-forward layers (the usual SD3 LoRA set, plus the MLPs).
+TRANSFORMER_LORA_LAYERS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
+
+
+def lora_target_modules(backbone: nn.Module) -> list[str]:
+    """The layers LoRA adapts by default: every Linear and Conv2d layer of a UNet (or MLP); for a
+    transformer (SD3), the attention projections and feed-forward layers of its blocks
+    (:data:`TRANSFORMER_LORA_LAYERS`), not the patch / timestep / text embedders or AdaLN layers."""
+    from .denoiser import is_transformer
+
+    if is_transformer(backbone):
+        return [
+            name for name, m in backbone.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith("transformer_blocks.") and name.endswith(TRANSFORMER_LORA_LAYERS)
+        ]
+    return [name for name, m in backbone.named_modules() if isinstance(m, LORA_LAYER_TYPES) and name]
+
+
+def add_lora(net: nn.Module, rank: int, alpha: float | None, name: str, targets: list[str] | None = None) -> None:
+    """Inject zero-initialised LoRA adapters named ``name`` into ``targets`` (default
+    :func:`lora_target_modules`) of ``net``, and train only adapters from then on."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        init_lora_weights=True,  # B = 0: the adapted network starts equal to its base
+        target_modules=targets or lora_target_modules(net),
+    )
+    inject_adapter_in_model(config, net, adapter_name=name)
+    for n, p in net.named_parameters():
+        p.requires_grad_("lora_" in n)
+
+
+def merged_lora(net: nn.Module) -> nn.Module:
+    """``net`` with its LoRA adapters merged into the base weights and the peft wrappers replaced by
+    the plain layers (in place): a network that plain diffusers can save and load."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(name, m) for name, m in net.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, m in wrapped:
+        m.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, m.get_base_layer())
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return net
+
+
+__all__ = ["LORA_LAYER_TYPES", "TRANSFORMER_LORA_LAYERS", "add_lora", "lora_target_modules", "merged_lora"]

@@ -1,0 +1,282 @@
+"""What a run leaves on disk: checkpoints, the exported student and preview grids.
+
+:class:`CheckpointMixin` is part of :class:`~onestep.trainers.base.DistillTrainer`. It writes
+``checkpoint-{step}`` folders (``accelerator.save_state``; with FSDP, whole tensors gathered
+from the shards, :mod:`onestep.trainers.sharding`), plus each of the method's
+:meth:`~onestep.trainers.base.DistillTrainer.extra_networks` as ``<name>.safetensors`` and, when
+EMA or a LoRA generator is on, the weights an export would hold
+(:data:`onestep.weights.EXPORT_WEIGHTS`). It resumes from them, builds the generator to
+export (EMA weights, LoRA merged, gathered under FSDP) and exports it as a student folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from onestep.conditioning import Cond
+from onestep.config import config_to_dict
+from onestep.denoiser import Denoiser
+from onestep.errors import ConfigError
+from onestep.lora import merged_lora
+from onestep.weights import EXPORT_WEIGHTS, load_trainable, save_state
+
+from .sharding import (
+    SHARDED_STATE,
+    fsdp_settings,
+    full,
+    gather_full,
+    load_sharded_checkpoint,
+    load_whole,
+    save_sharded_checkpoint,
+    shard,
+)
+
+
+class LoopState:
+    """The step counter, saved with every checkpoint.
+
+    The trainer's random stream is re-seeded from ``(seed, rank, step)`` at every
+    iteration, so a resumed run draws exactly what an uninterrupted one would, on any
+    number of processes, without storing a generator state per rank.
+    """
+
+    def __init__(self, seed: int, rank: int):
+        self.step = 0
+        self.seed, self.rank = seed, rank
+        self.rng = torch.Generator()
+        self.shared_rng = torch.Generator()  # the same on every process: for choices that change control flow
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.rng.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.step)
+        self.shared_rng.manual_seed((self.seed * 1_000_003 - 1) * 1_000_003 + self.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.reseed()
+
+
+class CheckpointMixin:
+    """Checkpoint, resume, export and previews of a :class:`~onestep.trainers.base.DistillTrainer`."""
+
+    # ------------------------------------------------------------- sharding
+    def _shard_networks(self) -> None:
+        """FSDP: shard the generator, the fake score (with LoRA: the backbone it shares with the
+        teacher), a separate teacher copy, the heads and the method's extra networks, each block
+        its own unit."""
+        kwargs = fsdp_settings(self.accelerator)
+        device = self.accelerator.device
+        # The export rebuilds the whole generator from gathered weights: keep its structure
+        # (on the meta device) and its buffers (small), not a second copy of its weights.
+        template = copy.deepcopy(self.generator.backbone)
+        self._export_buffers = {n: b.clone() for n, b in template.named_buffers()}
+        self._export_template = template.to("meta")
+        extras = [net.backbone if isinstance(net, Denoiser) else net for net in self.extras.values()]
+        nets = [self.generator.backbone, self.triad.teacher.backbone, self.heads, *extras]
+        if self.fake is not None:
+            nets.insert(1, self.fake.backbone)
+        for net in nets:
+            shard(net.to(device), **kwargs)
+
+    # -------------------------------------------------- checkpoint / resume
+    def checkpoints(self) -> list[Path]:
+        found = [p for p in self.output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        path = self.output_dir / f"checkpoint-{self.state.step}"
+        acc.wait_for_everyone()
+        if self.fsdp:
+            save_sharded_checkpoint(path, acc, self._sharded_with_optimizers(), self._trainer_state(), self.ema, self._ema_names())
+        else:
+            acc.save_state(str(path))
+        for name, net in self.saved_extra_networks().items():
+            # safetensors of the whole network (with FSDP every process gathers, the main one writes)
+            if self.fsdp:
+                state = gather_full(net)
+                if acc.is_main_process:
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.contiguous() for k, v in state.items()}, str(path / f"{name}.safetensors"))
+            elif acc.is_main_process:
+                save_state(net, path / f"{name}.safetensors")
+        if self.ema is not None or self.config.generator_lora_rank:
+            # The weights an export would hold now (EMA, LoRA merged) as safetensors, for evaluation:
+            # save_state keeps the EMA copy only in a pickle. (With FSDP every process gathers.)
+            net = self.generator_on_main()
+            if acc.is_main_process:
+                save_state(net, path / EXPORT_WEIGHTS)
+        if acc.is_main_process and self.config.checkpoint_total_limit:
+            for old in self.checkpoints()[: -self.config.checkpoint_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, which: str) -> None:
+        if which == "latest":
+            found = self.checkpoints()
+            if not found:
+                raise ConfigError(f"--resume latest: no checkpoint-* folder in {self.output_dir}")
+            path = found[-1]
+        else:
+            path = Path(which)
+            if not path.is_dir():
+                raise ConfigError(f"--resume {which}: not a checkpoint folder")
+        if self.fsdp:
+            info = load_sharded_checkpoint(path, self._sharded_with_optimizers(), self.ema, self._ema_names())
+            self.state.load_state_dict({"step": info["step"]})
+            self.sched_g.load_state_dict(info["sched_generator"])
+            if self.sched_f is not None:
+                self.sched_f.load_state_dict(info["sched_fake_score"])
+        elif (path / SHARDED_STATE).is_file():
+            raise ConfigError(f"--resume {path}: the checkpoint was written with FSDP; resume it with fsdp (the same launch)")
+        else:
+            self.accelerator.load_state(str(path))
+        for name, net in self.saved_extra_networks().items():
+            file = path / f"{name}.safetensors"
+            if not file.is_file():
+                raise ConfigError(f"--resume {path}: {file.name} is missing; the checkpoint does not match this run's networks")
+            if self.fsdp:
+                from safetensors.torch import load_file
+
+                load_whole(net, load_file(str(file)), set(net.state_dict()), str(file))
+            else:
+                load_trainable(net, file, str(file))
+
+    def _sharded_with_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """FSDP: what a checkpoint holds, each trained network with its optimizer (names are file names)."""
+        nets = {"generator": (self.generator.backbone, self.opt_g)}
+        if self.opt_f is not None:
+            trained = {"heads": self.heads} if self.fake is None else {"fake": self.fake.backbone, "heads": self.heads}
+            nets["fake_score"] = (nn.ModuleDict(trained), self.opt_f)
+        return nets
+
+    def _trainer_state(self) -> dict[str, Any]:
+        state = {"step": self.state.step, "sched_generator": self.sched_g.state_dict()}
+        if self.sched_f is not None:
+            state["sched_fake_score"] = self.sched_f.state_dict()
+        return state
+
+    def _ema_names(self) -> list[str]:
+        return [n for n, p in self.generator.backbone.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------ export / preview
+    def generator_for_export(self) -> nn.Module:
+        """The generator backbone to export (a copy holding the EMA weights when EMA is on, with
+        LoRA adapters merged into plain layers when the generator is LoRA)."""
+        if self.fsdp:
+            return self._gathered_generator()
+        net = self.generator.backbone
+        if self.ema is None and not self.config.generator_lora_rank:
+            return net
+        net = copy.deepcopy(net)
+        if self.ema is not None:
+            self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
+        return merged_lora(net) if self.config.generator_lora_rank else net
+
+    def generator_on_main(self) -> nn.Module | None:
+        """:meth:`generator_for_export` on the main process, None on the others. Every process must
+        call it: with FSDP the weights are gathered from all of them."""
+        if self.fsdp or self.accelerator.is_main_process:
+            return self.generator_for_export()
+        return None
+
+    def _gathered_generator(self) -> nn.Module | None:
+        """FSDP: the whole generator rebuilt from its shards on the main process (None on the others;
+        every process must call this, the gathering is collective)."""
+        state = gather_full(self.generator.backbone)
+        shadow = [full(s) for s in self.ema.shadow_params] if self.ema is not None else None
+        if not self.accelerator.is_main_process:
+            return None
+        net = copy.deepcopy(self._export_template)
+        net.load_state_dict(state, strict=True, assign=True)
+        for name, buf in self._export_buffers.items():  # non-persistent buffers are not in a state dict
+            owner, _, leaf = name.rpartition(".")
+            module = net.get_submodule(owner) if owner else net
+            if module._buffers[leaf].is_meta:
+                module._buffers[leaf] = buf.clone()
+        left = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"FSDP export: weights not gathered for {left[:3]}")
+        net = net.to(self.device)
+        if shadow is not None:
+            with torch.no_grad():
+                for p, s in zip([p for p in net.parameters() if p.requires_grad], shadow):
+                    p.copy_(s)
+        return merged_lora(net) if self.config.generator_lora_rank else net
+
+    def export_timesteps(self) -> list[int]:
+        """The sampling timesteps written into the student's onestep.json."""
+        return list(self.config.generator_timesteps)
+
+    def export_meta(self) -> dict[str, Any]:
+        """Method-specific fields added to the student's onestep.json."""
+        return {}
+
+    def export(self) -> Path | None:
+        from onestep.export import export_student
+
+        net = self.generator_on_main()
+        if not self.accelerator.is_main_process:
+            return None
+        return export_student(
+            self.output_dir / "student",
+            net,
+            self.teacher_spec,
+            method=self.method_name,
+            prediction_type=self.generator.prediction_type,
+            timesteps=self.export_timesteps(),
+            extra={"config": config_to_dict(self.config), **self.export_meta()},
+        )
+
+    def sampling_generator(self, net: nn.Module) -> Denoiser:
+        """The exported backbone ``net`` as the denoiser the student's sampler calls."""
+        return Denoiser(net, self.schedule, self.generator.prediction_type)
+
+    @torch.no_grad()
+    def preview_samples(self, n: int | None = None, net: nn.Module | None = None) -> tuple[torch.Tensor, Cond]:
+        """Samples of the generator that would be exported now (EMA weights when EMA is on),
+        for fixed seeds (the same across a run). ``net``: that generator, when already at hand."""
+        from onestep.samplers.student import sample_student_from_seeds
+
+        n = n or self.config.preview_num
+        labels = [i % max(1, self.conditioning.num_classes) for i in range(n)]
+        gen = self.sampling_generator(net if net is not None else self.generator_for_export())
+        was_training = self.generator.training
+        gen.eval()
+        x, cond = sample_student_from_seeds(
+            gen, self.teacher_spec, self.export_timesteps(), seeds=range(n), labels=labels, device=self.device
+        )
+        gen.train(was_training)
+        return x, cond
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from generator samples: the teacher's VAE decode for latent teachers, else ``x``."""
+        return self.teacher_spec.decode(x)
+
+    def save_preview(self, step: int) -> Path | None:
+        from onestep.viz import save_samples_picture
+
+        net = self.generator_on_main()
+        if not self.accelerator.is_main_process:
+            return None
+        x, _ = self.preview_samples(net=net)
+        if self.teacher_spec.vae is not None:
+            with torch.no_grad():
+                x = self.decode(x.to(self.device)).clamp(-1, 1).cpu()
+        path = self.output_dir / "previews" / f"step-{step:06d}.png"
+        save_samples_picture(x, path, title=f"{self.method_name} step {step}", nrow=10)
+        return path
+
+
+__all__ = ["CheckpointMixin", "LoopState"]

@@ -1,0 +1,179 @@
+"""The settings every method shares: :class:`DistillConfig`.
+
+A method's config subclasses it (``DMD2Config(DistillConfig)``) beside its trainer, trl style.
+Every field has a help string (``onestep train <preset> --show-config``) and is validated in
+``__post_init__``; YAML presets and ``--key value`` overrides fill it (:mod:`onestep.config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from onestep.config import config_field
+from onestep.errors import ConfigError
+from onestep.teachers import Teacher, load_teacher
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+#: Fields that were renamed: an old YAML key gets a message naming the new one.
+RENAMED_FIELDS = {
+    "dm_t_min": "loss_t_range",
+    "dm_t_max": "loss_t_range",
+    "vsd_t_min": "loss_t_range",
+    "vsd_t_max": "loss_t_range",
+    "sid_t_min": "loss_t_range",
+    "sid_t_max": "loss_t_range",
+}
+
+
+@dataclass
+class DistillConfig:
+    """Settings every method shares. Every field can be set in YAML or as ``--key value``."""
+
+    #: The fake scores this method can train with (a class attribute, not a field).
+    FAKE_SCORES = ("copy", "lora")
+
+    method: str = config_field("training method: dmd2, vsd, fdistill, sid, consistency, disback-<base> (see onestep train --list-presets)", "dmd2")
+    teacher: str = config_field("built-in teacher (digits, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25) or a local diffusers pipeline folder", "digits")
+    output_dir: str | None = config_field("run folder (default runs/<config name>); the student lands in <output_dir>/student")
+    seed: int = config_field("seed for initialisation, noise and data order; the same seed repeats a run", 0)
+    max_steps: int = config_field("training iterations; each updates the fake score, the generator every fake_updates_per_generator-th", 1000)
+    batch_size: int = config_field("samples per process per iteration", 32)
+    fake_score: str = config_field("fake score as a full 'copy' of the teacher or 'lora' adapters on the teacher's own weights", "copy")
+    lora_rank: int = config_field("LoRA rank when fake_score is 'lora'", 16)
+    lora_alpha: float | None = config_field("LoRA alpha (default: the rank)")
+    generator_lora_rank: int = config_field(
+        "0: train the whole generator; > 0: train LoRA adapters of this rank on it (merged into the exported weights)", 0
+    )
+    generator_lora_alpha: float | None = config_field("LoRA alpha of the generator adapters (default: their rank)")
+    lr_generator: float = config_field("AdamW learning rate of the generator", 1e-5)
+    lr_fake: float = config_field("AdamW learning rate of the fake score (and heads)", 1e-5)
+    adam_beta1: float = config_field("AdamW beta1", 0.9)
+    adam_beta2: float = config_field("AdamW beta2", 0.999)
+    weight_decay: float = config_field("AdamW weight decay", 0.01)
+    warmup_steps: int = config_field("linear learning-rate warm-up, in optimizer steps of each network", 0)
+    max_grad_norm: float = config_field("gradient clipping norm (0 disables)", 10.0)
+    mixed_precision: str = config_field("'no', 'fp16' or 'bf16' (bf16 recommended on GPU; fp16 diverges for DMD2)", "no")
+    fsdp: bool = config_field(
+        "shard the generator, fake score, teacher and heads across processes (FSDP2, one unit per block): "
+        "on by itself under accelerate's FSDP config (configs/accelerate/fsdp.yaml); set it to shard under a "
+        "plain multi-process launch (CPU/gloo)",
+        False,
+    )
+    fake_updates_per_generator: int = config_field("two time-scale ratio: fake-score updates per generator update", 5)
+    ema_decay: float = config_field("EMA decay of the generator (0 disables; the export uses the EMA weights when on)", 0.0)
+    generator_timesteps: list[int] = config_field(
+        "timestep labels the generator is evaluated at: one entry for a one-step student, K for K steps "
+        "(first entry: the label of pure-noise input)",
+        factory=lambda: [999],
+    )
+    guidance_scale: float = config_field("CFG scale of the teacher (real score) during training; 1 = no guidance", 1.0)
+    loss_t_range: list[float] = config_field(
+        "[low, high]: the noise levels of the generator's loss (distribution matching, VSD, SiD) are drawn as "
+        "t ~ U{low T .. high T}, fractions of the schedule's T",
+        factory=lambda: [0.02, 0.98],
+    )
+    regression_warmup_steps: int = config_field("iterations of warm start by regression onto teacher ODE samples (0 disables)", 0)
+    regression_pairs: int = config_field("noise/sample pairs drawn from the teacher's ODE for the warm start", 2048)
+    regression_ode_steps: int = config_field("DDIM steps of the teacher ODE for the warm-start pairs", 50)
+    checkpoint_every: int = config_field("save a checkpoint-{step} folder every N iterations (0: only at the end)", 0)
+    checkpoint_total_limit: int = config_field("keep at most this many checkpoints (0: keep all)", 2)
+    resume: str | None = config_field("'latest' or a checkpoint folder to resume from")
+    init_generator: str | None = config_field(
+        "start the generator from these weights instead of the teacher's: a student folder or a .safetensors "
+        "file of the generator network (loaded strictly)"
+    )
+    init_fake_score: str | None = config_field(
+        "start the fake score from a .safetensors file of its trainable weights (as DisBack nodes and "
+        "save_trainable write them; loaded strictly)"
+    )
+    log_every: int = config_field("log losses every N iterations", 10)
+    log_with: str = config_field("'tensorboard' or 'none'", "tensorboard")
+    preview_every: int = config_field("write a preview grid every N iterations (0 disables)", 0)
+    preview_num: int = config_field("samples in a preview grid", 20)
+    export: bool = config_field("export the student to <output_dir>/student at the end", True)
+    # Text-to-image teachers (a Stable Diffusion / SDXL pipeline folder); other teachers ignore these.
+    prompts: str | None = config_field(
+        "text-to-image: training prompts, a text file (one a line), JSONL (caption/prompt/text field) or CSV (caption column)"
+    )
+    validation_prompts: str | None = config_field("text-to-image: a prompt file for previews (default: a fixed list of 8 prompts)")
+    negative_prompt: str | None = config_field("text-to-image: replaces the empty prompt as the unconditional branch of guidance")
+    resolution: int | None = config_field("text-to-image: image side in pixels (default: the UNet's sample_size times the VAE factor)")
+    real_images: str | None = config_field(
+        "text-to-image: a folder of images with captions (metadata.jsonl with file_name and text, or a .txt per image) "
+        "for GAN terms and consistency distillation; VAE latents are cached under $ONESTEP_CACHE/latents"
+    )
+    cache_text_embeddings: bool = config_field("text-to-image: encode the prompt set once (frozen text encoders) instead of every batch", True)
+    gradient_checkpointing: bool = config_field("recompute activations in the backward pass (diffusers UNets): less memory, ~30% slower", False)
+    allow_tf32: bool = config_field("TF32 matmuls and convolutions on Ampere+ GPUs", True)
+    attention: str = config_field(
+        "attention kernels of the diffusers backbones: 'sdpa' (torch scaled_dot_product_attention, diffusers' default) "
+        "or 'xformers' (memory-efficient attention; CUDA only, needs `pip install xformers`)",
+        "sdpa",
+    )
+    frozen_dtype: str = config_field(
+        "dtype of the frozen weights (the teacher backbone, the base weights under LoRA adapters, the VAE): 'auto' "
+        "(bf16 / fp16 as mixed_precision, else float32), 'float32', 'bf16' or 'fp16'; trainable weights stay float32",
+        "auto",
+    )
+
+    def __post_init__(self):
+        positive = ("max_steps", "batch_size", "fake_updates_per_generator", "regression_pairs", "regression_ode_steps", "preview_num")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("warmup_steps", "checkpoint_every", "checkpoint_total_limit", "log_every", "preview_every", "regression_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("lr_generator", "lr_fake"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must lie in [0, 1) (got {self.ema_decay})")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION} (got {self.mixed_precision!r})")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ConfigError("fsdp: fp16 needs a gradient scaler the sharded loop does not have; use mixed_precision: bf16")
+        if self.fake_score not in self.FAKE_SCORES:
+            raise ConfigError(f"fake_score must be one of {self.FAKE_SCORES} for {self.method} (got {self.fake_score!r})")
+        r = self.loss_t_range
+        if len(r) != 2 or not all(isinstance(v, (int, float)) for v in r) or not 0 <= r[0] < r[1] <= 1:
+            raise ConfigError(f"loss_t_range must be [low, high] with 0 <= low < high <= 1 (got {r})")
+        if self.log_with not in ("tensorboard", "none"):
+            raise ConfigError(f"log_with must be 'tensorboard' or 'none' (got {self.log_with!r})")
+        if not self.generator_timesteps or any(not isinstance(t, int) for t in self.generator_timesteps):
+            raise ConfigError("generator_timesteps must be a non-empty list of integers")
+        if sorted(self.generator_timesteps, reverse=True) != list(self.generator_timesteps) or len(set(self.generator_timesteps)) != len(self.generator_timesteps):
+            raise ConfigError(f"generator_timesteps must be strictly decreasing (got {self.generator_timesteps})")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale must be >= 0 (got {self.guidance_scale})")
+        if self.generator_lora_rank < 0 or self.lora_rank < 1:
+            raise ConfigError(f"need lora_rank >= 1 and generator_lora_rank >= 0 (got {self.lora_rank}, {self.generator_lora_rank})")
+        if self.attention not in ("sdpa", "xformers"):
+            raise ConfigError(f"attention must be 'sdpa' or 'xformers' (got {self.attention!r})")
+        if self.frozen_dtype not in ("auto", "float32", "bf16", "fp16"):
+            raise ConfigError(f"frozen_dtype must be 'auto', 'float32', 'bf16' or 'fp16' (got {self.frozen_dtype!r})")
+
+
+def method_of(config_class: type[DistillConfig]) -> str:
+    """The method name a config class stands for: its ``method`` field's default."""
+    return next(f.default for f in dataclasses.fields(config_class) if f.name == "method")
+
+
+def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu") -> Teacher:
+    """The teacher of ``config``, with its text-to-image options (ignored by other teachers)."""
+    return load_teacher(
+        config.teacher,
+        prompts=config.prompts,
+        validation_prompts=config.validation_prompts,
+        negative_prompt=config.negative_prompt,
+        resolution=config.resolution,
+        real_images=config.real_images,
+        cache_text_embeddings=config.cache_text_embeddings,
+        device=device,
+    )
+
+
+__all__ = ["MIXED_PRECISION", "RENAMED_FIELDS", "DistillConfig", "load_teacher_for", "method_of"]
