@@ -138,9 +138,7 @@ class DistillConfig:
             raise ConfigError("fsdp: fp16 needs a gradient scaler the sharded loop does not have; use mixed_precision: bf16")
         if self.fake_score not in self.FAKE_SCORES:
             raise ConfigError(f"fake_score must be one of {self.FAKE_SCORES} for {self.method} (got {self.fake_score!r})")
-        r = self.loss_t_range
-        if len(r) != 2 or not all(isinstance(v, (int, float)) for v in r) or not 0 <= r[0] < r[1] <= 1:
-            raise ConfigError(f"loss_t_range must be [low, high] with 0 <= low < high <= 1 (got {r})")
+        check_interval("loss_t_range", self.loss_t_range, strict=True, upper=1.0)
         if self.log_with not in ("tensorboard", "none"):
             raise ConfigError(f"log_with must be 'tensorboard' or 'none' (got {self.log_with!r})")
         if not self.generator_timesteps or any(not isinstance(t, int) for t in self.generator_timesteps):
@@ -155,6 +153,18 @@ class DistillConfig:
             raise ConfigError(f"attention must be 'sdpa' or 'xformers' (got {self.attention!r})")
         if self.frozen_dtype not in ("auto", "float32", "bf16", "fp16"):
             raise ConfigError(f"frozen_dtype must be 'auto', 'float32', 'bf16' or 'fp16' (got {self.frozen_dtype!r})")
+
+
+def check_interval(name: str, value: list[float], strict: bool = False, upper: float | None = None) -> None:
+    """``value`` must be ``[low, high]`` with ``0 <= low <= high`` (``low < high`` when ``strict``) and
+    ``high <= upper`` when given; a :class:`ConfigError` naming ``name`` otherwise."""
+    ok = len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if ok:
+        low, high = value
+        ok = 0 <= low and (low < high if strict else low <= high) and (upper is None or high <= upper)
+    if not ok:
+        bound = f" <= {upper:g}" if upper is not None else ""
+        raise ConfigError(f"{name} must be [low, high] with 0 <= low {'<' if strict else '<='} high{bound} (got {value})")
 
 
 def method_of(config_class: type[DistillConfig]) -> str:
@@ -176,4 +186,4 @@ def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu") 
     )
 
 
-__all__ = ["MIXED_PRECISION", "RENAMED_FIELDS", "DistillConfig", "load_teacher_for", "method_of"]
+__all__ = ["MIXED_PRECISION", "RENAMED_FIELDS", "DistillConfig", "check_interval", "load_teacher_for", "method_of"]

@@ -60,7 +60,7 @@ from onestep.errors import ConfigError
 from onestep.teachers import Teacher
 
 from .base import DistillTrainer
-from .config import DistillConfig, load_teacher_for
+from .config import DistillConfig, check_interval, load_teacher_for
 from .dmd2 import GANHead
 from .sharding import resharded
 
@@ -130,9 +130,7 @@ class ConsistencyConfig(DistillConfig):
         if self.sigma_data <= 0 or self.timestep_scaling <= 0:
             raise ConfigError("sigma_data and timestep_scaling must be > 0")
         if self.guidance_scale_range is not None:
-            r = self.guidance_scale_range
-            if len(r) != 2 or not 0 <= r[0] <= r[1]:
-                raise ConfigError(f"guidance_scale_range must be [min, max] with 0 <= min <= max (got {r})")
+            check_interval("guidance_scale_range", self.guidance_scale_range)
         if self.guidance_embedding_dim < 2:
             raise ConfigError("guidance_embedding_dim must be at least 2")
         if self.eta < 0 or self.gan_weight < 0:

@@ -38,7 +38,7 @@ from onestep.errors import ConfigError
 from onestep.schedule import expand_like
 
 from .base import DistillTrainer, inject_gradient
-from .config import DistillConfig
+from .config import DistillConfig, check_interval
 
 
 @dataclass
@@ -65,9 +65,7 @@ class VSDConfig(DistillConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.guidance_range is not None:
-            r = self.guidance_range
-            if len(r) != 2 or not 0 <= r[0] <= r[1]:
-                raise ConfigError(f"guidance_range must be [k_min, k_max] with 0 <= k_min <= k_max (got {r})")
+            check_interval("guidance_range", self.guidance_range)
         if self.guidance_per not in ("batch", "sample"):
             raise ConfigError(f"guidance_per must be 'batch' or 'sample' (got {self.guidance_per!r})")
         if not 0 <= self.fake_cond_drop < 1:
