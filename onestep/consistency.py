@@ -120,6 +120,26 @@ class GuidanceInput:
     scales: list[float] = field(default_factory=list)
     stride: int = 0
 
+    @classmethod
+    def for_teacher(cls, teacher, scale_range: list[float], default_scale: float, embedding_dim: int, levels: int) -> "GuidanceInput":
+        """How ``teacher``'s student receives a per-sample scale drawn from ``scale_range``: ``timestep_cond``
+        for a ``UNet2DConditionModel`` (an embedding of ``embedding_dim``), else ``class_table`` with ``levels``
+        scales spread over the range (a class-conditional UNet's extra class rows)."""
+        name = type(teacher.backbone).__name__
+        if not teacher.conditioning.guidable and name != "UNet2DConditionModel":
+            raise ConfigError(f"guidance_scale_range needs a guidable (conditional) teacher; {teacher.name} is unconditional")
+        lo, hi = scale_range
+        default = min(max(default_scale, lo), hi)
+        if name == "UNet2DConditionModel":
+            return cls("timestep_cond", default, embedding_dim=embedding_dim)
+        if getattr(teacher.backbone.config, "num_class_embeds", None) is None:
+            raise ConfigError(
+                f"guidance_scale_range: {name} has no guidance input (UNet2DConditionModel students take it as "
+                "timestep_cond, class-conditional UNets as extra class rows); train with a fixed guidance_scale"
+            )
+        n = levels if hi > lo else 1
+        scales = [lo + (hi - lo) * i / max(1, n - 1) for i in range(n)]
+        return cls("class_table", default, scales=scales, stride=int(teacher.backbone.config.num_class_embeds))
     def __post_init__(self):
         if self.kind not in ("timestep_cond", "class_table"):
             raise ConfigError(f"guidance input kind must be 'timestep_cond' or 'class_table' (got {self.kind!r})")
@@ -258,6 +278,16 @@ def ict_num_steps(step: int, max_steps: int, initial: int, final: int) -> int:
     return min(initial * 2 ** (step // k_prime), final)
 
 
+def ict_pair_weight(schedule: NoiseSchedule, t_hi: torch.Tensor, t_lo: torch.Tensor) -> torch.Tensor:
+    """iCT's per-pair weight ``lambda = 1 / (sigma_hi - sigma_lo)`` with ``sigma = s_t / a_t`` (the VE noise
+    level of a VP timestep), float32; computed in float64."""
+    def sigma(t: torch.Tensor) -> torch.Tensor:
+        a, s = schedule.alpha_sigma(t)
+        return s.double() / a.double()
+
+    return (1.0 / (sigma(t_hi) - sigma(t_lo))).float()
+
+
 # ------------------------------------------------------ the guided student
 
 
@@ -302,6 +332,7 @@ __all__ = [
     "ddim_step",
     "guidance_scale_embedding",
     "ict_num_steps",
+    "ict_pair_weight",
     "lcm_grid",
     "lcm_timesteps",
     "segment_edges",

@@ -20,30 +20,63 @@ TRANSFORMER_LORA_LAYERS = (
 )
 
 
-def lora_target_modules(backbone: nn.Module) -> list[str]:
-    """The layers LoRA adapts by default: every Linear and Conv2d layer of a UNet (or MLP); for a
-    transformer (SD3), the attention projections and feed-forward layers of its blocks
-    (:data:`TRANSFORMER_LORA_LAYERS`), not the patch / timestep / text embedders or AdaLN layers."""
+#: The attention projections: what VSD / SwiftBrush / SNOOPI adapt in the fake score (q, k, v, out of
+#: every attention layer; in an SD3 block also the text stream's projections).
+ATTENTION_LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+#: What a ``targets`` setting may name besides a list of module-name suffixes.
+LORA_TARGET_SETS = ("attention", "all")
+
+
+def lora_target_modules(backbone: nn.Module, targets: str | list[str] = "all") -> list[str]:
+    """The layers LoRA adapts in ``backbone``.
+
+    Args:
+        targets: ``"attention"``: the attention projections (:data:`ATTENTION_LORA_LAYERS`);
+            ``"all"``: every Linear and Conv2d layer of a UNet (or MLP), and for a transformer (SD3)
+            the attention projections and feed-forward layers of its blocks
+            (:data:`TRANSFORMER_LORA_LAYERS`), not the patch / timestep / text embedders or AdaLN
+            layers; or a list of module-name suffixes (``["to_q", "to_v"]``: the Linear and Conv2d
+            layers whose names end with one of them).
+    """
     from .denoiser import is_transformer
+    from .errors import ConfigError
 
-    if is_transformer(backbone):
-        return [
-            name for name, m in backbone.named_modules()
-            if isinstance(m, nn.Linear) and name.startswith("transformer_blocks.") and name.endswith(TRANSFORMER_LORA_LAYERS)
-        ]
-    return [name for name, m in backbone.named_modules() if isinstance(m, LORA_LAYER_TYPES) and name]
+    def ends_with(name: str, suffixes) -> bool:
+        return any(name == s or name.endswith("." + s) for s in suffixes)
+
+    layers = [(name, m) for name, m in backbone.named_modules() if isinstance(m, LORA_LAYER_TYPES) and name]
+    if isinstance(targets, (list, tuple)):
+        found = [name for name, _ in layers if ends_with(name, targets)]
+    elif targets == "attention":
+        found = [name for name, m in layers if isinstance(m, nn.Linear) and ends_with(name, ATTENTION_LORA_LAYERS)]
+    elif targets == "all":
+        if is_transformer(backbone):
+            found = [
+                name for name, m in layers
+                if isinstance(m, nn.Linear) and name.startswith("transformer_blocks.") and name.endswith(TRANSFORMER_LORA_LAYERS)
+            ]
+        else:
+            found = [name for name, _ in layers]
+    else:
+        raise ConfigError(f"LoRA targets must be one of {LORA_TARGET_SETS} or a list of layer names (got {targets!r})")
+    if not found:
+        raise ConfigError(
+            f"LoRA targets {targets!r} match no Linear or Conv2d layer of this {type(backbone).__name__}; "
+            "use 'all' or name its layers"
+        )
+    return found
 
 
-def add_lora(net: nn.Module, rank: int, alpha: float | None, name: str, targets: list[str] | None = None) -> None:
-    """Inject zero-initialised LoRA adapters named ``name`` into ``targets`` (default
-    :func:`lora_target_modules`) of ``net``, and train only adapters from then on."""
+def add_lora(net: nn.Module, rank: int, alpha: float | None, name: str, targets: str | list[str] = "all") -> None:
+    """Inject zero-initialised LoRA adapters named ``name`` into the layers :func:`lora_target_modules`
+    picks for ``targets``, and train only adapters from then on."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
         init_lora_weights=True,  # B = 0: the adapted network starts equal to its base
-        target_modules=targets or lora_target_modules(net),
+        target_modules=lora_target_modules(net, targets),
     )
     inject_adapter_in_model(config, net, adapter_name=name)
     for n, p in net.named_parameters():
@@ -66,4 +99,12 @@ def merged_lora(net: nn.Module) -> nn.Module:
     return net
 
 
-__all__ = ["LORA_LAYER_TYPES", "TRANSFORMER_LORA_LAYERS", "add_lora", "lora_target_modules", "merged_lora"]
+__all__ = [
+    "ATTENTION_LORA_LAYERS",
+    "LORA_LAYER_TYPES",
+    "LORA_TARGET_SETS",
+    "TRANSFORMER_LORA_LAYERS",
+    "add_lora",
+    "lora_target_modules",
+    "merged_lora",
+]

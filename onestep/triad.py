@@ -33,7 +33,9 @@ class Triad:
         fake_score: ``"copy"`` (a full trainable copy), ``"lora"`` (adapters on the teacher's weights)
             or ``"none"`` (no fake score: ``fake`` is None).
         lora_rank, lora_alpha: LoRA size when ``fake_score="lora"``.
-        lora_targets: module names to adapt; default :func:`onestep.lora.lora_target_modules`.
+        lora_targets: the layers the fake score's LoRA adapts: ``"attention"`` (the attention
+            projections, as VSD / SwiftBrush tune them), ``"all"`` or module-name suffixes
+            (:func:`onestep.lora.lora_target_modules`).
     """
 
     def __init__(
@@ -42,7 +44,7 @@ class Triad:
         fake_score: str = "copy",
         lora_rank: int = 16,
         lora_alpha: float | None = None,
-        lora_targets: list[str] | None = None,
+        lora_targets: str | list[str] = "attention",
     ):
         if fake_score not in FAKE_SCORES:
             raise ConfigError(f"fake_score must be one of {FAKE_SCORES}, not {fake_score!r}")

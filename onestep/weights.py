@@ -83,6 +83,43 @@ def load_trainable(net: nn.Module, path: str | Path, what: str = "weights", trai
             expected[n].copy_(v)
 
 
+def check_same_network(net: nn.Module, path: str | Path, what: str) -> Path:
+    """The weights file of ``path`` (:func:`weights_file`) if it holds exactly ``net``'s state dict (keys
+    and shapes, read from the header without loading the tensors); a :class:`ConfigError` naming
+    ``what`` otherwise."""
+    from safetensors import safe_open
+
+    file = weights_file(path)
+    state = net.state_dict()
+    with safe_open(str(file), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if set(shapes) != set(state):
+        missing, unexpected = sorted(set(state) - set(shapes)), sorted(set(shapes) - set(state))
+        raise ConfigError(f"{what}: {file} is not this network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, v in state.items():
+        if shapes[k] != tuple(v.shape):
+            raise ConfigError(f"{what}: {file}: {k} has shape {shapes[k]}, expected {tuple(v.shape)}")
+    return file
+
+
+@torch.no_grad()
+def average_with(net: nn.Module, path: str | Path, weight: float) -> nn.Module:
+    """``net`` (in place) as ``(1 - weight) * net + weight * other``, ``other`` read from ``path`` (a student
+    folder or a ``.safetensors`` of the same network: the same keys and shapes, checked first).
+    Floating-point tensors are averaged; other buffers must be equal."""
+    from safetensors.torch import load_file
+
+    file = check_same_network(net, path, "export_average_with")
+    other = load_file(str(file))
+    for k, v in net.state_dict().items():
+        o = other[k]
+        if v.is_floating_point():
+            v.lerp_(o.to(device=v.device, dtype=v.dtype), weight)
+        elif not torch.equal(v, o.to(v.device)):
+            raise ConfigError(f"export_average_with: {file}: {k} differs and cannot be averaged")
+    return net
+
+
 def generator_from_checkpoint(generator: nn.Module, checkpoint: str | Path) -> nn.Module:
     """A CPU copy of ``generator`` (a student's :class:`~onestep.denoiser.Denoiser`) holding the weights
     of training checkpoint ``checkpoint``, in eval mode.
@@ -122,6 +159,8 @@ def generator_from_checkpoint(generator: nn.Module, checkpoint: str | Path) -> n
 
 __all__ = [
     "EXPORT_WEIGHTS",
+    "average_with",
+    "check_same_network",
     "GENERATOR_WEIGHTS",
     "generator_from_checkpoint",
     "load_trainable",

@@ -16,6 +16,7 @@ from onestep.consistency import (
     ddim_step,
     guidance_scale_embedding,
     ict_num_steps,
+    ict_pair_weight,
     lcm_grid,
     lcm_timesteps,
     segment_edges,
@@ -311,8 +312,8 @@ def test_teacher_fit_warm_start_moves_student_toward_teacher_and_target_follows(
 
 def test_lcm_lora_trains_the_adapters_against_the_student_itself(tmp_path, tiny_teacher_dir):
     with pytest.raises(ConfigError, match="target_ema_decay: 0"):
-        tiny_cd_config(tmp_path, tiny_teacher_dir, generator_lora_rank=2)
-    tr = ConsistencyTrainer(tiny_cd_config(tmp_path, tiny_teacher_dir, generator_lora_rank=2, target_ema_decay=0.0, export=False))
+        tiny_cd_config(tmp_path, tiny_teacher_dir, generator_lora_rank=2, target_ema_decay=0.95)
+    tr = ConsistencyTrainer(tiny_cd_config(tmp_path, tiny_teacher_dir, generator_lora_rank=2, export=False))  # mode default: 0
     assert tr.target is tr.student
     before = {n: p.detach().clone() for n, p in tr.generator.backbone.named_parameters()}
     for _ in range(2):
@@ -343,3 +344,37 @@ def test_resumed_run_restores_the_ema_target_and_ends_bit_identical(tmp_path, ti
     resumed.train()
     assert changed(state_of(straight.generator.backbone), resumed.generator.backbone) == 0
     assert changed(state_of(straight.extras["target"]), resumed.extras["target"]) == 0
+
+
+def test_each_mode_sets_its_own_target_and_loss_defaults():
+    lcm, mlcm, ict = ConsistencyConfig(), ConsistencyConfig(num_segments=4), ConsistencyConfig(teacher_free=True)
+    assert (lcm.target_ema_decay, lcm.loss) == (0.95, "l2")
+    assert (mlcm.target_ema_decay, mlcm.loss) == (0.0, "l2")  # MLCM: the student is its own target
+    assert (ict.target_ema_decay, ict.loss) == (0.0, "pseudo_huber")  # iCT: no EMA target, pseudo-Huber
+    assert ConsistencyConfig(generator_lora_rank=4).target_ema_decay == 0.0  # LCM-LoRA
+    explicit = ConsistencyConfig(teacher_free=True, target_ema_decay=0.5, loss="l2")  # an explicit choice stands
+    assert (explicit.target_ema_decay, explicit.loss) == (0.5, "l2")
+
+
+def test_ict_weights_each_pair_by_the_inverse_sigma_step(tmp_path, tiny_teacher_dir, monkeypatch):
+    import onestep.trainers.consistency as cd
+
+    schedule = NoiseSchedule.from_scheduler_config({"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"})
+    t_hi, t_lo = torch.tensor([500, 40]), torch.tensor([480, 20])
+    ac = schedule.alphas_cumprod.double()
+    sig = lambda t: ((1 - ac[t]) / ac[t]).sqrt()  # noqa: E731  (s_t / a_t)
+    expected = torch.stack([1 / (sig(500) - sig(480)), 1 / (sig(40) - sig(20))]).float()
+    torch.testing.assert_close(ict_pair_weight(schedule, t_hi, t_lo), expected)
+    assert expected[1] > expected[0] > 0  # the same 20 steps span less sigma at low noise: they weigh more
+
+    # In training, the loss is the lambda-weighted mean of the per-pair distances.
+    tr = ConsistencyTrainer(tiny_cd_config(tmp_path, tiny_teacher_dir, teacher_free=True, export=False))
+    seen = {}
+    draw, distance = tr.draw_timesteps, cd.consistency_distance
+    monkeypatch.setattr(tr, "draw_timesteps", lambda n: seen.setdefault("t", draw(n)))
+    monkeypatch.setattr(cd, "consistency_distance", lambda *a: seen.setdefault("d", distance(*a)))
+    tr.state.reseed()
+    loss, _ = tr.generator_loss(tr.make_batch())
+    weight = ict_pair_weight(tr.schedule, *seen["t"])
+    assert not torch.allclose(weight, weight.mean().expand_as(weight))  # the pairs do differ
+    torch.testing.assert_close(loss, (weight * seen["d"]).mean())

@@ -347,3 +347,37 @@ def test_nodes_and_init_weights_load_strictly(tmp_path, tiny_teacher_dir):
         assert torch.equal(p, good[n] + 0.01), n
     with pytest.raises(ConfigError, match="pickles"):
         make_trainer(tiny_config("dmd2", tmp_path / "c", tiny_teacher_dir, init_generator=str(tmp_path / "x.pt")))
+
+
+def test_swiftbrush_v2_clip_weight_decays_over_the_run_by_default():
+    from onestep.trainers import VSDConfig
+
+    assert VSDConfig(max_steps=1000, fake_updates_per_generator=1).clip_decay_steps == 1000
+    assert VSDConfig(max_steps=1001, fake_updates_per_generator=2).clip_decay_steps == 501  # generator steps, rounded up
+    assert VSDConfig(max_steps=1000, clip_decay_steps=0).clip_decay_steps == 0  # 0 still means a constant weight
+
+
+def test_export_average_with_another_student_is_the_weighted_mean(tmp_path, tiny_teacher_dir):
+    from safetensors.torch import load_file, save_file
+
+    other = make_trainer(tiny_config("dmd2", tmp_path / "other", tiny_teacher_dir, max_steps=2, seed=1))
+    other_student = other.train()
+    theirs = load_file(str(other_student / "generator" / "diffusion_pytorch_model.safetensors"))
+    tr = make_trainer(tiny_config("dmd2", tmp_path / "a", tiny_teacher_dir, max_steps=2, export_average_with=str(other_student),
+                                  export_average_weight=0.25, checkpoint_every=0))
+    student = tr.train()
+    ours = {k: v.detach().cpu() for k, v in tr.generator.backbone.state_dict().items()}
+    assert any(not torch.equal(ours[k], theirs[k]) for k in ours)  # two different students
+    exported = load_file(str(student / "generator" / "diffusion_pytorch_model.safetensors"))
+    for k, v in exported.items():
+        torch.testing.assert_close(v, 0.75 * ours[k] + 0.25 * theirs[k])
+    # the checkpoint's export weights (what `onestep eval run` scores) are the average too
+    in_checkpoint = load_file(str(tmp_path / "a" / "run" / "checkpoint-2" / "generator_export.safetensors"))
+    assert all(torch.equal(in_checkpoint[k], exported[k]) for k in exported)
+    # a file that is not this generator is refused by name, before any training
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad))
+    with pytest.raises(ConfigError, match="export_average_with: .* is not this network"):
+        make_trainer(tiny_config("dmd2", tmp_path / "b", tiny_teacher_dir, export_average_with=str(bad)))
+    with pytest.raises(ConfigError, match="no such weights file"):
+        tiny_config("dmd2", tmp_path / "c", tiny_teacher_dir, export_average_with=str(tmp_path / "missing.safetensors"))

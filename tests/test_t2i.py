@@ -178,6 +178,19 @@ def test_every_trainer_runs_on_the_tiny_sd_pipeline(method, sd_dir, prompt_file,
     assert (student / "model_index.json").is_file() and (student / "unet").is_dir()
 
 
+@pytest.mark.parametrize("method", ["dmd2", "disback-dmd2", "fdistill"])
+def test_a_gan_term_without_real_images_is_refused(method, sd_dir, prompt_file, tmp_path):
+    # Without real samples the discriminator never learns, yet would push the generator: refuse it.
+    from onestep.trainers import make_trainer
+
+    gan = {} if method == "fdistill" else {"gan_weight_generator": 1e-3}
+    config = tiny_config(method, tmp_path, sd_dir, prompts=str(prompt_file), **gan)
+    with pytest.raises(ConfigError, match="trains its discriminator on real samples.*real_images") as err:
+        make_trainer(config)
+    assert ("gan_weight_generator: 0" in str(err.value)) == (method != "fdistill")  # f-distill cannot drop it
+    make_trainer(tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file)))  # no GAN term: fine
+
+
 def test_lora_fake_score_keeps_one_copy_and_adapters_off_is_the_teacher(sd_dir, prompt_file, tmp_path):
     from diffusers import UNet2DConditionModel
 

@@ -4,7 +4,7 @@ import torch
 from conftest import changed, state_of, tiny_dmd2_config
 from onestep.errors import ConfigError
 from onestep.teachers import load_teacher
-from onestep.trainers import DMD2Trainer
+from onestep.trainers import DMD2Config, DMD2Trainer
 from onestep.trainers.base import inject_gradient
 from onestep.trainers.dmd2 import dm_gradient
 from onestep.triad import Triad
@@ -43,6 +43,25 @@ def test_lora_fake_equals_teacher_at_start_and_shares_weights(tiny_teacher_dir):
                 p.add_(0.1)
         assert not torch.allclose(triad.fake(x, t, y), before)
         torch.testing.assert_close(triad.teacher(x, t, y), before, rtol=0, atol=0)
+
+
+def test_lora_fake_score_adapts_the_attention_projections_by_default(tiny_teacher_dir):
+    from onestep.lora import lora_target_modules
+
+    triad = Triad(load_teacher(tiny_teacher_dir), fake_score="lora", lora_rank=4)
+    adapted = {n.split(".lora_A")[0] for n, _ in triad.fake.backbone.named_parameters() if ".lora_A" in n}
+    assert adapted and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0") for n in adapted)
+    assert {n.rsplit(".", 1)[-1] for n in adapted} >= {"to_q", "to_k", "to_v"}  # every projection, not a few
+    # 'all' is the wider set (every Linear and Conv2d: conv_in, resnet convs, the time embedding ...)
+    backbone = load_teacher(tiny_teacher_dir).backbone
+    wide = lora_target_modules(backbone, "all")
+    assert set(adapted) < set(wide) and "conv_in" in wide and "time_embedding.linear_1" in wide
+    # a list picks layers by name suffix
+    assert set(lora_target_modules(backbone, ["to_q", "conv_in"])) == {n for n in wide if n.endswith(".to_q")} | {"conv_in"}
+    with pytest.raises(ConfigError, match="match no Linear or Conv2d"):
+        lora_target_modules(backbone, ["no_such_layer"])
+    with pytest.raises(ConfigError, match="lora_targets"):
+        DMD2Config(lora_targets="everything")
 
 
 def test_lora_refused_for_analytic_teacher():

@@ -34,7 +34,7 @@ from onestep.errors import ConfigError
 from onestep.lora import add_lora
 from onestep.teachers import Teacher
 from onestep.triad import Triad
-from onestep.weights import load_trainable, weights_file
+from onestep.weights import check_same_network, load_trainable, weights_file
 
 from .checkpoint import CheckpointMixin, LoopState
 from .config import DistillConfig, load_teacher_for, method_of
@@ -89,13 +89,15 @@ class DistillTrainer(CheckpointMixin):
         T = self.teacher_spec.schedule.num_train_timesteps
         if max(c.generator_timesteps) >= T or min(c.generator_timesteps) < 0:
             raise ConfigError(f"generator_timesteps must lie in [0, {T - 1}] for this teacher (got {c.generator_timesteps})")
-        self.triad = Triad(self.teacher_spec, fake_score=c.fake_score, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+        self.triad = Triad(self.teacher_spec, c.fake_score, c.lora_rank, c.lora_alpha, c.lora_targets)
         self.schedule = self.triad.schedule
         self.conditioning = self.triad.conditioning
         self.generator, self.fake = self.triad.generator, self.triad.fake
         trained = [self.generator.backbone] + ([self.fake.backbone] if self.fake is not None else [])
+        if c.export_average_with is not None:  # the same network as the export, checked before training
+            check_same_network(self.generator.backbone, c.export_average_with, "export_average_with")
         if c.generator_lora_rank:
-            add_lora(self.generator.backbone, c.generator_lora_rank, c.generator_lora_alpha, "generator")
+            add_lora(self.generator.backbone, c.generator_lora_rank, c.generator_lora_alpha, "generator", c.generator_lora_targets)
         if c.gradient_checkpointing:
             for net in trained:
                 if not hasattr(net, "enable_gradient_checkpointing"):

@@ -24,7 +24,7 @@ from onestep.config import config_to_dict
 from onestep.denoiser import Denoiser
 from onestep.errors import ConfigError
 from onestep.lora import merged_lora
-from onestep.weights import EXPORT_WEIGHTS, load_trainable, save_state
+from onestep.weights import EXPORT_WEIGHTS, average_with, load_trainable, save_state
 
 from .sharding import (
     SHARDED_STATE,
@@ -110,8 +110,8 @@ class CheckpointMixin:
                     save_file({k: v.contiguous() for k, v in state.items()}, str(path / f"{name}.safetensors"))
             elif acc.is_main_process:
                 save_state(net, path / f"{name}.safetensors")
-        if self.ema is not None or self.config.generator_lora_rank:
-            # The weights an export would hold now (EMA, LoRA merged) as safetensors, for evaluation:
+        if self.export_differs():
+            # The weights an export would hold now (EMA, LoRA merged, averaged) as safetensors, for evaluation:
             # save_state keeps the EMA copy only in a pickle. (With FSDP every process gathers.)
             net = self.generator_on_main()
             if acc.is_main_process:
@@ -171,18 +171,33 @@ class CheckpointMixin:
         return [n for n, p in self.generator.backbone.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------ export / preview
+    def export_differs(self) -> bool:
+        """Whether the exported generator differs from the trained one (EMA, LoRA merged, an average)."""
+        c = self.config
+        return self.ema is not None or bool(c.generator_lora_rank) or c.export_average_with is not None
+
     def generator_for_export(self) -> nn.Module:
-        """The generator backbone to export (a copy holding the EMA weights when EMA is on, with
-        LoRA adapters merged into plain layers when the generator is LoRA)."""
+        """The generator backbone to export: a copy holding the EMA weights when EMA is on, with LoRA
+        adapters merged into plain layers when the generator is LoRA, averaged with
+        ``export_average_with`` when set (the trained network itself when none of these apply)."""
         if self.fsdp:
             return self._gathered_generator()
         net = self.generator.backbone
-        if self.ema is None and not self.config.generator_lora_rank:
+        if not self.export_differs():
             return net
         net = copy.deepcopy(net)
         if self.ema is not None:
             self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
-        return merged_lora(net) if self.config.generator_lora_rank else net
+        return self._finish_export(net)
+
+    def _finish_export(self, net: nn.Module) -> nn.Module:
+        """LoRA merged into plain layers, then the average with ``export_average_with`` (in place)."""
+        c = self.config
+        if c.generator_lora_rank:
+            net = merged_lora(net)
+        if c.export_average_with is not None:
+            average_with(net, c.export_average_with, c.export_average_weight)
+        return net
 
     def generator_on_main(self) -> nn.Module | None:
         """:meth:`generator_for_export` on the main process, None on the others. Every process must
@@ -213,7 +228,7 @@ class CheckpointMixin:
             with torch.no_grad():
                 for p, s in zip([p for p in net.parameters() if p.requires_grad], shadow):
                     p.copy_(s)
-        return merged_lora(net) if self.config.generator_lora_rank else net
+        return self._finish_export(net)
 
     def export_timesteps(self) -> list[int]:
         """The sampling timesteps written into the student's onestep.json."""

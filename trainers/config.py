@@ -14,7 +14,9 @@ import torch
 
 from onestep.config import config_field
 from onestep.errors import ConfigError
+from onestep.lora import LORA_TARGET_SETS
 from onestep.teachers import Teacher, load_teacher
+from onestep.weights import weights_file
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 #: Fields that were renamed: an old YAML key gets a message naming the new one.
@@ -44,10 +46,19 @@ class DistillConfig:
     fake_score: str = config_field("fake score as a full 'copy' of the teacher or 'lora' adapters on the teacher's own weights", "copy")
     lora_rank: int = config_field("LoRA rank when fake_score is 'lora'", 16)
     lora_alpha: float | None = config_field("LoRA alpha (default: the rank)")
+    lora_targets: str | list[str] = config_field(
+        "layers the LoRA fake score adapts: 'attention' (the attention projections to_q, to_k, to_v, to_out.0, as "
+        "SwiftBrush / SNOOPI tune them), 'all' (every Linear and Conv2d; SD3: attention and feed-forward layers "
+        "of the blocks) or a list of layer-name suffixes, e.g. [to_q, to_v]",
+        "attention",
+    )
     generator_lora_rank: int = config_field(
         "0: train the whole generator; > 0: train LoRA adapters of this rank on it (merged into the exported weights)", 0
     )
     generator_lora_alpha: float | None = config_field("LoRA alpha of the generator adapters (default: their rank)")
+    generator_lora_targets: str | list[str] = config_field(
+        "layers the generator's LoRA adapts: 'all' (as the DMD2 and LCM LoRAs), 'attention' or layer-name suffixes", "all"
+    )
     lr_generator: float = config_field("AdamW learning rate of the generator", 1e-5)
     lr_fake: float = config_field("AdamW learning rate of the fake score (and heads)", 1e-5)
     adam_beta1: float = config_field("AdamW beta1", 0.9)
@@ -94,6 +105,12 @@ class DistillConfig:
     preview_every: int = config_field("write a preview grid every N iterations (0 disables)", 0)
     preview_num: int = config_field("samples in a preview grid", 20)
     export: bool = config_field("export the student to <output_dir>/student at the end", True)
+    export_average_with: str | None = config_field(
+        "average the exported generator with another student of the same architecture (a student folder or a "
+        ".safetensors of its generator): (1 - export_average_weight) * this + export_average_weight * that. "
+        "SwiftBrush v2 averages a fully trained and a LoRA-trained student 50/50"
+    )
+    export_average_weight: float = config_field("weight of export_average_with in the average", 0.5)
     # Text-to-image teachers (a Stable Diffusion / SDXL pipeline folder); other teachers ignore these.
     prompts: str | None = config_field(
         "text-to-image: training prompts, a text file (one a line), JSONL (caption/prompt/text field) or CSV (caption column)"
@@ -139,6 +156,10 @@ class DistillConfig:
         if self.fake_score not in self.FAKE_SCORES:
             raise ConfigError(f"fake_score must be one of {self.FAKE_SCORES} for {self.method} (got {self.fake_score!r})")
         check_interval("loss_t_range", self.loss_t_range, strict=True, upper=1.0)
+        if not 0 <= self.export_average_weight <= 1:
+            raise ConfigError(f"export_average_weight must lie in [0, 1] (got {self.export_average_weight})")
+        if self.export_average_with is not None:
+            weights_file(self.export_average_with)  # a clear error now, not after training
         if self.log_with not in ("tensorboard", "none"):
             raise ConfigError(f"log_with must be 'tensorboard' or 'none' (got {self.log_with!r})")
         if not self.generator_timesteps or any(not isinstance(t, int) for t in self.generator_timesteps):
@@ -149,6 +170,10 @@ class DistillConfig:
             raise ConfigError(f"guidance_scale must be >= 0 (got {self.guidance_scale})")
         if self.generator_lora_rank < 0 or self.lora_rank < 1:
             raise ConfigError(f"need lora_rank >= 1 and generator_lora_rank >= 0 (got {self.lora_rank}, {self.generator_lora_rank})")
+        for name in ("lora_targets", "generator_lora_targets"):
+            v = getattr(self, name)
+            if not (v in LORA_TARGET_SETS or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))):
+                raise ConfigError(f"{name} must be one of {LORA_TARGET_SETS} or a list of layer names (got {v!r})")
         if self.attention not in ("sdpa", "xformers"):
             raise ConfigError(f"attention must be 'sdpa' or 'xformers' (got {self.attention!r})")
         if self.frozen_dtype not in ("auto", "float32", "bf16", "fp16"):

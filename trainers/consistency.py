@@ -50,6 +50,7 @@ from onestep.consistency import (
     consistency_distance,
     ddim_step,
     ict_num_steps,
+    ict_pair_weight,
     lcm_grid,
     lcm_timesteps,
     segment_edges,
@@ -84,8 +85,14 @@ class ConsistencyConfig(DistillConfig):
         "top of the grid, the label pure noise gets at sampling (default T-1; keep sqrt(abar) there "
         "above ~0.05 for eps-predicting students)"
     )
-    target_ema_decay: float = config_field("EMA rate mu of the target network; 0: the target is the student itself (MLCM, iCT)", 0.95)
-    loss: str = config_field("'l2', 'huber' (LCM, per element) or 'pseudo_huber' (iCT, on the whole sample)", "l2")
+    target_ema_decay: float | None = config_field(
+        "EMA rate mu of the target network; 0: the target is the student itself. Default by mode: 0.95 (LCM), "
+        "0 for MLCM (num_segments > 1), iCT (teacher_free) and LCM-LoRA (generator_lora_rank), which train without an EMA target"
+    )
+    loss: str | None = config_field(
+        "'l2', 'huber' (LCM, per element) or 'pseudo_huber' (iCT, on the whole sample); default 'pseudo_huber' for iCT "
+        "(teacher_free), else 'l2'"
+    )
     huber_c: float | None = config_field("c of the (pseudo-)Huber loss (default 0.001; pseudo_huber: 0.00054 sqrt(dim))")
     sigma_data: float = config_field("sigma_data of the boundary condition", 0.5)
     timestep_scaling: float = config_field("timestep scaling of the boundary condition (LCM: 10)", 10.0)
@@ -116,6 +123,11 @@ class ConsistencyConfig(DistillConfig):
         for name in ("num_ddim_timesteps", "guidance_levels", "num_segments", "sampling_steps", "ict_initial_steps", "gan_head_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        # The modes' own defaults (iCT, MLCM and LCM-LoRA train against the student itself; iCT's distance).
+        if self.target_ema_decay is None:
+            self.target_ema_decay = 0.0 if (self.teacher_free or self.num_segments > 1 or self.generator_lora_rank) else 0.95
+        if self.loss is None:
+            self.loss = "pseudo_huber" if self.teacher_free else "l2"
         if not 0 <= self.target_ema_decay < 1:
             raise ConfigError(f"target_ema_decay must lie in [0, 1) (got {self.target_ema_decay})")
         if self.generator_lora_rank and self.target_ema_decay > 0:
@@ -151,26 +163,6 @@ class ConsistencyConfig(DistillConfig):
         return "segments" if self.num_segments > 1 else "lcm"
 
 
-def guidance_input_for(config: ConsistencyConfig, teacher: Teacher) -> GuidanceInput | None:
-    """How this teacher's student receives a per-sample guidance scale (None: fixed scale)."""
-    if config.guidance_scale_range is None:
-        return None
-    if not teacher.conditioning.guidable and type(teacher.backbone).__name__ != "UNet2DConditionModel":
-        raise ConfigError(f"guidance_scale_range needs a guidable (conditional) teacher; {teacher.name} is unconditional")
-    lo, hi = config.guidance_scale_range
-    default = min(max(config.guidance_scale, lo), hi)
-    if type(teacher.backbone).__name__ == "UNet2DConditionModel":
-        return GuidanceInput("timestep_cond", default, embedding_dim=config.guidance_embedding_dim)
-    if getattr(teacher.backbone.config, "num_class_embeds", None) is None:
-        raise ConfigError(
-            f"guidance_scale_range: {type(teacher.backbone).__name__} has no guidance input (UNet2DConditionModel "
-            "students take it as timestep_cond, class-conditional UNets as extra class rows); train with a fixed guidance_scale"
-        )
-    n = config.guidance_levels if hi > lo else 1
-    scales = [lo + (hi - lo) * i / max(1, n - 1) for i in range(n)]
-    return GuidanceInput("class_table", default, scales=scales, stride=int(teacher.backbone.config.num_class_embeds))
-
-
 # ---------------------------------------------------------------- trainer
 
 
@@ -186,7 +178,11 @@ class ConsistencyTrainer(DistillTrainer):
                 f"consistency distillation noises real samples, and teacher {teacher.name} brings no data "
                 "(built-in digits and gmm-* teachers do; for a diffusers folder set 'data' in onestep_teacher.json)"
             )
-        self.guidance_input = guidance_input_for(config, teacher)
+        self.guidance_input = None
+        if config.guidance_scale_range is not None:
+            self.guidance_input = GuidanceInput.for_teacher(
+                teacher, config.guidance_scale_range, config.guidance_scale, config.guidance_embedding_dim, config.guidance_levels
+            )
         if self.guidance_input is not None:
             g, base_net = self.guidance_input, teacher.backbone
             teacher = dataclasses.replace(teacher, student_factory=lambda: with_guidance_input(base_net, g))
@@ -327,8 +323,9 @@ class ConsistencyTrainer(DistillTrainer):
             # 4. Teacher ODE step (or iCT's same-noise point), then the target's output there.
             x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, uncond, scale, x0, noise)
             target, _ = self.consistency_output(self.target, x_lo, t_lo, cond, scale, edge)
-        # 5. Distance.
-        loss = consistency_distance(pred, target, c.loss, self.huber_c).mean()
+        # 5. Distance; iCT weights each pair by lambda = 1 / (sigma_hi - sigma_lo), sigma = s_t / a_t (iCT sec. 3.1).
+        dist = consistency_distance(pred, target, c.loss, self.huber_c)
+        loss = (ict_pair_weight(self.schedule, t_hi, t_lo) * dist).mean() if c.teacher_free else dist.mean()
         logs = {"loss/consistency": loss.item()}
         batch["x_gen"] = pred_x0.detach()
         if c.gan_weight > 0:

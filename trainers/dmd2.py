@@ -95,11 +95,22 @@ class DMD2Trainer(DistillTrainer):
     def uses_real_data(self) -> bool:  # real images only feed the GAN head
         return self.config.use_gan
 
+    #: f-distill needs its GAN term (r comes from the discriminator); DMD2 can drop it.
+    gan_required = False
+
     def build_heads(self) -> dict[str, nn.Module]:
         if not self.config.use_gan:
             return {}
-        # Probe the fake score's bottleneck once to size the head.
         spec = self.teacher_spec
+        if spec.real_data is None:
+            # The discriminator learns only from real samples: without them it would stay random
+            # and still push the generator through softplus(-D(G(z))).
+            fix = "" if self.gan_required else ", or set gan_weight_generator: 0"
+            raise ConfigError(
+                f"{self.method_name}: the GAN term trains its discriminator on real samples, and teacher {spec.name} "
+                f"brings none; point real_images at a captioned image folder{fix}"
+            )
+        # Probe the fake score's bottleneck once to size the head.
         x = torch.zeros(1, *spec.sample_shape)
         t = torch.zeros(1, dtype=torch.long)
         with torch.no_grad():

@@ -123,11 +123,10 @@ class FDistillTrainer(DMD2Trainer):
     config: FDistillConfig
     wants_dm_features = True
     uses_real_data = True
+    gan_required = True
 
     def __init__(self, config: FDistillConfig, **kwargs):
-        super().__init__(config, **kwargs)
-        if self.teacher_spec.real_data is None:
-            raise ConfigError(f"f-distill needs real data for its discriminator; teacher {self.teacher_spec.name} has none")
+        super().__init__(config, **kwargs)  # DMD2's GAN head refuses a teacher without real data
         T = self.schedule.num_train_timesteps
         self.ratio_stats = RatioNormaliser(config.ratio_bins, T, config.ratio_momentum).to(self.device)
         self.accelerator.register_for_checkpointing(self.ratio_stats)

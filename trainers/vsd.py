@@ -60,7 +60,10 @@ class VSDConfig(DistillConfig):
     )
     clip_tau: float = config_field("clamp of the CLIP loss max(0, tau - cos)", 0.35)
     clip_weight: float = config_field("weight of the CLIP loss at the first generator step", 0.1)
-    clip_decay_steps: int = config_field("generator steps over which the CLIP weight decays linearly to 0 (0: constant)", 0)
+    clip_decay_steps: int | None = config_field(
+        "generator steps over which the CLIP weight decays linearly to 0 (SwiftBrush v2); default: the whole run "
+        "(max_steps / fake_updates_per_generator, rounded up); 0: a constant weight"
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,6 +73,8 @@ class VSDConfig(DistillConfig):
             raise ConfigError(f"guidance_per must be 'batch' or 'sample' (got {self.guidance_per!r})")
         if not 0 <= self.fake_cond_drop < 1:
             raise ConfigError(f"fake_cond_drop must lie in [0, 1) (got {self.fake_cond_drop})")
+        if self.clip_decay_steps is None:
+            self.clip_decay_steps = -(-self.max_steps // self.fake_updates_per_generator)
         if self.clip_weight < 0 or self.clip_decay_steps < 0:
             raise ConfigError("clip_weight and clip_decay_steps must be >= 0")
 
