@@ -42,24 +42,44 @@ def tile(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
     return out[..., 0] if c == 1 else out
 
 
+#: Image grids enlarge small images (nearest neighbour, by a whole factor) to at least this many pixels a side.
+MIN_TILE = 64
+
+
+def save_image_grid(x: torch.Tensor, path: str | Path, title: str = "", nrow: int = 10) -> Path:
+    """Save ``(N, C, H, W)`` images in [-1, 1] as one PNG grid at their own resolution (small images
+    enlarged by a whole factor to :data:`MIN_TILE` pixels), ``nrow`` a row, ``title`` in the PNG's
+    metadata. Fast at any size: no plotting library (8 images of 512 px in well under a second)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    factor = max(1, -(-MIN_TILE // max(x.shape[-2:])))
+    if factor > 1:
+        x = torch.nn.functional.interpolate(x.detach().float(), scale_factor=factor, mode="nearest")
+    info = PngInfo()
+    if title:
+        info.add_text("Title", title)
+    Image.fromarray(tile(x, min(nrow, len(x)))).save(path, pnginfo=info)
+    return path
+
+
 def save_samples_picture(x: torch.Tensor, path: str | Path, title: str = "", nrow: int = 10) -> Path:
-    """Save samples as a picture: an image grid for ``(N, C, H, W)``, a scatter plot for ``(N, 2)``."""
+    """Save samples as a picture: an image grid for ``(N, C, H, W)`` (:func:`save_image_grid`), a
+    scatter plot for ``(N, 2)``."""
+    if x.ndim != 2:
+        return save_image_grid(x, path, title, nrow)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     plt = _plt()
-    if x.ndim == 2:
-        fig, ax = plt.subplots(figsize=(5, 5))
-        pts = x.detach().float().cpu().numpy()
-        ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.5)
-        ax.set_aspect("equal")
-        lim = max(6.0, float(np.abs(pts).max()) * 1.05) if len(pts) else 6.0
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-    else:
-        grid = tile(x, nrow)
-        fig, ax = plt.subplots(figsize=(grid.shape[1] / 25 + 1, grid.shape[0] / 25 + 1))
-        ax.imshow(grid, cmap="gray", interpolation="nearest", vmin=0, vmax=255)
-        ax.axis("off")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    pts = x.detach().float().cpu().numpy()
+    ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.5)
+    ax.set_aspect("equal")
+    lim = max(6.0, float(np.abs(pts).max()) * 1.05) if len(pts) else 6.0
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
     if title:
         ax.set_title(title)
     return _save(fig, path, dpi=100)

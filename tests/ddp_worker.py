@@ -12,7 +12,7 @@ from onestep.trainers import DMD2Trainer
 
 
 def main(out: Path, teacher: str) -> None:
-    tr = DMD2Trainer(tiny_dmd2_config(out, teacher, max_steps=3, export=False))
+    tr = DMD2Trainer(tiny_dmd2_config(out, teacher, max_steps=3, export=False, warmup_steps=10))
     acc = tr.accelerator
     first_noise = tr.make_batch()["noise"].sum().reshape(1)
     for _ in range(3):  # train_step, not train(): train() ends with end_training, which closes the group
@@ -22,7 +22,8 @@ def main(out: Path, teacher: str) -> None:
     sums = acc.gather(torch.stack([flat_g.sum(), flat_g.abs().sum(), flat_f.abs().sum()]).reshape(1, 3))
     noises = acc.gather(first_noise)
     if acc.is_main_process:
-        result = {"processes": acc.num_processes, "param_sums": sums.tolist(), "noise": noises.tolist()}
+        lrs = {"generator": tr.sched_g.get_last_lr()[0], "fake": tr.sched_f.get_last_lr()[0]}
+        result = {"processes": acc.num_processes, "param_sums": sums.tolist(), "noise": noises.tolist(), "lr": lrs}
         (out / "ddp.json").write_text(json.dumps(result))
     # Leave together and close the group: a rank that exits while its peer still holds the gloo
     # connection can be aborted at teardown.

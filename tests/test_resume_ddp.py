@@ -90,6 +90,9 @@ def test_two_process_data_parallel_keeps_ranks_in_sync(tmp_path, tiny_teacher_di
     assert res["processes"] == 2
     assert res["noise"][0] != res["noise"][1]  # each rank draws its own batch ...
     assert res["param_sums"][0] == res["param_sums"][1]  # ... and the weights stay identical
+    # The warm-up (10 updates, lr 1e-3) advances once per update whatever the number of processes:
+    # 2 generator updates (steps 0 and 2 of 3) -> lr * 3/10, 3 fake-score updates -> lr * 4/10, as on one process.
+    assert res["lr"] == pytest.approx({"generator": 1e-3 * 3 / 10, "fake": 1e-3 * 4 / 10})
 
 
 def test_documented_accelerate_launch_command_runs_two_processes(tmp_path, tiny_teacher_dir):

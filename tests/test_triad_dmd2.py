@@ -164,3 +164,30 @@ def test_old_timestep_range_keys_name_their_replacement():
     with pytest.raises(ConfigError, match="'vsd_t_min' was replaced by 'loss_t_range'"):
         load_config("digits_vsd", {"vsd_t_min": 0.1})
     assert load_config("digits_vsd", {"loss_t_range": [0.1, 0.9]}).loss_t_range == [0.1, 0.9]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    # accelerate keeps one mixed-precision state per process: start and leave each case with none
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield AcceleratorState
+    AcceleratorState._reset_state(True)
+
+
+def test_mixed_precision_follows_the_launcher_and_refuses_a_conflict(tmp_path, tiny_teacher_dir, monkeypatch, fresh_accelerate_state):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` exports
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir))  # the config leaves it unset
+    assert tr.accelerator.mixed_precision == "bf16" and tr.config.mixed_precision == "bf16"
+    assert next(tr.teacher.backbone.parameters()).dtype == torch.bfloat16  # frozen_dtype auto follows it
+    fresh_accelerate_state._reset_state(True)
+    with pytest.raises(ConfigError, match="the config says 'no' but the launcher asks for 'bf16'"):
+        DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, mixed_precision="no"))
+    fresh_accelerate_state._reset_state(True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # a launcher nobody asked for mixed precision
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, mixed_precision="bf16"))  # the preset's bf16 stands
+    assert tr.accelerator.mixed_precision == "bf16"
+    fresh_accelerate_state._reset_state(True)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir)).config.mixed_precision == "no"  # no launcher

@@ -37,7 +37,7 @@ from onestep.triad import Triad
 from onestep.weights import check_same_network, load_trainable, weights_file
 
 from .checkpoint import CheckpointMixin, LoopState
-from .config import DistillConfig, load_teacher_for, method_of
+from .config import DistillConfig, load_teacher_for, method_of, resolve_mixed_precision
 from .sharding import average_gradients, clip_grad_norm, fsdp_requested
 from .warmstart import RegressionWarmStart
 
@@ -76,11 +76,13 @@ class DistillTrainer(CheckpointMixin):
             raise ConfigError("output_dir is not set")
         self.output_dir = Path(c.output_dir)
         self.accelerator = Accelerator(
-            mixed_precision=c.mixed_precision,
+            mixed_precision=resolve_mixed_precision(c.mixed_precision),
+            step_scheduler_with_optimizer=False,  # one warm-up step per update, however many processes run
             log_with=None if c.log_with == "none" else c.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         acc = self.accelerator
+        c.mixed_precision = acc.mixed_precision  # what runs: the config's or the launcher's
         set_seed(c.seed)  # identical initialisation on every process
         if c.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -120,6 +122,8 @@ class DistillTrainer(CheckpointMixin):
         self.state = LoopState(c.seed, acc.process_index)
 
         self.fsdp = fsdp_requested(acc, c.fsdp)
+        if self.fsdp and acc.mixed_precision == "fp16":
+            raise ConfigError("fsdp: fp16 needs a gradient scaler the sharded loop does not have; use mixed_precision: bf16")
         if self.fsdp:
             self._shard_networks()
         g_params = [p for p in self.generator.parameters() if p.requires_grad]

@@ -8,6 +8,7 @@ Every field has a help string (``onestep train <preset> --show-config``) and is 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,11 @@ class DistillConfig:
     weight_decay: float = config_field("AdamW weight decay", 0.01)
     warmup_steps: int = config_field("linear learning-rate warm-up, in optimizer steps of each network", 0)
     max_grad_norm: float = config_field("gradient clipping norm (0 disables)", 10.0)
-    mixed_precision: str = config_field("'no', 'fp16' or 'bf16' (bf16 recommended on GPU; fp16 diverges for DMD2)", "no")
+    mixed_precision: str | None = config_field(
+        "'no', 'fp16' or 'bf16' (bf16 recommended on GPU; fp16 diverges for DMD2); unset: the launcher's choice "
+        "(accelerate launch --mixed_precision or its config file; 'no' without a launcher). A value that contradicts "
+        "a launcher asking for fp16 or bf16 is an error; the run folder's config.json records what ran"
+    )
     fsdp: bool = config_field(
         "shard the generator, fake score, teacher and heads across processes (FSDP2, one unit per block): "
         "on by itself under accelerate's FSDP config (configs/accelerate/fsdp.yaml); set it to shard under a "
@@ -149,7 +154,7 @@ class DistillConfig:
                 raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must lie in [0, 1) (got {self.ema_decay})")
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION} (got {self.mixed_precision!r})")
         if self.fsdp and self.mixed_precision == "fp16":
             raise ConfigError("fsdp: fp16 needs a gradient scaler the sharded loop does not have; use mixed_precision: bf16")
@@ -192,6 +197,21 @@ def check_interval(name: str, value: list[float], strict: bool = False, upper: f
         raise ConfigError(f"{name} must be [low, high] with 0 <= low {'<' if strict else '<='} high{bound} (got {value})")
 
 
+def resolve_mixed_precision(configured: str | None) -> str | None:
+    """What the trainer passes to ``Accelerator(mixed_precision=...)``: the config's value, or None (the
+    launcher's choice, which accelerate reads from ``ACCELERATE_MIXED_PRECISION``) when it has none.
+
+    ``accelerate launch`` always exports that variable, ``no`` when nobody asked for mixed precision,
+    so a config value conflicts only with a launcher asking for ``fp16`` or ``bf16``."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if configured is not None and launcher not in (None, "", "no", configured):
+        raise ConfigError(
+            f"mixed_precision: the config says {configured!r} but the launcher asks for {launcher!r}; remove "
+            f"mixed_precision from the config to follow the launcher, or launch with --mixed_precision {configured}"
+        )
+    return configured
+
+
 def method_of(config_class: type[DistillConfig]) -> str:
     """The method name a config class stands for: its ``method`` field's default."""
     return next(f.default for f in dataclasses.fields(config_class) if f.name == "method")
@@ -211,4 +231,4 @@ def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu") 
     )
 
 
-__all__ = ["MIXED_PRECISION", "RENAMED_FIELDS", "DistillConfig", "check_interval", "load_teacher_for", "method_of"]
+__all__ = ["MIXED_PRECISION", "RENAMED_FIELDS", "DistillConfig", "check_interval", "load_teacher_for", "method_of", "resolve_mixed_precision"]
