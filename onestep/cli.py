@@ -109,6 +109,15 @@ def _cmd_train(args, extra: list[str]) -> int:
         return 0
     trainer = make_trainer(config)
     student = trainer.train()
+    if trainer.interrupted:
+        import signal
+
+        print(
+            f"onestep train: stopped by {trainer.interrupted} at step {trainer.state.step}; checkpoint written to "
+            f"{trainer.latest_checkpoint()}; the same command with --resume latest continues",
+            file=sys.stderr,
+        )
+        return 128 + int(getattr(signal, trainer.interrupted))
     if student is not None:
         print(f"student written to {student}")
     return 0

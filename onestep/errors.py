@@ -15,3 +15,8 @@ class StudentFormatError(OnestepError):
 
 class TeacherError(OnestepError):
     """A teacher cannot be found or loaded."""
+
+
+class TrainingDiverged(OnestepError):
+    """Training produced non-finite values it could not skip past (the message names the step and the
+    last good checkpoint)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 #: Image files read as data (real images for training, image folders for FID).
@@ -16,4 +17,28 @@ def cache_dir(name: str) -> Path:
     return Path(os.environ.get("ONESTEP_CACHE") or Path.home() / ".cache" / "onestep") / name
 
 
-__all__ = ["IMAGE_SUFFIXES", "PICKLE_SUFFIXES", "cache_dir"]
+def staging_dir(final: Path) -> Path:
+    """An empty hidden folder beside ``final`` to write it in before :func:`replace_dir` moves it into place
+    (whatever an interrupted earlier write left there is removed)."""
+    tmp = final.with_name(f".{final.name}.incomplete")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(src: Path, dst: Path) -> Path:
+    """Move the finished folder ``src`` to ``dst`` by renames, replacing a ``dst`` that exists only whole:
+    at no moment is there a half-written ``dst`` (an old one is renamed aside, then removed)."""
+    old = dst.with_name(f".{dst.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        dst.rename(old)
+    src.rename(dst)
+    if old.exists():
+        shutil.rmtree(old)
+    return dst
+
+
+__all__ = ["IMAGE_SUFFIXES", "PICKLE_SUFFIXES", "cache_dir", "replace_dir", "staging_dir"]

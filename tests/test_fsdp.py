@@ -80,8 +80,8 @@ def test_fsdp_checkpoint_is_safetensors_and_resumes_exactly(fsdp_runs):
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == sorted([
         "ema.safetensors", "fake_score.safetensors", "generator.safetensors", "generator_export.safetensors",
-        "optimizer_fake_score.safetensors", "optimizer_generator.safetensors", "trainer_state.json",
-    ])
+        "optimizer_fake_score.safetensors", "optimizer_generator.safetensors", "trainer_state.json", "checkpoint.json",
+    ])  # checkpoint.json, written last, marks it complete
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["ema"]["optimization_step"] >= 1
     fake = load_file(str(ckpt / "fake_score.safetensors"))

@@ -20,6 +20,7 @@ update. A method never overrides the step itself.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,14 @@ from torch import nn
 
 from onestep.conditioning import Cond, cond_to
 from onestep.config import config_to_dict, flat_hparams
-from onestep.errors import ConfigError
+from onestep.errors import ConfigError, TrainingDiverged
 from onestep.lora import add_lora
 from onestep.teachers import Teacher
 from onestep.triad import Triad
 from onestep.weights import check_same_network, load_trainable, weights_file
 
 from .checkpoint import CheckpointMixin, LoopState
+from .interrupt import StopRequest
 from .config import DistillConfig, load_teacher_for, method_of, resolve_mixed_precision
 from .sharding import average_gradients, clip_grad_norm, fsdp_requested
 from .warmstart import RegressionWarmStart
@@ -147,31 +149,9 @@ class DistillTrainer(CheckpointMixin):
         # generator is allowed without DistributedDataParallel's one-forward-one-backward rule.
         # With FSDP the networks are already sharded (and placed); checkpoints are written by
         # trainers/sharding.py, since accelerate's FSDP2 prepare takes one model per call.
-        if not self.fsdp:
-            models = [self.generator] + ([self.fake] if self.fake is not None else [])
-            has_heads = len(list(self.heads.parameters())) > 0
-            models += [self.heads] if has_heads else []
-            opts = [o for o in (self.opt_g, self.opt_f, self.sched_g, self.sched_f) if o is not None]
-            prepared = acc.prepare(*models, *opts)
-            nets, opts = [acc.unwrap_model(m) for m in prepared[: len(models)]], list(prepared[len(models) :])
-            self.generator = nets.pop(0)
-            self.fake = nets.pop(0) if self.fake is not None else None
-            self.heads = nets.pop(0) if has_heads else self.heads.to(acc.device)
-            self.opt_g = opts.pop(0)
-            self.opt_f = opts.pop(0) if self.opt_f is not None else None
-            self.sched_g = opts.pop(0)
-            self.sched_f = opts.pop(0) if self.sched_f is not None else None
-            self.extras = {name: net.to(acc.device) for name, net in self.extras.items()}
-        self.teacher = self.triad.teacher.to(acc.device)
-        if self.teacher_spec.vae is not None:
-            self.teacher_spec.vae.to(acc.device)
-        if not self.fsdp:
-            acc.register_for_checkpointing(self.state)
-        if self.ema is not None:
-            self.ema.to(acc.device)
-            if not self.fsdp:
-                acc.register_for_checkpointing(self.ema)
+        self._place_networks()
         self.warm_start = RegressionWarmStart(self)
+        self.nonfinite_updates, self.nonfinite_in_a_row = 0, {}  # updates skipped for non-finite gradients
 
     # ---------------------------------------------------------------- hooks
     def build_heads(self) -> dict[str, nn.Module]:
@@ -303,20 +283,31 @@ class DistillTrainer(CheckpointMixin):
 
     # ---------------------------------------------------------------- loop
     def _update(self, loss: torch.Tensor, params_of: nn.Module, opt, sched) -> float:
-        acc = self.accelerator
+        """Backward, average, clip and step; returns the gradient norm. A non-finite norm skips the
+        update (fp16 leaves that to its gradient scaler); ``max_nonfinite_updates`` of them in a row stop
+        the run with :class:`~onestep.errors.TrainingDiverged`."""
+        acc, c = self.accelerator, self.config
         acc.backward(loss)
         if self.fsdp:  # the optimizer's own (sharded) parameters: a module shows gathered copies between passes
             params = [p for group in opt.param_groups for p in group["params"]]
         else:
             params = [p for p in params_of.parameters() if p.requires_grad]
-        if not self.fsdp:  # FSDP reduce-scatters the mean itself
-            average_gradients(acc, params)
-        norm = 0.0
-        if self.config.max_grad_norm > 0:
-            if self.fsdp:
-                norm = clip_grad_norm(params, self.config.max_grad_norm)
-            else:
-                norm = float(acc.clip_grad_norm_(params, self.config.max_grad_norm))
+            average_gradients(acc, params)  # (FSDP reduce-scatters the mean itself)
+        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else math.inf  # inf: measure the norm, clip nothing
+        norm = clip_grad_norm(params, max_norm) if self.fsdp else float(acc.clip_grad_norm_(params, max_norm))
+        which = "generator" if opt is self.opt_g else "fake score"
+        if not math.isfinite(norm) and acc.mixed_precision != "fp16":
+            opt.zero_grad(set_to_none=True)  # the weights stay as they were
+            self.nonfinite_updates += 1
+            self.nonfinite_in_a_row[which] = self.nonfinite_in_a_row.get(which, 0) + 1
+            if self.nonfinite_in_a_row[which] >= c.max_nonfinite_updates:
+                raise TrainingDiverged(
+                    f"step {self.state.step}: {self.nonfinite_in_a_row[which]} {which} updates in a row had non-finite gradients; "
+                    f"stopped. The last good checkpoint: {self.latest_checkpoint() or 'none'} (lower the learning "
+                    "rates, or check the data)"
+                )
+            return norm
+        self.nonfinite_in_a_row[which] = 0
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -356,6 +347,8 @@ class DistillTrainer(CheckpointMixin):
             logs.update(lf)
             params = nn.ModuleList([m for m in (self.fake, self.heads) if m is not None])
             logs["grad_norm/fake"] = self._update(loss_f, params, self.opt_f, self.sched_f)
+        if self.nonfinite_updates:
+            logs["nonfinite/skipped"] = float(self.nonfinite_updates)
         self.state.step += 1
         return logs
 
@@ -377,6 +370,8 @@ class DistillTrainer(CheckpointMixin):
         start = time.time()
         first = self.state.step
         logs: dict[str, float] = {}
+        self.interrupted: str | None = None
+        stop = StopRequest(acc)
         while self.state.step < c.max_steps:
             logs.update(self.train_step())  # the latest value of every key since the last log
             step = self.state.step
@@ -391,11 +386,15 @@ class DistillTrainer(CheckpointMixin):
                 self.save_preview(step)
             if c.checkpoint_every and step % c.checkpoint_every == 0 and step < c.max_steps:
                 self.save_checkpoint()
+            if stop.requested():  # SIGINT / SIGTERM: checkpoint and leave, on every process at the same step
+                self.interrupted = stop.signal_name
+                break
+        stop.restore()
         bar.close()
         self.train_seconds = time.time() - start
         self.steps_run = self.state.step - first
         self.save_checkpoint()
-        student = self.export() if c.export else None
+        student = self.export() if c.export and self.interrupted is None else None
         acc.wait_for_everyone()
         acc.end_training()
         return student

@@ -12,17 +12,20 @@ export (EMA weights, LoRA merged, gathered under FSDP) and exports it as a stude
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from torch import nn
 
 from onestep.conditioning import Cond
 from onestep.config import config_to_dict
 from onestep.denoiser import Denoiser
-from onestep.errors import ConfigError
+from onestep.errors import ConfigError, TrainingDiverged
+from onestep.files import replace_dir, staging_dir
 from onestep.lora import merged_lora
 from onestep.weights import EXPORT_WEIGHTS, average_with, load_trainable, save_state
 
@@ -31,11 +34,17 @@ from .sharding import (
     fsdp_settings,
     full,
     gather_full,
+    is_sharded,
     load_sharded_checkpoint,
     load_whole,
     save_sharded_checkpoint,
     shard,
 )
+
+logger = get_logger(__name__)
+
+#: Written last into a checkpoint folder: a folder without it is incomplete.
+CHECKPOINT_MARKER = "checkpoint.json"
 
 
 class LoopState:
@@ -87,15 +96,53 @@ class CheckpointMixin:
         for net in nets:
             shard(net.to(device), **kwargs)
 
+    def _place_networks(self) -> None:
+        """Without FSDP: ``accelerator.prepare`` the trained networks, optimizers and schedulers (device
+        placement, identical start on every rank, their state in ``save_state``) and register the loop
+        state and EMA for checkpoints; with FSDP (already sharded and placed) only the frozen parts move."""
+        acc = self.accelerator
+        if not self.fsdp:
+            models = [self.generator] + ([self.fake] if self.fake is not None else [])
+            has_heads = len(list(self.heads.parameters())) > 0
+            models += [self.heads] if has_heads else []
+            opts = [o for o in (self.opt_g, self.opt_f, self.sched_g, self.sched_f) if o is not None]
+            prepared = acc.prepare(*models, *opts)
+            nets, opts = [acc.unwrap_model(m) for m in prepared[: len(models)]], list(prepared[len(models) :])
+            self.generator = nets.pop(0)
+            self.fake = nets.pop(0) if self.fake is not None else None
+            self.heads = nets.pop(0) if has_heads else self.heads.to(acc.device)
+            self.opt_g = opts.pop(0)
+            self.opt_f = opts.pop(0) if self.opt_f is not None else None
+            self.sched_g = opts.pop(0)
+            self.sched_f = opts.pop(0) if self.sched_f is not None else None
+            self.extras = {name: net.to(acc.device) for name, net in self.extras.items()}
+            acc.register_for_checkpointing(self.state)
+        self.teacher = self.triad.teacher.to(acc.device)
+        if self.teacher_spec.vae is not None:
+            self.teacher_spec.vae.to(acc.device)
+        if self.ema is not None:
+            self.ema.to(acc.device)
+            if not self.fsdp:
+                acc.register_for_checkpointing(self.ema)
+
     # -------------------------------------------------- checkpoint / resume
     def checkpoints(self) -> list[Path]:
+        """Every ``checkpoint-N`` folder of the run, oldest first (complete or not)."""
         found = [p for p in self.output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
         return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-{step}``: into a hidden staging folder, renamed into place once every file
+        and the :data:`CHECKPOINT_MARKER` are written, so a crash never leaves a half checkpoint under
+        that name. Refuses a generator with non-finite weights."""
         acc = self.accelerator
-        path = self.output_dir / f"checkpoint-{self.state.step}"
+        final = self.output_dir / f"checkpoint-{self.state.step}"
+        self.check_finite("checkpoint")
         acc.wait_for_everyone()
+        if acc.is_main_process:
+            staging_dir(final)
+        acc.wait_for_everyone()
+        path = final.with_name(f".{final.name}.incomplete")
         if self.fsdp:
             save_sharded_checkpoint(path, acc, self._sharded_with_optimizers(), self._trainer_state(), self.ema, self._ema_names())
         else:
@@ -116,22 +163,39 @@ class CheckpointMixin:
             net = self.generator_on_main()
             if acc.is_main_process:
                 save_state(net, path / EXPORT_WEIGHTS)
-        if acc.is_main_process and self.config.checkpoint_total_limit:
-            for old in self.checkpoints()[: -self.config.checkpoint_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()  # every process's files are in
+        if acc.is_main_process:
+            (path / CHECKPOINT_MARKER).write_text(json.dumps({"step": self.state.step, "format": 1}) + "\n")
+            replace_dir(path, final)
+            if self.config.checkpoint_total_limit:
+                for old in self.checkpoints()[: -self.config.checkpoint_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
-        return path
+        return final
 
-    def load_checkpoint(self, which: str) -> None:
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (one holding :data:`CHECKPOINT_MARKER`); incomplete ones, left by a
+        crash of an older onestep, are skipped with a warning naming them."""
+        for path in reversed(self.checkpoints()):
+            if (path / CHECKPOINT_MARKER).is_file():
+                return path
+            logger.warning(f"--resume latest: skipping {path}: incomplete (no {CHECKPOINT_MARKER}; an interrupted write)")
+        return None
+
+    def load_checkpoint(self, which: str) -> bool:
+        """Resume from ``which`` (``latest`` or a checkpoint folder); False when ``latest`` finds none
+        (the run then starts fresh, as diffusers' training scripts do)."""
         if which == "latest":
-            found = self.checkpoints()
-            if not found:
-                raise ConfigError(f"--resume latest: no checkpoint-* folder in {self.output_dir}")
-            path = found[-1]
+            path = self.latest_checkpoint()
+            if path is None:
+                logger.warning(f"--resume latest: no complete checkpoint in {self.output_dir}; starting a new run")
+                return False
         else:
             path = Path(which)
             if not path.is_dir():
                 raise ConfigError(f"--resume {which}: not a checkpoint folder")
+            if not (path / CHECKPOINT_MARKER).is_file():
+                raise ConfigError(f"--resume {which}: incomplete checkpoint (no {CHECKPOINT_MARKER}); resume from an earlier one")
         if self.fsdp:
             info = load_sharded_checkpoint(path, self._sharded_with_optimizers(), self.ema, self._ema_names())
             self.state.load_state_dict({"step": info["step"]})
@@ -152,6 +216,7 @@ class CheckpointMixin:
                 load_whole(net, load_file(str(file)), set(net.state_dict()), str(file))
             else:
                 load_trainable(net, file, str(file))
+        return True
 
     def _sharded_with_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
         """FSDP: what a checkpoint holds, each trained network with its optimizer (names are file names)."""
@@ -241,11 +306,14 @@ class CheckpointMixin:
     def export(self) -> Path | None:
         from onestep.export import export_student
 
+        self.check_finite("student")
         net = self.generator_on_main()
         if not self.accelerator.is_main_process:
             return None
-        return export_student(
-            self.output_dir / "student",
+        final = self.output_dir / "student"
+        staging = staging_dir(final)  # written aside, then renamed: an existing student is replaced only whole
+        export_student(
+            staging,
             net,
             self.teacher_spec,
             method=self.method_name,
@@ -253,6 +321,21 @@ class CheckpointMixin:
             timesteps=self.export_timesteps(),
             extra={"config": config_to_dict(self.config), **self.export_meta()},
         )
+        return replace_dir(staging, final)
+
+    def check_finite(self, what: str) -> None:
+        """Refuse to write a generator whose weights are not all finite (into a checkpoint or a student)."""
+        # each process checks what it holds (its shards under FSDP); every process learns the total
+        bad = [n for n, p in self.generator.named_parameters() if not bool(torch.isfinite(p.to_local() if is_sharded(p) else p).all())]
+        count = len(bad)
+        if self.accelerator.num_processes > 1:
+            count = int(self.accelerator.reduce(torch.tensor([count], device=self.device), reduction="sum").item())
+        if count:
+            raise TrainingDiverged(
+                f"step {self.state.step}: the generator has non-finite weights ({bad[0] if bad else 'on another process'} "
+                f"...); no {what} written. "
+                f"The last good checkpoint: {self.latest_checkpoint() or 'none'}"
+            )
 
     def sampling_generator(self, net: nn.Module) -> Denoiser:
         """The exported backbone ``net`` as the denoiser the student's sampler calls."""
@@ -294,4 +377,4 @@ class CheckpointMixin:
         return path
 
 
-__all__ = ["CheckpointMixin", "LoopState"]
+__all__ = ["CHECKPOINT_MARKER", "CheckpointMixin", "LoopState"]

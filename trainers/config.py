@@ -67,6 +67,11 @@ class DistillConfig:
     weight_decay: float = config_field("AdamW weight decay", 0.01)
     warmup_steps: int = config_field("linear learning-rate warm-up, in optimizer steps of each network", 0)
     max_grad_norm: float = config_field("gradient clipping norm (0 disables)", 10.0)
+    max_nonfinite_updates: int = config_field(
+        "an update whose gradients are not finite is skipped (and counted in the logs as nonfinite/skipped); "
+        "this many in a row stop the run, naming the step and the last good checkpoint",
+        10,
+    )
     mixed_precision: str | None = config_field(
         "'no', 'fp16' or 'bf16' (bf16 recommended on GPU; fp16 diverges for DMD2); unset: the launcher's choice "
         "(accelerate launch --mixed_precision or its config file; 'no' without a launcher). A value that contradicts "
@@ -142,7 +147,10 @@ class DistillConfig:
     )
 
     def __post_init__(self):
-        positive = ("max_steps", "batch_size", "fake_updates_per_generator", "regression_pairs", "regression_ode_steps", "preview_num")
+        positive = (
+            "max_steps", "batch_size", "fake_updates_per_generator", "regression_pairs", "regression_ode_steps", "preview_num",
+            "max_nonfinite_updates",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")

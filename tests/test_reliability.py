@@ -1,0 +1,127 @@
+"""Crash safety of the loop: checkpoints and students are written aside and renamed into place,
+``--resume latest`` skips incomplete checkpoints and starts fresh when there is none, SIGTERM makes
+the run checkpoint and leave, and non-finite gradients are skipped, counted and finally stop the run
+before a non-finite weight is ever written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_dmd2_config
+from onestep.errors import TrainingDiverged
+from onestep.trainers import DMD2Trainer
+from onestep.trainers.checkpoint import CHECKPOINT_MARKER
+
+
+def test_checkpoints_are_staged_then_renamed_and_incomplete_ones_are_skipped(tmp_path, tiny_teacher_dir, caplog):
+    cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=4, checkpoint_every=2, checkpoint_total_limit=0, export=False)
+    DMD2Trainer(cfg).train()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == ["checkpoint-2", "checkpoint-4"]
+    assert json.loads((run / "checkpoint-4" / CHECKPOINT_MARKER).read_text())["step"] == 4
+    # a crash of an older onestep left checkpoint-6 half written (no marker): latest skips it, naming it
+    (run / "checkpoint-6").mkdir()
+    (run / "checkpoint-6" / "model.safetensors").write_bytes(b"")
+    resumed = DMD2Trainer(dataclasses.replace(cfg, max_steps=5, resume="latest"))
+    with caplog.at_level(logging.WARNING):
+        assert resumed.load_checkpoint("latest") is True
+    assert resumed.state.step == 4 and "skipping" in caplog.text and "checkpoint-6" in caplog.text
+    with pytest.raises(Exception, match="incomplete checkpoint"):
+        resumed.load_checkpoint(str(run / "checkpoint-6"))
+
+
+def test_resume_latest_without_a_checkpoint_starts_a_new_run(tmp_path, tiny_teacher_dir, caplog):
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=2, resume="latest", export=False))
+    with caplog.at_level(logging.WARNING):
+        tr.train()
+    assert tr.state.step == 2 and tr.steps_run == 2 and "starting a new run" in caplog.text
+
+
+def test_an_existing_student_is_replaced_only_whole(tmp_path, tiny_teacher_dir, monkeypatch):
+    import onestep.export as export
+
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=1))
+    student = tr.train()
+    before = {p.relative_to(student): p.read_bytes() for p in student.rglob("*") if p.is_file()}
+    real = export.export_student
+
+    def crashes_half_way(out, *args, **kwargs):
+        (Path(out) / "onestep.json").write_text("{")  # half a file, then the crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "export_student", crashes_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        tr.export()
+    after = {p.relative_to(student): p.read_bytes() for p in student.rglob("*") if p.is_file()}
+    assert after == before  # the old student is untouched
+    monkeypatch.setattr(export, "export_student", real)
+    assert tr.export() == student and (student / "onestep.json").is_file()
+    assert not list(tmp_path.joinpath("run").glob(".student*"))  # no staging folder left behind
+
+
+def test_nonfinite_gradients_skip_the_update_and_stop_after_n_in_a_row(tmp_path, tiny_teacher_dir):
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=20, fake_updates_per_generator=1,
+                                      max_nonfinite_updates=3, checkpoint_every=1, export=False))
+    loss = tr.generator_loss
+    bad_steps = {1, 3, 4, 5}
+    tr.generator_loss = lambda batch: (lambda out: (out[0] * float("nan"), out[1]) if tr.state.step in bad_steps else out)(loss(batch))
+    tr.train_step()  # step 0: fine
+    weights = {k: v.clone() for k, v in tr.generator.state_dict().items()}
+    logs = tr.train_step()  # step 1: NaN -> skipped, counted
+    assert logs["nonfinite/skipped"] == 1.0 and all(torch.equal(v, tr.generator.state_dict()[k]) for k, v in weights.items())
+    tr.train_step()  # step 2: fine again, resets the run of bad ones
+    tr.save_checkpoint()
+    tr.train_step()
+    tr.train_step()  # steps 3, 4: two in a row
+    with pytest.raises(TrainingDiverged, match=r"step 5: 3 generator updates in a row .*run/checkpoint-3 "):
+        tr.train_step()
+    assert all(torch.isfinite(p).all() for p in tr.generator.parameters())  # nothing non-finite got in
+
+
+def test_a_nonfinite_weight_never_reaches_a_checkpoint_or_a_student(tmp_path, tiny_teacher_dir):
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=1))
+    with torch.no_grad():
+        next(tr.generator.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="non-finite weights"):
+        tr.save_checkpoint()
+    with pytest.raises(TrainingDiverged, match="no student written"):
+        tr.export()
+    assert not (tmp_path / "run" / "student").exists() and not tr.checkpoints()
+
+
+def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, tiny_teacher_dir):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    def command(max_steps: int) -> list[str]:
+        return [sys.executable, "-m", "onestep.cli", "train", "digits_dmd2", "--teacher", str(tiny_teacher_dir),
+                "--max_steps", str(max_steps), "--batch_size", "2", "--log_with", "none", "--preview_every", "0",
+                "--checkpoint_every", "0", "--output-dir", str(tmp_path / "run")]
+
+    proc = subprocess.Popen(command(100000), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "config.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(2.0)  # inside the loop
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume latest" in err and "Traceback" not in err
+    ckpts = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / CHECKPOINT_MARKER).is_file()
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 0 < stopped_at < 100000 and not (tmp_path / "run" / "student").exists()
+    # the same command, resumed, continues from there to a new max_steps
+    again = subprocess.run(command(stopped_at + 2) + ["--resume", "latest"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "run" / f"checkpoint-{stopped_at + 2}").is_dir() and (tmp_path / "run" / "student").is_dir()
