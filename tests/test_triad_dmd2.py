@@ -5,7 +5,7 @@ from conftest import changed, state_of, tiny_dmd2_config
 from onestep.errors import ConfigError
 from onestep.teachers import load_teacher
 from onestep.trainers import DMD2Config, DMD2Trainer
-from onestep.trainers.base import inject_gradient
+from onestep.trainers.helpers import inject_gradient
 from onestep.trainers.dmd2 import dm_gradient
 from onestep.triad import Triad
 
@@ -191,3 +191,36 @@ def test_mixed_precision_follows_the_launcher_and_refuses_a_conflict(tmp_path, t
     fresh_accelerate_state._reset_state(True)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir)).config.mixed_precision == "no"  # no launcher
+
+
+def test_gradient_accumulation_steps_with_the_mean_gradient_of_its_micro_batches(tmp_path, tiny_teacher_dir):
+    def trainer(name):
+        return DMD2Trainer(tiny_dmd2_config(tmp_path / name, tiny_teacher_dir, gradient_accumulation_steps=2,
+                                            max_grad_norm=0.0, fake_updates_per_generator=1))
+
+    # What the loop applies: the generator's gradient when its optimizer steps.
+    tr = trainer("a")
+    seen = {}
+    step = tr.opt_g.step
+    tr.opt_g.step = lambda *a, **k: (seen.update({n: p.grad.clone() for n, p in tr.generator.named_parameters()}), step(*a, **k))[1]
+    logs = tr.train_step()
+    assert tr.state.step == 1 and seen
+    # The same micro-batches by hand, one backward each: the mean of their gradients.
+    ref = trainer("b")
+    batches = []
+    for micro in range(2):
+        ref.state.reseed(micro)
+        batches.append(ref.make_batch())
+    assert not torch.equal(batches[0]["noise"], batches[1]["noise"])  # each micro-batch draws its own noise
+    grads, losses = [], []
+    for batch in batches:
+        loss, _ = ref.generator_loss(batch)
+        ref.generator.zero_grad()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in ref.generator.named_parameters()})
+        losses.append(loss.item())
+    for n, g in seen.items():
+        torch.testing.assert_close(g, (grads[0][n] + grads[1][n]) / 2, rtol=1e-5, atol=1e-7)
+    assert logs["loss/dm"] == pytest.approx(sum(losses) / 2)  # logs are the micro-batches' mean
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        DMD2Config(gradient_accumulation_steps=0)

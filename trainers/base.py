@@ -26,10 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from onestep.conditioning import Cond, cond_to
 from onestep.config import config_to_dict, flat_hparams
 from onestep.errors import ConfigError, TrainingDiverged
 from onestep.lora import add_lora
@@ -38,17 +36,24 @@ from onestep.triad import Triad
 from onestep.weights import check_same_network, load_trainable, weights_file
 
 from .checkpoint import CheckpointMixin, LoopState
+from .helpers import MethodHelpers
 from .interrupt import StopRequest
 from .config import DistillConfig, load_teacher_for, method_of, resolve_mixed_precision
 from .sharding import average_gradients, clip_grad_norm, fsdp_requested
 from .warmstart import RegressionWarmStart
 
 
+def _accumulate(logs: dict[str, float], new: dict[str, float], k: int) -> None:
+    """Add one micro-batch's logged values to ``logs`` as the mean over ``k`` micro-batches (``k = 1``: as they are)."""
+    for key, v in new.items():
+        logs[key] = v if k == 1 else logs.get(key, 0.0) + v / k
+
+
 def _warmup_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-class DistillTrainer(CheckpointMixin):
+class DistillTrainer(MethodHelpers, CheckpointMixin):
     """Shared loop; methods override :meth:`generator_loss` and :meth:`fake_score_loss`.
 
     Args:
@@ -181,113 +186,18 @@ class DistillTrainer(CheckpointMixin):
     def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    # ------------------------------------------------------------- helpers
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def rng(self) -> torch.Generator:
-        return self.state.rng
-
-    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn(shape, generator=self.rng).to(self.device)
-
-    def sample_t(self, n: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-        """Integer timesteps uniform in ``[low*T, high*T)`` (fractions of the schedule)."""
-        T = self.schedule.num_train_timesteps
-        lo, hi = int(round(low * T)), min(T - 1, int(round(high * T)) - (1 if high >= 1 else 0))
-        return self.schedule.sample_t(n, lo, max(lo, hi), generator=self.rng, device=self.device)
-
-    def make_batch(self) -> dict[str, Any]:
-        """Generator inputs for one iteration (noise, conditions) and real data if the method uses it."""
-        n = self.config.batch_size
-        shape = (n, *self.teacher_spec.sample_shape)
-        batch: dict[str, Any] = {"noise": self.randn(shape)}
-        if self.wants_prompts:  # the prompt strings too (text teachers), e.g. for a CLIP loss
-            batch["cond"], batch["prompts"] = self.conditioning.sample_prompts(n, generator=self.rng, device=self.device)
-        else:
-            batch["cond"] = self.conditioning.sample(n, generator=self.rng, device=self.device)
-        batch["uncond"] = self.conditioning.null(n, device=self.device)
-        if self.uses_real_data and self.teacher_spec.real_data is not None:
-            x, y = self.teacher_spec.real_data(n, self.rng)
-            batch["real"] = x.to(self.device)
-            batch["real_cond"] = cond_to(y, self.device)
-        return batch
-
-    def generate(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The generator's sample for ``batch``, with gradient, at the timestep being trained.
-
-        One-step students: ``G(z, t_0)``. K-step students use backward simulation
-        (DMD2): draw ``k`` in ``0..K-1``, run the current generator ``k`` steps without
-        gradient (predict x0, re-noise to the next timestep with fresh noise), then
-        train on its prediction at the ``k``-th timestep.
-        """
-        ts = self.config.generator_timesteps
-        z, cond = batch["noise"], batch["cond"]
-        n = z.shape[0]
-        # k is drawn alike on every process: the processes must run the same passes (FSDP's collectives)
-        k = int(torch.randint(0, len(ts), (1,), generator=self.state.shared_rng)) if len(ts) > 1 else 0
-        x_in = z
-        if k > 0:
-            from onestep.samplers.student import student_sample
-
-            with torch.no_grad():
-                x0 = student_sample(self.generator, ts[:k], z, cond, renoise=lambda shape: self.randn(shape))
-                x_in = self.schedule.add_noise(x0, self.randn(tuple(z.shape)), torch.full((n,), ts[k], device=self.device))
-        t = torch.full((n,), ts[k], dtype=torch.long, device=self.device)
-        return self.generator(x_in, t, cond)
-
-    def generate_and_noise(self, batch: dict[str, Any], low: float, high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The generator step's opening: ``x = G(z)`` with gradient (kept detached in ``batch["x_gen"]``
-        for the fake-score step), ``t ~ U{low T .. high T}`` and ``x_t = a_t sg(x) + s_t e``."""
-        x = self.generate(batch)
-        batch["x_gen"] = x.detach()
-        t = self.sample_t(x.shape[0], low, high)
-        with torch.no_grad():
-            x_t = self.schedule.add_noise(x.detach(), self.randn(tuple(x.shape)), t)
-        return x, x_t, t
-
-    def detached_sample(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The generator sample of this iteration without gradient: the one the generator step
-        made (``batch["x_gen"]``) or, on fake-score-only iterations, a fresh one."""
-        x = batch.get("x_gen")
-        if x is None:
-            with torch.no_grad():
-                x = self.generate(batch)
-        return x.detach()
-
-    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, t, noise)`` for clean ``x0`` with ``t ~ U{0 .. T-1}`` unless given."""
-        if t is None:
-            t = self.sample_t(x0.shape[0])
-        noise = self.randn(tuple(x0.shape))
-        return self.schedule.add_noise(x0, noise, t), t, noise
-
-    def denoising_loss_of(self, pred_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Plain diffusion loss in the backbone's own prediction space (eps-MSE for eps teachers)."""
-        pt = self.generator.prediction_type  # the triad's one trainable prediction type
-        pred = self.schedule.from_x0(pred_x0, x_t, t, pt)
-        if pt == "epsilon":
-            target = noise
-        elif pt == "flow":  # the velocity, exactly (rebuilding it from x_t loses precision at small sigma)
-            target = noise.float() - x0.float()
-        else:
-            target = self.schedule.from_x0(x0, x_t, t, pt)
-        return F.mse_loss(pred.float(), target.float())
-
-    def denoising_loss(self, net: nn.Module, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """``net``'s diffusion loss on clean ``x0`` at ``t ~ U{0 .. T-1}``."""
-        x_t, t, noise = self.noised(x0)
-        return self.denoising_loss_of(net(x_t, t, cond), x0, x_t, t, noise)
-
     # ---------------------------------------------------------------- loop
-    def _update(self, loss: torch.Tensor, params_of: nn.Module, opt, sched) -> float:
-        """Backward, average, clip and step; returns the gradient norm. A non-finite norm skips the
-        update (fp16 leaves that to its gradient scaler); ``max_nonfinite_updates`` of them in a row stop
-        the run with :class:`~onestep.errors.TrainingDiverged`."""
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Backward one micro-batch's loss, divided by their number: the gradients accumulate as the mean
+        (each graph is freed before the next micro-batch runs)."""
+        k = self.config.gradient_accumulation_steps
+        self.accelerator.backward(loss / k if k > 1 else loss)
+
+    def _update(self, params_of: nn.Module, opt, sched) -> float:
+        """Average the accumulated gradients over processes, clip and step; returns the gradient norm. A
+        non-finite norm skips the update (fp16 leaves that to its gradient scaler);
+        ``max_nonfinite_updates`` of them in a row stop the run with :class:`~onestep.errors.TrainingDiverged`."""
         acc, c = self.accelerator, self.config
-        acc.backward(loss)
         if self.fsdp:  # the optimizer's own (sharded) parameters: a module shows gathered copies between passes
             params = [p for group in opt.param_groups for p in group["params"]]
         else:
@@ -321,32 +231,39 @@ class DistillTrainer(CheckpointMixin):
         return True
 
     def train_step(self) -> dict[str, float]:
-        """One iteration: maybe a generator update, then maybe a fake-score (and heads) update."""
-        step = self.state.step
-        self.state.reseed()
-        batch = self.make_batch()
+        """One iteration: maybe a generator update, then maybe a fake-score (and heads) update, each over
+        ``gradient_accumulation_steps`` micro-batches (their own noise: the stream is re-seeded per micro-batch)."""
+        step, k = self.state.step, self.config.gradient_accumulation_steps
+        batches = []
+        for micro in range(k):
+            self.state.reseed(micro)
+            batches.append(self.make_batch())
         logs: dict[str, float] = {}
         self.generator.train()
         if self.fake is not None:
             self.fake.train()
         if self.is_generator_step(step):
-            # autocast (bf16/fp16 mixed precision; a no-op with "no") also covers the teacher, which is not prepared
-            with self.accelerator.autocast():
-                if step < self.config.regression_warmup_steps:
-                    loss_g, lg = self.warm_start.loss(batch)
-                else:
-                    loss_g, lg = self.generator_loss(batch)
-            logs.update(lg)
-            logs["grad_norm/generator"] = self._update(loss_g, self.generator, self.opt_g, self.sched_g)
+            for batch in batches:
+                # autocast (bf16/fp16 mixed precision; a no-op with "no") also covers the teacher, which is not prepared
+                with self.accelerator.autocast():
+                    if step < self.config.regression_warmup_steps:
+                        loss_g, lg = self.warm_start.loss(batch)
+                    else:
+                        loss_g, lg = self.generator_loss(batch)
+                self._backward(loss_g)
+                _accumulate(logs, lg, k)
+            logs["grad_norm/generator"] = self._update(self.generator, self.opt_g, self.sched_g)
             self.after_generator_step()
         if self.opt_f is not None:
             self.opt_f.zero_grad(set_to_none=True)  # drop any gradient the generator step left behind
         if self.is_fake_step(step):
-            with self.accelerator.autocast():
-                loss_f, lf = self.fake_score_loss(batch)
-            logs.update(lf)
+            for batch in batches:
+                with self.accelerator.autocast():
+                    loss_f, lf = self.fake_score_loss(batch)
+                self._backward(loss_f)
+                _accumulate(logs, lf, k)
             params = nn.ModuleList([m for m in (self.fake, self.heads) if m is not None])
-            logs["grad_norm/fake"] = self._update(loss_f, params, self.opt_f, self.sched_f)
+            logs["grad_norm/fake"] = self._update(params, self.opt_f, self.sched_f)
         if self.nonfinite_updates:
             logs["nonfinite/skipped"] = float(self.nonfinite_updates)
         self.state.step += 1
@@ -400,12 +317,4 @@ class DistillTrainer(CheckpointMixin):
         return student
 
 
-def inject_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Loss whose gradient with respect to ``x`` is ``grad / x.numel()``:
-    ``0.5 * mean((x - sg(x - grad))^2)`` (computed in float32, non-finite values zeroed)."""
-    grad = torch.nan_to_num(grad.float())
-    target = (x.float() - grad).detach()
-    return 0.5 * F.mse_loss(x.float(), target, reduction="mean")
-
-
-__all__ = ["DistillConfig", "DistillTrainer", "inject_gradient"]
+__all__ = ["DistillConfig", "DistillTrainer"]

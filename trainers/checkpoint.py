@@ -62,9 +62,14 @@ class LoopState:
         self.shared_rng = torch.Generator()  # the same on every process: for choices that change control flow
         self.reseed()
 
-    def reseed(self) -> None:
-        self.rng.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.step)
-        self.shared_rng.manual_seed((self.seed * 1_000_003 - 1) * 1_000_003 + self.step)
+    def reseed(self, micro: int = 0) -> None:
+        """Seed both streams for this step (and micro-batch ``micro`` of a gradient-accumulated update)."""
+        own = (self.seed * 1_000_003 + self.rank) * 1_000_003 + self.step
+        shared = (self.seed * 1_000_003 - 1) * 1_000_003 + self.step
+        if micro:
+            own, shared = own * 1_000_003 + micro, shared * 1_000_003 + micro
+        self.rng.manual_seed(own)
+        self.shared_rng.manual_seed(shared)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}

@@ -43,7 +43,13 @@ class DistillConfig:
     output_dir: str | None = config_field("run folder (default runs/<config name>); the student lands in <output_dir>/student")
     seed: int = config_field("seed for initialisation, noise and data order; the same seed repeats a run", 0)
     max_steps: int = config_field("training iterations; each updates the fake score, the generator every fake_updates_per_generator-th", 1000)
-    batch_size: int = config_field("samples per process per iteration", 32)
+    batch_size: int = config_field("samples per process per micro-batch", 32)
+    gradient_accumulation_steps: int = config_field(
+        "micro-batches of batch_size accumulated into every update, the generator's and the fake score's alike "
+        "(their mean gradient): the effective batch is batch_size x this x processes. fake_updates_per_generator "
+        "and max_steps count updates, not micro-batches",
+        1,
+    )
     fake_score: str = config_field("fake score as a full 'copy' of the teacher or 'lora' adapters on the teacher's own weights", "copy")
     lora_rank: int = config_field("LoRA rank when fake_score is 'lora'", 16)
     lora_alpha: float | None = config_field("LoRA alpha (default: the rank)")
@@ -149,7 +155,7 @@ class DistillConfig:
     def __post_init__(self):
         positive = (
             "max_steps", "batch_size", "fake_updates_per_generator", "regression_pairs", "regression_ode_steps", "preview_num",
-            "max_nonfinite_updates",
+            "max_nonfinite_updates", "gradient_accumulation_steps",
         )
         for name in positive:
             if getattr(self, name) < 1:

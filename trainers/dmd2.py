@@ -29,7 +29,8 @@ from onestep.config import config_field
 from onestep.denoiser import frozen
 from onestep.errors import ConfigError
 
-from .base import DistillTrainer, inject_gradient
+from .base import DistillTrainer
+from .helpers import inject_gradient
 from .config import DistillConfig
 
 

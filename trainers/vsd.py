@@ -37,7 +37,8 @@ from onestep.config import config_field
 from onestep.errors import ConfigError
 from onestep.schedule import expand_like
 
-from .base import DistillTrainer, inject_gradient
+from .base import DistillTrainer
+from .helpers import inject_gradient
 from .config import DistillConfig, check_interval
 
 
