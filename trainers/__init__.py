@@ -2,9 +2,11 @@
 
 | file | holds |
 |---|---|
-| ``base.py`` | :class:`DistillTrainer`, the one loop: accelerator, optimizers, the step, method helpers |
+| ``base.py`` | :class:`DistillTrainer`, the one loop: accelerator, optimizers, the step (with gradient accumulation), hooks |
+| ``helpers.py`` | the helpers methods share: noise, timesteps, the generator's sample, denoising losses |
 | ``config.py`` | :class:`DistillConfig`, the settings every method shares |
-| ``checkpoint.py`` | checkpoints and resume, the generator to export, export and previews |
+| ``checkpoint.py`` | placement, checkpoints (staged, then renamed) and resume, the generator to export, export, previews |
+| ``interrupt.py`` | SIGINT / SIGTERM: checkpoint and leave |
 | ``sharding.py``, ``memory.py`` | FSDP2 sharding and its checkpoints; attention kernels and frozen dtypes |
 | ``warmstart.py`` | DMD's regression warm start |
 | ``dmd2.py``, ``vsd.py``, ``fdistill.py``, ``sid.py``, ``disback.py``, ``consistency.py`` | one method each: its config and trainer side by side |
