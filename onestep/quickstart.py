@@ -141,7 +141,9 @@ def print_scores(report: dict[str, Any]) -> None:
 def run_quickstart(out: Path, max_steps: int | None = None, timing_samples: int = 100, fid_samples: int = FID_SAMPLES) -> dict[str, Any]:
     from onestep.trainers import load_config, make_trainer
 
-    overrides = {"max_steps": max_steps} if max_steps is not None else {}
+    overrides = {"overwrite": True}  # the quickstart redoes its own folder each time
+    if max_steps is not None:
+        overrides["max_steps"] = max_steps
     config = load_config(PRESET, overrides, output_dir=str(out))
     start = time.perf_counter()
     trainer = make_trainer(config)

@@ -125,3 +125,19 @@ def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, tiny
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "run" / f"checkpoint-{stopped_at + 2}").is_dir() and (tmp_path / "run" / "student").is_dir()
+
+
+def test_a_folder_holding_another_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_teacher_dir):
+    from onestep.errors import ConfigError
+
+    cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=1)
+    DMD2Trainer(cfg).train()
+    run = tmp_path / "run"
+    (run / "notes.txt").write_text("mine")  # a file of the user's, not of the run
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(ConfigError, match=r"holds another run .*--resume latest.*--overwrite true"):
+        DMD2Trainer(cfg).train()
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written or removed
+    DMD2Trainer(dataclasses.replace(cfg, max_steps=2, overwrite=True)).train()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's checkpoint-1 is gone
+    assert (run / "notes.txt").read_text() == "mine" and (run / "student").is_dir()

@@ -274,6 +274,8 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         from tqdm.auto import tqdm
 
         acc, c = self.accelerator, self.config
+        if not c.resume:
+            self.claim_output_dir()  # another run's folder: refused (or cleared with overwrite) before any write
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
             (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(c), indent=2) + "\n")

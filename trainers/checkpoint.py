@@ -131,6 +131,28 @@ class CheckpointMixin:
                 acc.register_for_checkpointing(self.ema)
 
     # -------------------------------------------------- checkpoint / resume
+    #: What a run writes into its folder besides its checkpoints.
+    RUN_OUTPUTS = ("config.json", "student", "previews", "logs", "disback")
+
+    def claim_output_dir(self) -> None:
+        """Before a new run (no ``resume``) writes anything: refuse a folder that holds another run, or
+        with ``overwrite`` remove that run's outputs (only those, never other files of the folder)."""
+        acc = self.accelerator
+        previous = [*self.checkpoints(), *(p for p in (self.output_dir / n for n in self.RUN_OUTPUTS) if p.exists())]
+        acc.wait_for_everyone()  # every process has looked before any of them writes
+        if not previous:
+            return
+        if not self.config.overwrite:
+            raise ConfigError(
+                f"{self.output_dir} holds another run ({', '.join(p.name for p in previous[:3])}); pass --resume latest "
+                "to continue it, --overwrite true to start over, or another --output-dir"
+            )
+        if acc.is_main_process:
+            staged = [p for p in self.output_dir.glob(".*") if p.name.endswith((".incomplete", ".old"))]
+            for p in previous + staged:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        acc.wait_for_everyone()
+
     def checkpoints(self) -> list[Path]:
         """Every ``checkpoint-N`` folder of the run, oldest first (complete or not)."""
         found = [p for p in self.output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]

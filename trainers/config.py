@@ -107,7 +107,14 @@ class DistillConfig:
     regression_ode_steps: int = config_field("DDIM steps of the teacher ODE for the warm-start pairs", 50)
     checkpoint_every: int = config_field("save a checkpoint-{step} folder every N iterations (0: only at the end)", 0)
     checkpoint_total_limit: int = config_field("keep at most this many checkpoints (0: keep all)", 2)
-    resume: str | None = config_field("'latest' or a checkpoint folder to resume from")
+    resume: str | None = config_field(
+        "'latest' or a checkpoint folder to resume from; 'latest' starts a new run when there is no checkpoint yet"
+    )
+    overwrite: bool = config_field(
+        "start over in an output_dir that holds another run (its checkpoints, student, previews, logs and "
+        "config.json are removed first); without it, or resume, such a folder is refused and nothing is touched",
+        False,
+    )
     init_generator: str | None = config_field(
         "start the generator from these weights instead of the teacher's: a student folder or a .safetensors "
         "file of the generator network (loaded strictly)"
