@@ -215,6 +215,18 @@ def _generator_from_meta(backbone: nn.Module, schedule: NoiseSchedule, meta: dic
     )
 
 
+def _check_safetensors(file: Path) -> None:
+    """Raise :class:`StudentFormatError` unless ``file`` is a whole safetensors file (its header parses and
+    covers the file: a truncated file fails here)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types (header, I/O)
+        raise StudentFormatError(f"{file}: not a whole safetensors file ({e}); the student is damaged: export it again") from e
+
+
 def load_student(path: str | Path, device: torch.device | str = "cpu") -> Student:
     """Load a student folder written by :func:`export_student`. Refuses pickle files."""
     path = Path(path).expanduser()
@@ -240,13 +252,20 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
     pickles = [p.name for p in gen_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise StudentFormatError(f"{gen_dir} holds pickle files ({', '.join(pickles)}); onestep loads safetensors only")
-    if not list(gen_dir.glob("*.safetensors")):
+    weight_files = sorted(gen_dir.glob("*.safetensors"))
+    if not weight_files:
         raise StudentFormatError(f"{gen_dir}: no .safetensors weights")
+    for file in weight_files:  # a truncated or corrupt file: one clear error, not diffusers' traceback
+        _check_safetensors(file)
     classes = _model_classes()
     cls = classes.get(meta.get("model_class", ""))
     if cls is None:
         raise StudentFormatError(f"{meta_file}: model_class {meta.get('model_class')!r} is not one of {sorted(classes)}")
-    backbone = cls.from_pretrained(gen_dir, use_safetensors=True).to(device).eval()
+    try:
+        backbone = cls.from_pretrained(gen_dir, use_safetensors=True).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as e:  # weights that do not fit the config, a broken config.json
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StudentFormatError(f"{gen_dir}: the generator does not load ({first}); export the student again") from e
     schedule = NoiseSchedule.from_scheduler_config(meta["schedule"])
     generator = _generator_from_meta(backbone, schedule, meta).eval()
     vae = None

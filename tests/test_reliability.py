@@ -141,3 +141,27 @@ def test_a_folder_holding_another_run_is_refused_unless_resumed_or_overwritten(t
     DMD2Trainer(dataclasses.replace(cfg, max_steps=2, overwrite=True)).train()
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's checkpoint-1 is gone
     assert (run / "notes.txt").read_text() == "mine" and (run / "student").is_dir()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong_shape"])
+def test_a_damaged_student_gives_one_clear_line_and_exit_code_2(damage, tmp_path, tiny_teacher_dir):
+    from onestep.errors import StudentFormatError
+    from onestep.export import load_student
+
+    student = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=1)).train()
+    weights = student / "generator" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        expected = "not a whole safetensors file"
+    else:
+        cfg_file = student / "generator" / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["block_out_channels"] = [c * 2 for c in cfg["block_out_channels"]]  # the weights no longer fit
+        cfg_file.write_text(json.dumps(cfg))
+        expected = "the generator does not load"
+    with pytest.raises(StudentFormatError, match=expected):
+        load_student(student)
+    r = subprocess.run([sys.executable, "-m", "onestep.cli", "sample", "--student", str(student), "--num-samples", "1",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()  # one line, nothing written
