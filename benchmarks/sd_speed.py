@@ -24,6 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
+import zlib
 
 import torch
 
@@ -69,10 +70,14 @@ class RandomPromptEncoder:
     def __init__(self, tokens: int, hidden: int, xl: bool, size: int):
         self.tokens, self.hidden, self.xl, self.size = tokens, hidden, xl, (size, size)
 
+    def cache_identity(self) -> dict:
+        """Names this stand-in in the on-disk prompt cache's key (the teacher caches its prompt set there)."""
+        return {"class": type(self).__name__, "tokens": self.tokens, "hidden": self.hidden, "xl": self.xl, "size": list(self.size)}
+
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         out = {"encoder_hidden_states": [], "text_embeds": [], "time_ids": []}
         for p in prompts:
-            g = torch.Generator().manual_seed(abs(hash(p)) % (2**31))
+            g = torch.Generator().manual_seed(zlib.crc32(p.encode()))  # the same embedding in every process
             out["encoder_hidden_states"].append(torch.randn(1, self.tokens, self.hidden, generator=g))
             out["text_embeds"].append(torch.randn(1, 1280, generator=g))
             out["time_ids"].append(torch.tensor([[*self.size, 0, 0, *self.size]], dtype=torch.float32))

@@ -9,20 +9,15 @@ and cached as safetensors shards under :func:`onestep.files.cache_dir` ``("laten
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
-from accelerate.logging import get_logger
 from torch import nn
 
-from ..conditioning import index_cond
 from ..errors import ConfigError
 from ..files import IMAGE_SUFFIXES, cache_dir
+from .shards import build_once, log, read_cache, write_shards
 from .text import TextConditioning, jsonl_records
-
-logger = get_logger(__name__)
 
 
 class LatentVAE(nn.Module):
@@ -125,93 +120,43 @@ def latent_cache_key(pairs: list[tuple[Path, str]], vae: LatentVAE, size: int) -
     return h.hexdigest()[:32]
 
 
-def _shard_name(i: int) -> str:
-    return f"shard-{i:05d}.safetensors"
-
-
-def _write_atomically(path: Path, write) -> None:
-    """``write(tmp)`` then rename onto ``path``: readers see a whole file or none, whatever the
-    number of processes writing it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _complete_shard(path: Path, start: int, count: int) -> bool:
-    """Whether ``path`` is a shard of this cache holding images ``start .. start + count - 1``."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return meta.get("start") == str(start) and f.get_slice("latents").get_shape()[0] == count
-    except Exception:  # a foreign or damaged file: encode this shard again
-        return False
-
-
 def _read_latent_cache(folder: Path) -> torch.Tensor | None:
     """The latents of a complete cache folder (its ``index.json`` names every shard), else None."""
     from safetensors import safe_open
 
-    index_file = folder / "index.json"
-    if not index_file.is_file():
-        return None
-    try:
-        index = json.loads(index_file.read_text())
+    def load(index: dict) -> torch.Tensor | None:
         parts = []
         for name in index["shards"]:
             with safe_open(str(folder / name), framework="pt") as f:
                 parts.append(f.get_tensor("latents"))
         latents = torch.cat(parts)
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
-        _log(f"latent cache {folder} is unreadable ({e}); encoding again")
-        return None
-    return latents if len(latents) == index.get("images") else None
+        return latents if len(latents) == index.get("images") else None
+
+    return read_cache(folder, load, "latent cache")
 
 
 def _encode_shards(pairs: list[tuple[Path, str]], vae: LatentVAE, size: int, folder: Path, device, batch_size: int,
                    shard_size: int, show_progress: bool) -> None:
     """Write every missing shard of ``folder``, then ``index.json`` (last: it marks the cache complete)."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
-    folder.mkdir(parents=True, exist_ok=True)
-    starts = list(range(0, len(pairs), shard_size))
-    todo = [i for i, s in enumerate(starts) if not _complete_shard(folder / _shard_name(i), s, len(pairs[s : s + shard_size]))]
-    if len(todo) < len(starts):
-        _log(f"latent cache {folder}: {len(starts) - len(todo)} of {len(starts)} shards already on disk, resuming")
-    if todo:
-        vae = vae.to(device)
+    def encode(start: int, stop: int, bar) -> dict[str, torch.Tensor]:
+        vae.to(device)  # only once a shard is missing
         dtype = next(vae.parameters()).dtype
-    bar = tqdm(total=sum(len(pairs[starts[i] : starts[i] + shard_size]) for i in todo), desc="VAE latents", unit="img",
-               disable=None if show_progress else True)
-    for i in todo:
-        chunk = pairs[starts[i] : starts[i] + shard_size]
-        outs = []
+        chunk, outs = pairs[start:stop], []
         for j in range(0, len(chunk), batch_size):
             x = torch.stack([load_image(p, size) for p, _ in chunk[j : j + batch_size]]).to(device, dtype)
             outs.append(vae.encode(x).float().cpu())
             bar.update(len(x))
-        latents = torch.cat(outs).contiguous()
-        meta = {"start": str(starts[i]), "images": str(len(chunk)), "size": str(size)}
-        _write_atomically(folder / _shard_name(i), lambda tmp: save_file({"latents": latents}, str(tmp), metadata=meta))
-    bar.close()
+        return {"latents": torch.cat(outs)}
+
     index = {
         "format": LATENT_CACHE_FORMAT,
-        "images": len(pairs),
-        "shard_size": shard_size,
-        "shards": [_shard_name(i) for i in range(len(starts))],
         "size": size,
         "first_image": str(pairs[0][0].resolve()),
         "last_image": str(pairs[-1][0].resolve()),
-        "key": folder.name,
     }
-    _write_atomically(folder / "index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+    write_shards(folder, len(pairs), shard_size, encode, tensor="latents", count_key="images", meta={"size": str(size)},
+                 index=index, desc="VAE latents", unit="img", what="latent cache", show_progress=show_progress)
 
 
 def encode_image_folder(
@@ -245,53 +190,32 @@ def encode_image_folder(
         batch_size: images per VAE call.
         shard_size: images per shard (a cache written with another shard size still loads).
     """
-    from accelerate.state import PartialState, is_initialized
-
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1 (got {shard_size})")
     folder = latent_cache_dir() / latent_cache_key(pairs, vae, size)
-    state = PartialState() if is_initialized() else None
-    together = state is not None and state.num_processes > 1
-    latents = None
-    if not together or state.is_main_process:
-        latents = _read_latent_cache(folder)
-        if latents is None:
-            _encode_shards(pairs, vae, size, folder, device, batch_size, shard_size, show_progress=True)
-            _log(f"cached VAE latents of {len(pairs)} images in {folder}")
-    if together:
-        state.wait_for_everyone()  # every process passes here, cache found or not: no rank leaves early
-    if latents is None:
-        latents = _read_latent_cache(folder)
-    if latents is None:
-        raise ConfigError(f"the latent cache {folder} is incomplete after encoding; is the disk full? Delete the folder and run again")
-    return latents
 
+    def write() -> None:
+        _encode_shards(pairs, vae, size, folder, device, batch_size, shard_size, show_progress=True)
+        log(f"cached VAE latents of {len(pairs)} images in {folder}")
 
-def _log(msg: str) -> None:
-    """Log through accelerate's logger (main process only), or plain logging before accelerate starts."""
-    try:
-        logger.info(msg)
-    except RuntimeError:  # no accelerate state yet (a teacher loaded outside a trainer)
-        import logging
-
-        logging.getLogger(__name__).info(msg)
+    return build_once(folder, lambda: _read_latent_cache(folder), write, "latent cache")
 
 
 def image_folder_data(
     folder: str | Path, conditioning: TextConditioning, vae: LatentVAE, size: int, device="cpu", shard_size: int = LATENT_SHARD_SIZE
 ):
     """A real-data sampler ``(n, generator) -> (latents, caption embeddings)`` over a captioned folder
-    (latents cached on disk by :func:`encode_image_folder`, ``shard_size`` images a shard)."""
+    (latents cached on disk by :func:`encode_image_folder`, ``shard_size`` images a shard; captions
+    by :meth:`TextConditioning.prompt_table`: the on-disk prompt cache, or encoded per batch)."""
     pairs = read_image_captions(folder)
     latents = encode_image_folder(pairs, vae, size, device, shard_size=shard_size)
-    captions = conditioning.encode([c for _, c in pairs])
+    captions = conditioning.prompt_table([c for _, c in pairs])
 
     def draw(n: int, generator: torch.Generator):
         idx = torch.randint(0, len(latents), (n,), generator=generator)
-        return latents[idx], index_cond(captions, idx)
+        return latents[idx], captions(idx)
 
     return draw
-
 
 
 __all__ = [

@@ -81,6 +81,7 @@ def load_text_to_image_teacher(
     resolution: int | None = None,
     real_images: str | None = None,
     cache_text_embeddings: bool = True,
+    text_cache_dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
 ):
     """Load a Stable Diffusion / SDXL pipeline folder as a latent :class:`~onestep.teachers.Teacher`.
@@ -94,7 +95,9 @@ def load_text_to_image_teacher(
         negative_prompt: replaces the empty prompt as guidance's unconditional branch.
         resolution: image side in pixels (default: the UNet's ``sample_size`` times the VAE factor).
         real_images: a folder of images with captions, for methods with a GAN term or real data.
-        cache_text_embeddings: encode the prompt set once (the text encoders are frozen).
+        cache_text_embeddings: encode the prompt set once into the on-disk prompt cache (the text
+            encoders are frozen; :mod:`onestep.teachers.prompt_cache`), else every batch anew.
+        text_cache_dtype: storage dtype of that cache (None: float32; a run's frozen dtype halves it).
         device: where the text encoders and the VAE run while caching.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -120,6 +123,7 @@ def load_text_to_image_teacher(
         PromptEncoder(path, xl, (side, side), device=device), latent_vae, side, device, prompts=prompts,
         validation_prompts=validation_prompts, negative_prompt=negative_prompt, real_images=real_images,
         cache_text_embeddings=cache_text_embeddings, zero_empty_prompt=bool(xl and index.get("force_zeros_for_empty_prompt", False)),
+        text_cache_dtype=text_cache_dtype,
     )
     return Teacher(
         name=name,
@@ -148,13 +152,14 @@ def read_scheduler_config(path: Path) -> dict[str, Any]:
 def text_teacher_data(
     encoder: PromptEncoder, vae: LatentVAE, side: int, device: torch.device | str = "cpu", *, prompts: str | list[str] | None = None,
     validation_prompts: str | list[str] | None = None, negative_prompt: str | None = None, real_images: str | None = None,
-    cache_text_embeddings: bool = True, zero_empty_prompt: bool = False,
+    cache_text_embeddings: bool = True, zero_empty_prompt: bool = False, text_cache_dtype: torch.dtype | str | None = None,
 ) -> tuple[TextConditioning, RealSampler | None]:
     """What the text-to-image loaders share: the teacher's :class:`TextConditioning` (prompt options as
     in :func:`load_text_to_image_teacher`), prepared, and its real-data sampler over ``real_images``
     (None without one)."""
     conditioning = text_conditioning(
-        encoder, prompts, validation_prompts, negative_prompt, cache_text_embeddings, zero_empty_prompt=zero_empty_prompt
+        encoder, prompts, validation_prompts, negative_prompt, cache_text_embeddings, zero_empty_prompt=zero_empty_prompt,
+        cache_dtype=text_cache_dtype,
     )
     real_data = None
     if real_images:

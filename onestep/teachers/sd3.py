@@ -144,7 +144,8 @@ def load_sd3_teacher(path: Path, name: str, resolution: int | None = None, devic
     """Load an SD3 pipeline folder as a latent flow-matching :class:`~onestep.teachers.Teacher`.
 
     The arguments are those of :func:`onestep.teachers.sd.load_text_to_image_teacher` (``text_options``:
-    ``prompts``, ``validation_prompts``, ``negative_prompt``, ``real_images``, ``cache_text_embeddings``).
+    ``prompts``, ``validation_prompts``, ``negative_prompt``, ``real_images``, ``cache_text_embeddings``,
+    ``text_cache_dtype``).
     ``resolution`` defaults to the transformer's ``sample_size`` times the VAE factor and must be
     a multiple of the VAE factor times the patch size.
     """

@@ -6,11 +6,12 @@ takes: ``encoder_hidden_states`` (SD), plus ``text_embeds`` (pooled) and ``time_
 ``[H, W, 0, 0, H, W]`` in pixels). Prompts are encoded as the diffusers pipelines encode them
 (SD: the last hidden state; SDXL: the penultimate hidden states of both encoders, concatenated,
 and the second encoder's projection), so a student exported as a pipeline folder gives the same
-images in plain diffusers. The prompt set is encoded once and cached (the text encoders are
-frozen); the unconditional branch of guidance is the negative prompt's embedding when a config
-gives one, else the empty prompt's (zeros for SDXL folders with ``force_zeros_for_empty_prompt``,
-as the SDXL pipeline does). The SD3 encoder (:class:`onestep.teachers.sd3.SD3PromptEncoder`)
-builds on :class:`PromptEncoder`.
+images in plain diffusers. The prompt set is encoded once (the text encoders are frozen) into an
+on-disk cache (:mod:`onestep.teachers.prompt_cache`), not held in memory: a batch reads its rows.
+The unconditional branch of guidance is the negative prompt's embedding when a config gives one,
+else the empty prompt's (zeros for SDXL folders with ``force_zeros_for_empty_prompt``, as the SDXL
+pipeline does). The SD3 encoder (:class:`onestep.teachers.sd3.SD3PromptEncoder`) builds on
+:class:`PromptEncoder`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..conditioning import Cond, Conditioning, cond_to, index_cond
+from ..conditioning import Cond, Conditioning, cond_to
 from ..errors import ConfigError, OnestepError, TeacherError
+from .prompt_cache import PROMPT_SHARD_SIZE, cached_prompt_table
 
 #: Previews of text-to-image runs use these prompts unless ``validation_prompts`` names a file.
 DEFAULT_VALIDATION_PROMPTS = [
@@ -148,6 +150,20 @@ class PromptEncoder:
         """What a student folder records to rebuild this encoder (:func:`onestep.pipeline.student_text_parts`)."""
         return {"text_encoders": self.text_encoders, "family": self.family}
 
+    def cache_identity(self) -> dict[str, Any]:
+        """What names this encoder in a prompt cache's key (:mod:`onestep.teachers.prompt_cache`): its
+        class, :meth:`describe`, the image size, and the names, sizes and modification times of the
+        files in its tokenizer and text encoder folders (not the folder's path: a moved folder keeps
+        its cache; a copied one, with new modification times, encodes again)."""
+        files = []
+        for tok_name, enc_name, _, _ in self._components():
+            for part in (tok_name, enc_name):
+                for f in sorted((self.folder / part).rglob("*")):
+                    if f.is_file():
+                        st = f.stat()
+                        files.append([f.relative_to(self.folder).as_posix(), st.st_size, st.st_mtime_ns])
+        return {"class": type(self).__name__, **self.describe(), "size": list(self.size), "files": files}
+
     def release(self) -> None:
         """Free the text encoders (they load again on the next :meth:`encode`)."""
         self._parts = None
@@ -196,8 +212,10 @@ class TextConditioning(Conditioning):
         prompts: the training prompt set.
         validation_prompts: fixed prompts for previews.
         negative_prompt: replaces the empty prompt as the unconditional branch of guidance.
-        cache_embeddings: encode the whole prompt set once (True) or each batch anew.
+        cache_embeddings: encode the whole prompt set once into the on-disk cache (True) or each batch anew.
         zero_empty_prompt: the empty prompt's embedding is zeros (SDXL ``force_zeros_for_empty_prompt``).
+        cache_dtype: storage dtype of the on-disk cache (None: float32; conditions come back float32).
+        cache_shard_size: prompts per shard of the on-disk cache.
     """
 
     kind: str = "text"
@@ -207,54 +225,77 @@ class TextConditioning(Conditioning):
     negative_prompt: str | None = None
     cache_embeddings: bool = True
     zero_empty_prompt: bool = False
+    cache_dtype: torch.dtype | str | None = None
+    cache_shard_size: int = PROMPT_SHARD_SIZE
 
     def __post_init__(self):
         super().__post_init__()
         self.num_classes = len(self.validation_prompts)
-        self._known: dict[str, dict[str, torch.Tensor]] = {}
-        self._table: dict[str, torch.Tensor] | None = None
+        self._known: dict[str, dict[str, torch.Tensor]] = {}  # the fixed prompts (and new ones asked for)
+        self._train: Callable[[torch.Tensor], Cond] | None = None  # the training prompts' table
 
     @property
     def guidable(self) -> bool:
         return True
 
     # ------------------------------------------------------------ encoding
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Embeddings of ``prompts`` (CPU); prompts seen before come from the cache."""
+    def encode(self, prompts: list[str], remember: bool = True) -> dict[str, torch.Tensor]:
+        """Embeddings of ``prompts`` (float32, CPU); prompts seen before come from memory, new ones
+        are encoded (and kept in memory when ``remember``)."""
         new = sorted({p for p in prompts if p not in self._known and not (p == "" and self.zero_empty_prompt)})
+        fresh: dict[str, dict[str, torch.Tensor]] = {}
         if new:
             if self.encoder is None:
                 raise ConfigError("this text conditioning has no text encoder; only its cached prompts can be used")
             enc = self.encoder.encode(new)
-            for i, p in enumerate(new):
-                self._known[p] = {k: v[i : i + 1] for k, v in enc.items()}
-        rows = [self._empty_row() if (p == "" and self.zero_empty_prompt) else self._known[p] for p in prompts]
+            fresh = {p: {k: v[i : i + 1] for k, v in enc.items()} for i, p in enumerate(new)}
+            if remember:
+                self._known.update(fresh)
+        rows = [self._empty_row() if (p == "" and self.zero_empty_prompt) else fresh.get(p) or self._known[p] for p in prompts]
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def _empty_row(self) -> dict[str, torch.Tensor]:
         if not self.zero_empty_prompt:
             return self.encode([""])
-        if "\0zeros" not in self._known:
-            like = self.encoder.encode(["_"]) if self.encoder is not None else None
-            if like is None:
+        if "\0zeros" not in self._known:  # zeros shaped as any row (time ids kept: they are the image size)
+            like = next(iter(self._known.values()), None)
+            if like is None and self.encoder is None:
                 raise ConfigError("no text encoder to size the zero embedding")
+            like = like if like is not None else self.encoder.encode(["_"])
             self._known["\0zeros"] = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in like.items()}
         return self._known["\0zeros"]
 
+    def prompt_table(self, prompts: list[str]) -> Callable[[torch.Tensor], Cond]:
+        """``table(idx)``: the condition of ``prompts[i]`` for each ``i`` of the tensor ``idx``.
+
+        With ``cache_embeddings`` the prompts are encoded once into the on-disk cache of
+        :mod:`onestep.teachers.prompt_cache` (deduplicated, resumable; a complete cache loads
+        without the text encoders) and a batch reads only its rows; otherwise each batch is encoded
+        anew and nothing is kept."""
+        if not self.cache_embeddings:
+            return lambda idx: self.encode([prompts[i] for i in idx.tolist()], remember=False)
+        if self.encoder is None:
+            raise ConfigError("this text conditioning has no text encoder to key its prompt cache with")
+        identity = {**self.encoder.cache_identity(), "zero_empty_prompt": self.zero_empty_prompt}
+        return cached_prompt_table(prompts, lambda batch: self.encode(batch, remember=False), identity, self.cache_dtype,
+                                   shard_size=self.cache_shard_size)
+
     def prepare(self) -> "TextConditioning":
         """Encode the empty / negative prompt, the validation prompts and (when caching) the prompt
-        set now, then free the text encoders (they load again if a new prompt comes)."""
+        set now. With ``cache_embeddings`` both go through the on-disk cache (:meth:`prompt_table`),
+        the few fixed prompts are then held in memory, and the text encoders are freed (they load
+        again only if a new prompt comes)."""
+        fixed = list(dict.fromkeys([self.negative_prompt or "", "", *self.validation_prompts]))
+        if not self.cache_embeddings:
+            self._empty_row()
+            self.encode(fixed)
+            return self
+        table = self.prompt_table(fixed)(torch.arange(len(fixed)))
+        self._known.update({p: {k: v[i : i + 1] for k, v in table.items()} for i, p in enumerate(fixed)})
         self._empty_row()
-        self.encode([self.negative_prompt or ""] + list(self.validation_prompts))
-        if self.cache_embeddings and self.prompts:
-            uniq = list(dict.fromkeys(self.prompts))
-            pos = {p: i for i, p in enumerate(uniq)}
-            table = self.encode(uniq)
-            self._table = index_cond(table, torch.tensor([pos[p] for p in self.prompts]))
-            for p in uniq:  # the table holds them now
-                if p not in self.validation_prompts and p not in ("", self.negative_prompt):
-                    self._known.pop(p, None)
-        if self.encoder is not None and self.cache_embeddings:
+        if self.prompts:
+            self._train = self.prompt_table(self.prompts)
+        if self.encoder is not None:
             self.encoder.release()
         return self
 
@@ -271,9 +312,9 @@ class TextConditioning(Conditioning):
             )
         idx = torch.randint(0, len(self.prompts), (n,), generator=generator)
         prompts = [self.prompts[i] for i in idx.tolist()]
-        if self._table is not None:
-            return cond_to(index_cond(self._table, idx), device), prompts
-        return cond_to(self.encode(prompts), device), prompts
+        if self._train is not None:
+            return cond_to(self._train(idx), device), prompts
+        return cond_to(self.encode(prompts, remember=False), device), prompts
 
     def null(self, n: int, device="cpu") -> Cond:
         return cond_to(self.repeat(self.encode([self.negative_prompt]) if self.negative_prompt else self._empty_row(), n), device)
@@ -332,8 +373,10 @@ def text_conditioning(
     negative_prompt: str | None,
     cache_embeddings: bool,
     zero_empty_prompt: bool = False,
+    cache_dtype: torch.dtype | str | None = None,
 ) -> TextConditioning:
-    """The teacher's :class:`TextConditioning` from the loaders' prompt options (files or lists)."""
+    """The teacher's :class:`TextConditioning` from the loaders' prompt options (files or lists);
+    ``cache_dtype`` is the storage dtype of the on-disk prompt cache (None: float32)."""
     return TextConditioning(
         encoder=encoder,
         prompts=_prompt_list(prompts, "prompts") if prompts is not None else [],
@@ -341,6 +384,7 @@ def text_conditioning(
         negative_prompt=negative_prompt or None,
         cache_embeddings=cache_embeddings,
         zero_empty_prompt=zero_empty_prompt,
+        cache_dtype=cache_dtype,
     )
 
 
