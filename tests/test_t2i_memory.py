@@ -162,6 +162,17 @@ def test_frozen_bf16_weights_train_dmd2(fake_score, sd_dir, prompt_file, image_d
     assert storage_bytes(base.values()) * 2 == storage_bytes(fp32_teacher.backbone.parameters())
     assert {p.dtype for p in trainer.teacher_spec.vae.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trainer.generator.parameters()} == {torch.float32}
+    # the prompt cache stores the text embeddings in the frozen dtype too; batches come back float32
+    from safetensors import safe_open
+
+    shards = list((tmp_path / "cache" / "prompts").rglob("*.safetensors"))
+    assert shards
+    dtypes = set()
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "BF16" in dtypes  # (the float32 teacher loaded above for comparison wrote float32 caches)
+    assert trainer.conditioning.sample(2, generator=torch.Generator().manual_seed(1))["encoder_hidden_states"].dtype == torch.float32
     trainable_fake = triad.trainable_fake_parameters()
     assert trainable_fake and {p.dtype for p in trainable_fake} == {torch.float32}
     if fake_score == "lora":

@@ -94,7 +94,11 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         if c.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.teacher_spec = teacher if teacher is not None else load_teacher_for(c, acc.device)
+        from .memory import apply_memory_switches, resolve_frozen_dtype
+
+        # text embeddings are frozen outputs too: the prompt cache stores them in the frozen dtype
+        frozen = resolve_frozen_dtype(c.frozen_dtype, acc.mixed_precision)
+        self.teacher_spec = teacher if teacher is not None else load_teacher_for(c, acc.device, text_cache_dtype=frozen)
         T = self.teacher_spec.schedule.num_train_timesteps
         if max(c.generator_timesteps) >= T or min(c.generator_timesteps) < 0:
             raise ConfigError(f"generator_timesteps must lie in [0, {T - 1}] for this teacher (got {c.generator_timesteps})")
@@ -112,10 +116,7 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
                 if not hasattr(net, "enable_gradient_checkpointing"):
                     raise ConfigError(f"gradient_checkpointing: {type(net).__name__} does not support it (diffusers models do)")
                 net.enable_gradient_checkpointing()
-        # attention kernels and the dtype of frozen weights (trainers/memory.py)
-        from .memory import apply_memory_switches
-
-        apply_memory_switches(self)
+        apply_memory_switches(self)  # attention kernels and the dtype of frozen weights (trainers/memory.py)
         if c.init_generator:
             load_trainable(self.generator.backbone, weights_file(c.init_generator), "init_generator")
         if c.init_fake_score:

@@ -154,7 +154,8 @@ class DistillConfig:
         "sdpa",
     )
     frozen_dtype: str = config_field(
-        "dtype of the frozen weights (the teacher backbone, the base weights under LoRA adapters, the VAE): 'auto' "
+        "dtype of the frozen weights (the teacher backbone, the base weights under LoRA adapters, the VAE) and of the "
+        "prompt cache's text embeddings: 'auto' "
         "(bf16 / fp16 as mixed_precision, else float32), 'float32', 'bf16' or 'fp16'; trainable weights stay float32",
         "auto",
     )
@@ -238,8 +239,9 @@ def method_of(config_class: type[DistillConfig]) -> str:
     return next(f.default for f in dataclasses.fields(config_class) if f.name == "method")
 
 
-def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu") -> Teacher:
-    """The teacher of ``config``, with its text-to-image options (ignored by other teachers)."""
+def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu", text_cache_dtype: torch.dtype | None = None) -> Teacher:
+    """The teacher of ``config``, with its text-to-image options (ignored by other teachers);
+    ``text_cache_dtype``: the storage dtype of the prompt cache (None: float32)."""
     return load_teacher(
         config.teacher,
         prompts=config.prompts,
@@ -248,6 +250,7 @@ def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu") 
         resolution=config.resolution,
         real_images=config.real_images,
         cache_text_embeddings=config.cache_text_embeddings,
+        text_cache_dtype=text_cache_dtype,
         device=device,
     )
 
