@@ -18,7 +18,7 @@ Each command writes metrics.json (and with --report, report.md and its PNGs) int
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", help="output folder for metrics.json and the report (default: next to the evaluated folder)")
+    p.add_argument("--output-dir", "--output_dir", "--out", dest="out", help="output folder for metrics.json and the report (default: next to the evaluated folder)")
     p.add_argument("--report", action="store_true", help="also write report.md with plots (matplotlib PNG)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed+i")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")

@@ -39,9 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a student with the method named in CONFIG (a YAML file or a shipped preset name).",
         epilog=EPILOG_TRAIN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,  # -h with a CONFIG also lists that method's fields
     )
+    t.set_defaults(train_parser=t)
+    t.add_argument("-h", "--help", action="store_true", help="show this help (with CONFIG: and every config field) and exit")
     t.add_argument("config", nargs="?", help="YAML config file or preset name (e.g. digits_dmd2)")
-    t.add_argument("--output-dir", help="run folder (default runs/<config name>); the student lands in DIR/student")
+    t.add_argument("--output-dir", "--output_dir", dest="output_dir", help="run folder (default runs/<config name>); the student lands in DIR/student")
     t.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
     t.add_argument("--show-config", action="store_true", help="print the resolved config with each field's help and exit")
 
@@ -52,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--student", required=True, help="student folder (with onestep.json and generator/)")
     s.add_argument("--num-samples", type=int, default=16, help="number of samples (default 16)")
-    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--output-dir", "--output_dir", "--out", dest="out", required=True, help="output folder")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's own timesteps)")
     s.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed+i")
     s.add_argument("--class", dest="label", type=int, default=None, help="class label for class-conditional students (default: cycle 0..C-1)")
@@ -68,10 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Distil the bundled digits teacher into a one-step student with DMD2 on this machine, then write "
         "a labelled comparison grid (samples.png) and timings (report.json) into the output folder.",
     )
-    q.add_argument("--output-dir", default="runs/quickstart", help="run folder (default runs/quickstart)")
-    q.add_argument("--max-steps", type=int, default=None, help="override the preset's training iterations")
-    q.add_argument("--timing-samples", type=int, default=100, help="images used to time student and teacher sampling")
-    q.add_argument("--fid-samples", type=int, default=300, help="images a side for digits-FID and class accuracy (default 300; the grid and timing images count)")
+    q.add_argument("--output-dir", "--output_dir", dest="output_dir", default="runs/quickstart", help="run folder (default runs/quickstart)")
+    q.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None, help="override the preset's training iterations")
+    q.add_argument("--timing-samples", "--timing_samples", dest="timing_samples", type=int, default=100, help="images used to time student and teacher sampling")
+    q.add_argument("--fid-samples", "--fid_samples", dest="fid_samples", type=int, default=300, help="images a side for digits-FID and class accuracy (default 300; the grid and timing images count)")
 
     d = sub.add_parser(
         "demo",
@@ -99,13 +103,18 @@ def _cmd_train(args, extra: list[str]) -> int:
     if args.list_presets:
         print("\n".join(list_presets()))
         return 0
+    if args.help:
+        args.train_parser.print_help()
+        if args.config:
+            config = load_config(args.config, parse_overrides(extra), output_dir=args.output_dir)
+            print(f"\nconfig fields of {config.method} (set in the YAML or as --key value; current values from {args.config}):")
+            _print_fields(config, method_classes(config.method)[0], field_help)
+        return 0
     if not args.config:
         raise OnestepError("train needs a CONFIG (a YAML file or a preset; see --list-presets)")
     config = load_config(args.config, parse_overrides(extra), output_dir=args.output_dir)
     if args.show_config:
-        cls, _ = method_classes(config.method)
-        for name, _default, help_text in field_help(cls):
-            print(f"{name} = {getattr(config, name)!r}\n    {help_text}")
+        _print_fields(config, method_classes(config.method)[0], field_help)
         return 0
     trainer = make_trainer(config)
     student = trainer.train()
@@ -123,6 +132,11 @@ def _cmd_train(args, extra: list[str]) -> int:
     return 0
 
 
+def _print_fields(config, cls, field_help) -> None:
+    for name, _default, help_text in field_help(cls):
+        print(f"{name} = {getattr(config, name)!r}\n    {help_text}")
+
+
 def _cmd_sample(args, extra: list[str]) -> int:
     if extra:
         raise OnestepError(f"unknown arguments: {' '.join(extra)}")
@@ -137,7 +151,7 @@ def _cmd_sample(args, extra: list[str]) -> int:
         prompts += read_prompts(args.prompts)
     out = sample_to_folder(
         args.student, args.out, args.num_samples, steps=args.steps, seed=args.seed, label=args.label, batch_size=args.batch_size,
-        prompts=prompts or None, negative_prompt=args.negative_prompt, nasa_alpha=args.nasa_alpha,
+        prompts=prompts or None, negative_prompt=args.negative_prompt, nasa_alpha=args.nasa_alpha, device=args.device,
     )
     print(f"wrote {args.num_samples} samples to {out}")
     return 0

@@ -58,7 +58,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["--lr_generator", "1e-5", "--ema_decay=0.99"]`` -> ``{"lr_generator": 1e-5, "ema_decay": 0.99}``."""
+    """``["--lr_generator", "1e-5", "--ema_decay=0.99", "--gradient_checkpointing"]`` ->
+    ``{"lr_generator": 1e-5, "ema_decay": 0.99, "gradient_checkpointing": True}`` (a flag without a value is true)."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -66,12 +67,13 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if not a.startswith("--") or a == "--":
             raise ConfigError(f"expected --key value, got {a!r}")
         key, eq, val = a[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"--{key} needs a value")
-            val = args[i + 1]
-            i += 1
         i += 1
+        if not eq and (i >= len(args) or args[i].startswith("--")):
+            out[key.replace("-", "_")] = True  # a bare flag: --gradient_checkpointing
+            continue
+        if not eq:
+            val = args[i]
+            i += 1
         out[key.replace("-", "_")] = yaml.safe_load(val) if val != "" else ""
     return out
 
@@ -95,6 +97,8 @@ def _coerce(cls, name: str, value: Any) -> Any:
         raise ConfigError(f"{name} cannot be empty")
     if bool in allowed and isinstance(value, bool):
         return value
+    if value is True and bool not in allowed:
+        raise ConfigError(f"--{name} needs a value (a flag without one means true, and {name} is not a yes/no setting)")
     if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if int in allowed and isinstance(value, int) and not isinstance(value, bool):
@@ -111,6 +115,18 @@ def _coerce(cls, name: str, value: Any) -> Any:
         if origin is dict and isinstance(value, dict):
             return value
     raise ConfigError(f"{name}: {value!r} is not a valid {hint}")
+
+
+def apply_aliases(values: dict[str, Any], aliases: dict[str, str], source: str = "config") -> dict[str, Any]:
+    """``values`` with other tools' names for a field (``aliases``: e.g. diffusers' ``checkpointing_steps``
+    -> ``checkpoint_every``) read as that field; both names in one set of values is an error."""
+    out = dict(values)
+    for alias, name in aliases.items():
+        if alias in out:
+            if name in out and out[name] != out[alias]:
+                raise ConfigError(f"{source}: both {alias!r} and {name!r} are set (the same field); keep one")
+            out[name] = out.pop(alias)
+    return out
 
 
 def build_config(cls, values: dict[str, Any], source: str = "config", renamed: dict[str, str] | None = None):

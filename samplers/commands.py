@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from onestep.errors import OnestepError
 from onestep.export import load_student
@@ -27,6 +28,7 @@ def sample_to_folder(
     prompts: list[str] | None = None,
     negative_prompt: str | None = None,
     nasa_alpha: float = 0.0,
+    device: str | None = None,
 ) -> Path:
     """Sample ``num_samples`` images (or 2D points) from a student; sample ``i`` uses seed ``seed + i``.
 
@@ -37,7 +39,7 @@ def sample_to_folder(
     Writes ``samples.npz`` (``samples``: raw float32, ``labels``, ``seeds``), one PNG per image
     (``sample_00000.png``, ...) and ``grid.png`` (a scatter plot for 2D students).
     """
-    device = default_device()
+    device = torch.device(device) if device else default_device()
     student = load_student(student_dir, device=device)
     timesteps = student.timesteps_for(steps)
     cond = student.conditioning

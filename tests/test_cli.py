@@ -90,3 +90,37 @@ def test_yaml_no_stays_a_word_for_string_fields(tmp_path, tiny_teacher_dir):
 
     cfg = load_config("digits_dmd2", parse_overrides(["--mixed_precision", "no", "--teacher", str(tiny_teacher_dir)]))
     assert cfg.mixed_precision == "no"
+
+
+def test_diffusers_and_trl_flag_names_bare_flags_and_both_spellings(tmp_path, capsys):
+    from onestep.config import parse_overrides
+    from onestep.errors import ConfigError
+    from onestep.trainers import load_config
+
+    argv = ["--checkpointing_steps", "50", "--checkpoints_total_limit", "3", "--resume_from_checkpoint", "latest",
+            "--report_to", "none", "--validation_steps", "25", "--max_train_steps", "7", "--gradient_checkpointing",
+            "--gradient_accumulation_steps", "2", "--train_batch_size", "4"]
+    cfg = load_config("digits_dmd2", parse_overrides(argv))
+    assert (cfg.checkpoint_every, cfg.checkpoint_total_limit, cfg.resume, cfg.log_with) == (50, 3, "latest", "none")
+    assert (cfg.preview_every, cfg.max_steps, cfg.gradient_checkpointing) == (25, 7, True)  # a bare flag is true
+    assert (cfg.gradient_accumulation_steps, cfg.batch_size) == (2, 4)
+    with pytest.raises(ConfigError, match="command line: both .checkpointing_steps. and .checkpoint_every."):
+        load_config("digits_dmd2", parse_overrides(["--checkpointing_steps", "5", "--checkpoint_every", "6"]))
+    # --output-dir and --output_dir are one flag, for train, sample and quickstart alike; sample takes --device
+    from onestep.cli import _parser
+
+    p = _parser()
+    assert p.parse_args(["train", "digits_dmd2", "--output_dir", "a"]).output_dir == "a"
+    assert p.parse_args(["quickstart", "--max_steps", "3", "--output_dir", "b"]).max_steps == 3
+    sample = p.parse_args(["sample", "--student", "s", "--output-dir", "c", "--device", "cpu"])
+    assert (sample.out, sample.device) == ("c", "cpu")
+    assert p.parse_args(["eval", "fid", "--output_dir", "d"]).out == "d"
+
+
+def test_train_help_with_a_config_lists_its_fields(capsys):
+    code, out, _ = run_cli(capsys, "train", "digits_vsd", "--help")
+    assert code == 0 and "usage: onestep train" in out
+    assert "guidance_range = [1.0, 3.0]" in out and "SNOOPI PG-SB" in out  # the preset's value and the field's help
+    assert "lora_targets = 'all'" in out
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0 and "usage: onestep train" in out and "guidance_range" not in out

@@ -20,11 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from onestep.config import build_config, read_yaml, resolve_config_path
+from onestep.config import apply_aliases, build_config, read_yaml, resolve_config_path
 from onestep.errors import ConfigError
 
 from .base import DistillTrainer
-from .config import RENAMED_FIELDS, DistillConfig
+from .config import ALIASES, RENAMED_FIELDS, DistillConfig
 from .consistency import ConsistencyConfig, ConsistencyTrainer
 from .disback import (
     DisBackDMD2Config,
@@ -67,8 +67,8 @@ def load_config(config: str | Path, overrides: dict[str, Any] | None = None, out
     The default ``output_dir`` is ``runs/<config name>``.
     """
     path = resolve_config_path(str(config))
-    values = read_yaml(path)
-    values.update(overrides or {})
+    values = apply_aliases(read_yaml(path), ALIASES, str(path))
+    values.update(apply_aliases(overrides or {}, ALIASES, "command line"))  # the command line wins over the file
     method = values.get("method")
     if method is None:
         raise ConfigError(f"{path}: no 'method' key (one of {', '.join(sorted(METHODS))})")

@@ -30,6 +30,19 @@ RENAMED_FIELDS = {
     "sid_t_max": "loss_t_range",
 }
 
+#: diffusers' and trl's names for fields, accepted as they are (``--checkpointing_steps 500``).
+ALIASES = {
+    "resume_from_checkpoint": "resume",
+    "report_to": "log_with",
+    "checkpointing_steps": "checkpoint_every",
+    "checkpoints_total_limit": "checkpoint_total_limit",
+    "validation_steps": "preview_every",
+    "num_train_steps": "max_steps",
+    "max_train_steps": "max_steps",
+    "train_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+}
+
 
 @dataclass
 class DistillConfig:
@@ -255,4 +268,4 @@ def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu", 
     )
 
 
-__all__ = ["MIXED_PRECISION", "RENAMED_FIELDS", "DistillConfig", "check_interval", "load_teacher_for", "method_of", "resolve_mixed_precision"]
+__all__ = ["MIXED_PRECISION", "ALIASES", "RENAMED_FIELDS", "DistillConfig", "check_interval", "load_teacher_for", "method_of", "resolve_mixed_precision"]
