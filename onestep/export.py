@@ -120,7 +120,55 @@ def export_student(
     if text_to_image:
         write_pipeline_parts(out, teacher, meta, subfolder)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(meta))
     return out
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """The student folder's ``README.md``: what it is (method, teacher, steps, guidance) and how to load it,
+    in plain diffusers and in onestep, from its ``onestep.json``."""
+    config = meta.get("config") or {}
+    steps = len(meta["timesteps"])
+    kind = meta["conditioning"].get("kind")
+    lines = [
+        f"# {'One' if steps == 1 else steps}-step student: {meta['method']} distillation of {meta['teacher']['name']}",
+        "",
+        f"- method: `{meta['method']}`; teacher: `{meta['teacher']['name']}` (sha256 `{meta['teacher'].get('sha256') or 'n/a'}`)",
+        f"- sampling: {steps} step{'s' if steps > 1 else ''} at timesteps {meta['timesteps']}; network `{meta['model_class']}` "
+        f"predicting `{meta['prediction_type']}`",
+        f"- conditioning: {kind}; teacher guidance during training: {config.get('guidance_scale', 'n/a')} (the student needs none)",
+    ]
+    if config:
+        lines.append(f"- trained for {config.get('max_steps')} iterations, batch {config.get('batch_size')}, seed {config.get('seed')}")
+    lines += ["", "Written by onestep with safetensors only; `onestep.json` holds the full metadata.", "", "## Load it", ""]
+    if meta["generator_subfolder"] in ("unet", "transformer"):
+        lines += [
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            "",
+            'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")',
+            f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=1.0).images[0]',
+            "```",
+            "",
+        ]
+    else:
+        lines += [
+            "```python",
+            f"from diffusers import {meta['model_class']}",
+            "",
+            f'net = {meta["model_class"]}.from_pretrained("path/to/this/folder/generator")  # the network itself',
+            "```",
+            "",
+        ]
+    lines += [
+        "With onestep (the same samples, per-seed):",
+        "",
+        "```bash",
+        "onestep sample --student path/to/this/folder --num-samples 16 --output-dir samples/",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def write_lcm_scheduler(out: str | Path, meta: dict[str, Any]) -> Path | None:

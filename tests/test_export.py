@@ -106,3 +106,20 @@ def test_teacher_folder_with_only_pickles_is_refused(tmp_path, tiny_teacher_dir)
     (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(TeacherError, match="safetensors only"):
         load_teacher(bad)
+
+
+def test_every_student_folder_has_a_model_card_whose_snippet_loads_it(tmp_path, tiny_teacher_dir):
+    import re
+
+    from onestep.trainers import DMD2Trainer
+
+    student = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=1, generator_timesteps=[800, 400])).train()
+    card = (student / "README.md").read_text()
+    assert card.startswith("# 2-step student: dmd2 distillation of") and "timesteps [800, 400]" in card
+    assert "teacher guidance during training: 2.0" in card and "trained for 1 iterations" in card
+    # the card's Python snippet, run as written (with the folder's path), loads the student's network
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("path/to/this/folder", str(student))
+    scope: dict = {}
+    exec(code, scope)
+    ours = load_student(student).generator.backbone.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in scope["net"].state_dict().items())

@@ -280,6 +280,13 @@ def test_exported_folder_is_a_diffusers_pipeline_equal_to_onestep_sampler(make, 
     theirs = pipe(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, generator=gens, output_type="pt").images * 2 - 1
     assert pipe.scheduler.timesteps.tolist() == student.timesteps == [999]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    # the model card's snippet, as written, samples the folder in plain diffusers
+    import re
+
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(code.replace("path/to/this/folder", str(out)), scope)
+    assert scope["image"].size == (16, 16)
     assert (ours - ours[0]).abs().max() > 1e-4  # different prompts and seeds, different images
 
     # NASA: onestep's sampler and the pipeline wrapper agree, and the negative prompt changes the image.
