@@ -12,6 +12,7 @@ from such a folder.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,9 @@ def _lcm_original_steps(timesteps: list[int], T: int) -> int | None:
 def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_subfolder: str = "unet") -> None:
     """Make the student folder a diffusers pipeline: copy VAE, text encoder(s) and tokenizer(s) from
     the teacher's folder, add a scheduler for the student's timesteps (unless one is there) and
-    ``model_index.json``, and the student network once more as a single file:
-    ``student_unet.safetensors`` (SD / SDXL) or ``student_transformer.safetensors`` (SD3)."""
+    ``model_index.json``, and the student network under a single-file name too:
+    ``student_unet.safetensors`` (SD / SDXL) or ``student_transformer.safetensors`` (SD3), a hard link to
+    the weights file (no second copy on disk) unless the weights are sharded."""
     src = Path(teacher.meta["pipeline_folder"])
     index = read_model_index(src)
     if is_sd3(index):
@@ -107,8 +109,11 @@ def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_sub
     (out / "model_index.json").write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
     weights = sorted((out / generator_subfolder).glob("*.safetensors"))
     single = out / f"student_{model}.safetensors"
-    if len(weights) == 1:
-        shutil.copyfile(weights[0], single)
+    if len(weights) == 1:  # the same bytes under a second name: a hard link, not a second copy on disk
+        try:
+            os.link(weights[0], single)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(weights[0], single)
     else:  # sharded: gather into one file
         from safetensors.torch import load_file, save_file
 

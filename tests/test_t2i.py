@@ -268,6 +268,8 @@ def test_exported_folder_is_a_diffusers_pipeline_equal_to_onestep_sampler(make, 
         assert (out / part).is_dir(), part
     assert not list(out.rglob("*.bin"))
     single = load_file(str(out / "student_unet.safetensors"))
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (out / "student_unet.safetensors").stat().st_ino == weights.stat().st_ino  # one file on disk, two names
     student = load_student(out)
     assert set(single) == set(student.generator.backbone.state_dict())
 
