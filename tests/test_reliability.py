@@ -165,3 +165,21 @@ def test_a_damaged_student_gives_one_clear_line_and_exit_code_2(damage, tmp_path
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()  # one line, nothing written
+
+
+def test_signal_handlers_are_restored_however_the_run_ends(tmp_path, tiny_teacher_dir):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=3, export=False))
+    seen = []
+    step = tr.train_step
+
+    def fails():
+        seen.append(signal.getsignal(signal.SIGTERM))  # during the run: the loop's handler
+        raise RuntimeError("boom")
+
+    tr.train_step = fails
+    with pytest.raises(RuntimeError, match="boom"):
+        tr.train()
+    assert seen and seen[0] not in before
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # a Ctrl-C still interrupts
+    tr.train_step = step

@@ -271,7 +271,14 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         return logs
 
     def train(self) -> Path | None:
-        """Run the loop to ``max_steps``; returns the exported student folder (main process)."""
+        """Run the loop to ``max_steps``; returns the exported student folder (main process), or None
+        when SIGINT / SIGTERM stopped it (``self.interrupted`` names the signal; a checkpoint is written).
+        The signal handlers are in place from before the run folder is written until the run ends."""
+        self.interrupted: str | None = None
+        with StopRequest(self.accelerator) as stop:
+            return self._run(stop)
+
+    def _run(self, stop: StopRequest) -> Path | None:
         from tqdm.auto import tqdm
 
         acc, c = self.accelerator, self.config
@@ -290,14 +297,14 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         start = time.time()
         first = self.state.step
         logs: dict[str, float] = {}
-        self.interrupted: str | None = None
-        stop = StopRequest(acc)
         while self.state.step < c.max_steps:
             logs.update(self.train_step())  # the latest value of every key since the last log
             step = self.state.step
             bar.update(1)
             if c.log_every and (step % c.log_every == 0 or step == c.max_steps):
                 logs["lr/generator"] = self.sched_g.get_last_lr()[0]
+                if self.sched_f is not None:
+                    logs["lr/fake"] = self.sched_f.get_last_lr()[0]
                 acc.log(logs, step=step)
                 shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")}
                 bar.set_postfix(shown)
@@ -309,7 +316,6 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
             if stop.requested():  # SIGINT / SIGTERM: checkpoint and leave, on every process at the same step
                 self.interrupted = stop.signal_name
                 break
-        stop.restore()
         bar.close()
         self.train_seconds = time.time() - start
         self.steps_run = self.state.step - first

@@ -11,7 +11,8 @@ import torch
 class StopRequest:
     """SIGINT / SIGTERM during training ask the loop to write a checkpoint and leave (instead of dying
     mid-step). The request is shared across processes at every check, so all of them stop at the same
-    step. Handlers are installed only in the main thread, and :meth:`restore` puts the old ones back."""
+    step. Handlers are installed only in the main thread; :meth:`restore` (or leaving the ``with`` block)
+    puts the old ones back."""
 
     def __init__(self, accelerator):
         self.accelerator, self.signal_name = accelerator, None
@@ -30,6 +31,12 @@ class StopRequest:
             asked = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
             self.signal_name = self.signal_name or ("SIGTERM" if asked else None)
         return asked
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()  # whatever ended the run: the process's own handlers come back
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
