@@ -86,6 +86,17 @@ def make_trainer(config: DistillConfig, **kwargs) -> DistillTrainer:
 
 __all__ = [
     "METHODS",
+    "TRAINERS",
+    "ConsistencyConfig",
+    "ConsistencyTrainer",
+    "DisBackDMD2Config",
+    "DisBackDMD2Trainer",
+    "DisBackFDistillConfig",
+    "DisBackFDistillTrainer",
+    "DisBackSiDConfig",
+    "DisBackSiDTrainer",
+    "DisBackVSDConfig",
+    "DisBackVSDTrainer",
     "DistillConfig",
     "DistillTrainer",
     "DMD2Config",
@@ -98,4 +109,5 @@ __all__ = [
     "VSDTrainer",
     "load_config",
     "make_trainer",
+    "method_classes",
 ]
