@@ -118,6 +118,7 @@ def _cmd_train(args, extra: list[str]) -> int:
         return 0
     trainer = make_trainer(config)
     student = trainer.train()
+    _leave_process_group()
     if trainer.interrupted:
         import signal
 
@@ -130,6 +131,16 @@ def _cmd_train(args, extra: list[str]) -> int:
     if student is not None:
         print(f"student written to {student}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under a multi-process launch, close the process group once the run has ended (every process has
+    passed the run's last barrier): leaving it to interpreter teardown has aborted a rank now and then
+    ("terminate called without an active exception") while gloo's threads were destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _print_fields(config, cls, field_help) -> None:
