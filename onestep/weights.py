@@ -35,6 +35,14 @@ def weights_file(path: str | Path) -> Path:
     return p
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (detached, on the CPU, contiguous) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return Path(path)
+
+
 def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter of ``net`` by name (a full network, or only the adapters of a LoRA one)."""
     return {n: p.detach().cpu().contiguous().clone() for n, p in net.named_parameters() if p.requires_grad}
@@ -42,18 +50,12 @@ def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_trainable(net: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write :func:`trainable_state` of ``net`` to a safetensors file."""
-    from safetensors.torch import save_file
-
-    save_file(trainable_state(net), str(path), metadata=metadata)
-    return Path(path)
+    return save_tensors(trainable_state(net), path, metadata)
 
 
 def save_state(net: nn.Module, path: str | Path) -> Path:
     """Write the whole state dict of ``net`` (on CPU, contiguous) to a safetensors file."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
-    return Path(path)
+    return save_tensors(net.state_dict(), path)
 
 
 def load_trainable(net: nn.Module, path: str | Path, what: str = "weights", trainable: set[str] | None = None) -> None:
@@ -165,6 +167,7 @@ __all__ = [
     "generator_from_checkpoint",
     "load_trainable",
     "save_state",
+    "save_tensors",
     "save_trainable",
     "trainable_state",
     "weights_file",

@@ -27,7 +27,7 @@ from onestep.denoiser import Denoiser
 from onestep.errors import ConfigError, TrainingDiverged
 from onestep.files import replace_dir, staging_dir
 from onestep.lora import merged_lora
-from onestep.weights import EXPORT_WEIGHTS, average_with, load_trainable, save_state
+from onestep.weights import EXPORT_WEIGHTS, average_with, load_trainable, save_state, save_tensors
 
 from .sharding import (
     SHARDED_STATE,
@@ -179,9 +179,7 @@ class CheckpointMixin:
             if self.fsdp:
                 state = gather_full(net)
                 if acc.is_main_process:
-                    from safetensors.torch import save_file
-
-                    save_file({k: v.contiguous() for k, v in state.items()}, str(path / f"{name}.safetensors"))
+                    save_tensors(state, path / f"{name}.safetensors")
             elif acc.is_main_process:
                 save_state(net, path / f"{name}.safetensors")
         if self.export_differs():

@@ -33,7 +33,7 @@ from torch import nn
 
 from onestep.config import config_field
 from onestep.errors import ConfigError
-from onestep.weights import load_trainable, save_trainable
+from onestep.weights import load_trainable, save_tensors, save_trainable
 
 from .sharding import gather_trainable, load_whole
 from .dmd2 import DMD2Config, DMD2Trainer
@@ -154,14 +154,12 @@ class DisBackMixin:
         path = self.node_path(i)
         meta = {"node": str(i), "step": str(self.state.step)}
         if self.fsdp:  # gathered on every process, written by the main one
-            from safetensors.torch import save_file
-
             names = self._trainable_names()
-            state = {k: v.contiguous() for k, v in gather_trainable(self.fake.backbone).items() if k in names}
+            state = {k: v for k, v in gather_trainable(self.fake.backbone).items() if k in names}
         if acc.is_main_process:
             self.node_dir.mkdir(parents=True, exist_ok=True)
             if self.fsdp:
-                save_file(state, str(path), metadata=meta)
+                save_tensors(state, path, metadata=meta)
             else:
                 save_trainable(self.fake.backbone, path, metadata=meta)
             self.write_state()

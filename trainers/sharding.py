@@ -39,6 +39,7 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from onestep.errors import ConfigError
+from onestep.weights import save_tensors
 
 logger = get_logger(__name__)
 
@@ -171,12 +172,6 @@ def _options(**kw):
     return StateDictOptions(**kw)
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
 def gather_trainable(module: nn.Module) -> dict[str, torch.Tensor]:
     """Full trainable weights and buffers of a sharded module (on the main process; ``{}`` elsewhere)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -245,14 +240,14 @@ def save_sharded_checkpoint(
         weights = gather_trainable(module)
         opt_state = get_optimizer_state_dict(module, opt, options=_options(full_state_dict=True, cpu_offload=True))
         if main:
-            _save(weights, path / f"{name}.safetensors")
+            save_tensors(weights, path / f"{name}.safetensors")
             tensors, meta = _flatten_optimizer(opt_state)
-            _save(tensors, path / f"optimizer_{name}.safetensors", meta)
+            save_tensors(tensors, path / f"optimizer_{name}.safetensors", meta)
     info = dict(state)
     if ema is not None:
         shadow = {n: full(s) for n, s in zip(ema_names, ema.shadow_params)}
         if main:
-            _save(shadow, path / "ema.safetensors")
+            save_tensors(shadow, path / "ema.safetensors")
         info["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
     if main:
         (path / SHARDED_STATE).write_text(json.dumps(info, indent=2) + "\n")
