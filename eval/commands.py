@@ -188,7 +188,7 @@ def run_command(
         "num_samples": num_samples,
         "seeds": [seed, seed + num_samples - 1],
         "reference": {"ref": ref, "stats": ref_s["path"], "cached": ref_s["cached"]},
-        "weights": "checkpoint-N: the weights an export would hold (generator_export.safetensors with EMA, else model.safetensors); student: the export",
+        "weights": "checkpoint-N: the weights an export would hold (generator_export.safetensors with EMA or LoRA, else generator.safetensors); student: the export",
         "points": points,
         "device": str(dev),
     }

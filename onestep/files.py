@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 #: Image files read as data (real images for training, image folders for FID).
@@ -27,6 +28,21 @@ def staging_dir(final: Path) -> Path:
     return tmp
 
 
+def write_file(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` into a hidden file beside ``path``, then rename it to ``path``: a crash leaves the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """:func:`write_file` for a text file."""
+    return write_file(path, lambda tmp: tmp.write_text(text))
+
+
 def replace_dir(src: Path, dst: Path) -> Path:
     """Move the finished folder ``src`` to ``dst`` by renames, replacing a ``dst`` that exists only whole:
     at no moment is there a half-written ``dst`` (an old one is renamed aside, then removed)."""
@@ -41,4 +57,4 @@ def replace_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-__all__ = ["IMAGE_SUFFIXES", "PICKLE_SUFFIXES", "cache_dir", "replace_dir", "staging_dir"]
+__all__ = ["IMAGE_SUFFIXES", "PICKLE_SUFFIXES", "cache_dir", "replace_dir", "staging_dir", "write_file", "write_text"]

@@ -16,10 +16,12 @@ from torch import nn
 from .errors import ConfigError, OnestepError
 
 #: In a checkpoint folder: the generator as an export would hold it (EMA weights, LoRA merged),
-#: written when those differ from the raw weights in ``model.safetensors``.
+#: written when those differ from the raw weights in :data:`GENERATOR_WEIGHTS`.
 EXPORT_WEIGHTS = "generator_export.safetensors"
-#: In a checkpoint folder written by ``accelerator.save_state``: the generator's raw weights.
-GENERATOR_WEIGHTS = "model.safetensors"
+#: In a checkpoint folder: the generator backbone's trained weights (and buffers).
+GENERATOR_WEIGHTS = "generator.safetensors"
+#: The same in a checkpoint of onestep < 0.2 (``accelerator.save_state``).
+OLD_GENERATOR_WEIGHTS = "model.safetensors"
 
 
 def weights_file(path: str | Path) -> Path:
@@ -128,7 +130,7 @@ def generator_from_checkpoint(generator: nn.Module, checkpoint: str | Path) -> n
 
     With EMA (or a LoRA generator) the checkpoint holds :data:`EXPORT_WEIGHTS`, the weights an export
     at that step would have, and those are used; otherwise the raw generator weights
-    :data:`GENERATOR_WEIGHTS` written by ``accelerator.save_state`` are the export's weights.
+    :data:`GENERATOR_WEIGHTS` are the export's weights.
     """
     from safetensors.torch import load_file
 
@@ -142,12 +144,14 @@ def generator_from_checkpoint(generator: nn.Module, checkpoint: str | Path) -> n
         gen.backbone.load_state_dict(state)
         return gen.eval()
     weights = checkpoint / GENERATOR_WEIGHTS
+    if not weights.is_file() and (checkpoint / OLD_GENERATOR_WEIGHTS).is_file():
+        weights = checkpoint / OLD_GENERATOR_WEIGHTS
     if not weights.is_file():
         raise OnestepError(f"{checkpoint}: no {GENERATOR_WEIGHTS} (the generator's weights)")
     state = load_file(weights)
     expected = gen.state_dict()
     if set(state) != set(expected):
-        # save_state may hold the bare backbone or the Denoiser wrapper ("backbone." prefix).
+        # the backbone's names, or (an older checkpoint) the Denoiser wrapper's ("backbone." prefix)
         state = {k.removeprefix("backbone."): v for k, v in state.items()}
         expected = gen.backbone.state_dict()
         if set(state) != set(expected):

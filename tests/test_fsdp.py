@@ -81,6 +81,7 @@ def test_fsdp_checkpoint_is_safetensors_and_resumes_exactly(fsdp_runs):
     assert names == sorted([
         "ema.safetensors", "fake_score.safetensors", "generator.safetensors", "generator_export.safetensors",
         "optimizer_fake_score.safetensors", "optimizer_generator.safetensors", "trainer_state.json", "checkpoint.json",
+        "random_states_0.safetensors", "random_states_1.safetensors",
     ])  # checkpoint.json, written last, marks it complete
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["ema"]["optimization_step"] >= 1
@@ -90,16 +91,26 @@ def test_fsdp_checkpoint_is_safetensors_and_resumes_exactly(fsdp_runs):
 
 
 @SLOW
-def test_unsharded_run_refuses_a_sharded_checkpoint(fsdp_runs, tiny_teacher_dir, tmp_path):
+def test_one_unsharded_process_resumes_a_sharded_checkpoint(fsdp_runs, tiny_teacher_dir, tmp_path):
+    """Every launch writes the same checkpoint files: the two-process FSDP checkpoint resumes on one process."""
     from conftest import tiny_dmd2_config
-    from onestep.errors import ConfigError
     from onestep.trainers import DMD2Trainer
 
     out, _ = fsdp_runs
     ckpt = out / "fsdp" / "run" / "checkpoint-2"
-    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, fake_score="lora", lora_rank=2, gan_weight_generator=0.1))
-    with pytest.raises(ConfigError, match="written with FSDP"):
-        tr.load_checkpoint(str(ckpt))
+    tr = DMD2Trainer(tiny_dmd2_config(
+        tmp_path, tiny_teacher_dir, max_steps=4, ema_decay=0.5, fake_score="lora", lora_rank=2, gan_weight_generator=0.1,
+        generator_timesteps=[800, 400], max_grad_norm=0.05,
+    ))
+    assert tr.load_checkpoint(str(ckpt)) and tr.state.step == 2
+    saved = load_file(str(ckpt / "generator.safetensors"))
+    _assert_same_weights({k: v for k, v in tr.generator.backbone.state_dict().items() if k in saved}, saved, 0, 0)
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    names = [n for n, p in tr.generator.backbone.named_parameters() if p.requires_grad]
+    _assert_same_weights(dict(zip(names, tr.ema.shadow_params)), ema, 0, 0, "ema ")
+    assert tr.ema.optimization_step == json.loads((ckpt / "trainer_state.json").read_text())["ema"]["optimization_step"]
+    assert all(int(s["step"]) == 1 for s in tr.opt_g.state.values())  # one generator update of two steps (K=2)
+    assert tr.train() is not None and tr.state.step == 4
 
 
 def test_fsdp_with_one_process_trains_unsharded(tiny_teacher_dir, tmp_path):

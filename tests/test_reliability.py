@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from conftest import tiny_dmd2_config
-from onestep.errors import TrainingDiverged
+from onestep.errors import ConfigError, TrainingDiverged
 from onestep.trainers import DMD2Trainer
 from onestep.trainers.checkpoint import CHECKPOINT_MARKER
 
@@ -183,3 +184,41 @@ def test_signal_handlers_are_restored_however_the_run_ends(tmp_path, tiny_teache
     assert seen and seen[0] not in before
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # a Ctrl-C still interrupts
     tr.train_step = step
+
+
+def test_checkpoints_hold_no_pickle_and_a_foreign_pickle_is_refused(tmp_path, tiny_teacher_dir):
+    """Resume reads safetensors and JSON only: a checkpoint folder holding a pickle is refused, unread."""
+    cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, max_steps=2, ema_decay=0.9, gan_weight_generator=0.1, export=False)
+    tr = DMD2Trainer(cfg)
+    tr.train()
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    suffixes = {p.suffix for p in ckpt.iterdir()}
+    assert suffixes == {".safetensors", ".json"}, suffixes
+    assert json.loads((ckpt / "checkpoint.json").read_text())["format"] == 2
+    (ckpt / "random_states_0.pkl").write_bytes(b"\x80\x04not read")
+    resumed = DMD2Trainer(dataclasses.replace(cfg, resume="latest"))
+    with pytest.raises(ConfigError, match="holds pickle files .*random_states_0.pkl.* never unpickles"):
+        resumed.load_checkpoint("latest")
+
+
+def test_random_states_round_trip_without_pickle():
+    """The global generators (torch, NumPy, Python) come back exactly from a checkpoint's random states."""
+    import random
+
+    import numpy as np
+
+    from onestep.trainers.checkpoint_files import random_states, set_random_states
+    from onestep.weights import save_tensors
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    torch.rand(5), np.random.normal(size=3)  # a cached Gaussian in NumPy's state too
+    saved = random_states()
+    expected = torch.rand(4), np.random.normal(size=4), random.random()
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    from safetensors import safe_open
+
+    file = save_tensors(saved[0], Path(tempfile.mkdtemp()) / "r.safetensors", metadata=saved[1])
+    with safe_open(str(file), "pt") as f:
+        set_random_states({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    again = torch.rand(4), np.random.normal(size=4), random.random()
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]

@@ -104,4 +104,4 @@ def test_documented_accelerate_launch_command_runs_two_processes(tmp_path, tiny_
     assert r.returncode == 0, _why(r)
     assert r.stdout.count("student written to") == 1
     ckpt = tmp_path / "run" / "checkpoint-2"
-    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in ckpt.glob("random_states_*.safetensors")) == ["random_states_0.safetensors", "random_states_1.safetensors"]

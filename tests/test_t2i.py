@@ -373,8 +373,8 @@ def test_two_cpu_processes_train_a_text_to_image_student(sd_dir, prompt_file, tm
     ])
     assert r.returncode == 0, _why(r)
     assert r.stdout.count("student written to") == 1
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").glob("random_states_*.pkl")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").glob("random_states_*.safetensors")) == [
+        "random_states_0.safetensors", "random_states_1.safetensors"]
     assert (tmp_path / "run" / "student" / "model_index.json").is_file()
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from onestep.config import config_to_dict, flat_hparams
 from onestep.errors import ConfigError, TrainingDiverged
+from onestep.files import write_text
 from onestep.lora import add_lora
 from onestep.teachers import Teacher
 from onestep.triad import Triad
@@ -149,12 +150,12 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
 
             self.ema = EMAModel(g_params, decay=c.ema_decay)
 
-        # Models are prepared (device placement, identical start on every rank, safetensors in
-        # save_state) but always called unwrapped: gradients are averaged explicitly after each
-        # backward (average_gradients), so any graph between teacher, fake score, heads and
-        # generator is allowed without DistributedDataParallel's one-forward-one-backward rule.
-        # With FSDP the networks are already sharded (and placed); checkpoints are written by
-        # trainers/sharding.py, since accelerate's FSDP2 prepare takes one model per call.
+        # Models are prepared (device placement, identical start on every rank, mixed precision)
+        # but always called unwrapped: gradients are averaged explicitly after each backward
+        # (average_gradients), so any graph between teacher, fake score, heads and generator is
+        # allowed without DistributedDataParallel's one-forward-one-backward rule. With FSDP the
+        # networks are already sharded (and placed), since accelerate's FSDP2 prepare takes one
+        # model per call. Checkpoints are written by trainers/checkpoint_files.py either way.
         self._place_networks()
         self.warm_start = RegressionWarmStart(self)
         self.nonfinite_updates, self.nonfinite_in_a_row = 0, {}  # updates skipped for non-finite gradients
@@ -286,7 +287,7 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
             self.claim_output_dir()  # another run's folder: refused (or cleared with overwrite) before any write
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
-            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(c), indent=2) + "\n")
+            write_text(self.output_dir / "config.json", json.dumps(config_to_dict(c), indent=2) + "\n")
         if c.resume:
             self.load_checkpoint(c.resume)
         if acc.is_main_process and c.log_with != "none":

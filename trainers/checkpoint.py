@@ -1,8 +1,8 @@
 """What a run leaves on disk: checkpoints, the exported student and preview grids.
 
 :class:`CheckpointMixin` is part of :class:`~onestep.trainers.base.DistillTrainer`. It writes
-``checkpoint-{step}`` folders (``accelerator.save_state``; with FSDP, whole tensors gathered
-from the shards, :mod:`onestep.trainers.sharding`), plus each of the method's
+``checkpoint-{step}`` folders, safetensors and JSON only (:mod:`.checkpoint_files`; with FSDP,
+whole tensors gathered from the shards), plus each of the method's
 :meth:`~onestep.trainers.base.DistillTrainer.extra_networks` as ``<name>.safetensors`` and, when
 EMA or a LoRA generator is on, the weights an export would hold
 (:data:`onestep.weights.EXPORT_WEIGHTS`). It resumes from them, builds the generator to
@@ -29,17 +29,8 @@ from onestep.files import replace_dir, staging_dir
 from onestep.lora import merged_lora
 from onestep.weights import EXPORT_WEIGHTS, average_with, load_trainable, save_state, save_tensors
 
-from .sharding import (
-    SHARDED_STATE,
-    fsdp_settings,
-    full,
-    gather_full,
-    is_sharded,
-    load_sharded_checkpoint,
-    load_whole,
-    save_sharded_checkpoint,
-    shard,
-)
+from .checkpoint_files import CHECKPOINT_FORMAT, load_training_state, save_training_state
+from .sharding import fsdp_settings, full, gather_full, is_sharded, load_whole, shard
 
 logger = get_logger(__name__)
 
@@ -103,8 +94,8 @@ class CheckpointMixin:
 
     def _place_networks(self) -> None:
         """Without FSDP: ``accelerator.prepare`` the trained networks, optimizers and schedulers (device
-        placement, identical start on every rank, their state in ``save_state``) and register the loop
-        state and EMA for checkpoints; with FSDP (already sharded and placed) only the frozen parts move."""
+        placement, identical start on every rank, mixed precision); with FSDP (already sharded and
+        placed) only the frozen parts move."""
         acc = self.accelerator
         if not self.fsdp:
             models = [self.generator] + ([self.fake] if self.fake is not None else [])
@@ -121,14 +112,11 @@ class CheckpointMixin:
             self.sched_g = opts.pop(0)
             self.sched_f = opts.pop(0) if self.sched_f is not None else None
             self.extras = {name: net.to(acc.device) for name, net in self.extras.items()}
-            acc.register_for_checkpointing(self.state)
         self.teacher = self.triad.teacher.to(acc.device)
         if self.teacher_spec.vae is not None:
             self.teacher_spec.vae.to(acc.device)
         if self.ema is not None:
             self.ema.to(acc.device)
-            if not self.fsdp:
-                acc.register_for_checkpointing(self.ema)
 
     # -------------------------------------------------- checkpoint / resume
     #: What a run writes into its folder besides its checkpoints.
@@ -170,10 +158,7 @@ class CheckpointMixin:
             staging_dir(final)
         acc.wait_for_everyone()
         path = final.with_name(f".{final.name}.incomplete")
-        if self.fsdp:
-            save_sharded_checkpoint(path, acc, self._sharded_with_optimizers(), self._trainer_state(), self.ema, self._ema_names())
-        else:
-            acc.save_state(str(path))
+        save_training_state(path, acc, self._trained_with_optimizers(), self._trainer_state(), self.ema, self._ema_names())
         for name, net in self.saved_extra_networks().items():
             # safetensors of the whole network (with FSDP every process gathers, the main one writes)
             if self.fsdp:
@@ -183,14 +168,14 @@ class CheckpointMixin:
             elif acc.is_main_process:
                 save_state(net, path / f"{name}.safetensors")
         if self.export_differs():
-            # The weights an export would hold now (EMA, LoRA merged, averaged) as safetensors, for evaluation:
-            # save_state keeps the EMA copy only in a pickle. (With FSDP every process gathers.)
+            # The weights an export would hold now (EMA, LoRA merged, averaged), for evaluation
+            # (with FSDP every process gathers).
             net = self.generator_on_main()
             if acc.is_main_process:
                 save_state(net, path / EXPORT_WEIGHTS)
         acc.wait_for_everyone()  # every process's files are in
         if acc.is_main_process:
-            (path / CHECKPOINT_MARKER).write_text(json.dumps({"step": self.state.step, "format": 1}) + "\n")
+            (path / CHECKPOINT_MARKER).write_text(json.dumps({"step": self.state.step, "format": CHECKPOINT_FORMAT}) + "\n")
             replace_dir(path, final)
             if self.config.checkpoint_total_limit:
                 for old in self.checkpoints()[: -self.config.checkpoint_total_limit]:
@@ -221,16 +206,14 @@ class CheckpointMixin:
                 raise ConfigError(f"--resume {which}: not a checkpoint folder")
             if not (path / CHECKPOINT_MARKER).is_file():
                 raise ConfigError(f"--resume {which}: incomplete checkpoint (no {CHECKPOINT_MARKER}); resume from an earlier one")
-        if self.fsdp:
-            info = load_sharded_checkpoint(path, self._sharded_with_optimizers(), self.ema, self._ema_names())
-            self.state.load_state_dict({"step": info["step"]})
-            self.sched_g.load_state_dict(info["sched_generator"])
-            if self.sched_f is not None:
-                self.sched_f.load_state_dict(info["sched_fake_score"])
-        elif (path / SHARDED_STATE).is_file():
-            raise ConfigError(f"--resume {path}: the checkpoint was written with FSDP; resume it with fsdp (the same launch)")
-        else:
-            self.accelerator.load_state(str(path))
+        info = load_training_state(path, self.accelerator, self._trained_with_optimizers(), self.ema, self._ema_names())
+        self.state.load_state_dict({"step": info["step"]})
+        self.sched_g.load_state_dict(info["sched_generator"])
+        if self.sched_f is not None:
+            self.sched_f.load_state_dict(info["sched_fake_score"])
+        scaler = self.accelerator.scaler
+        if scaler is not None and "grad_scaler" in info:
+            scaler.load_state_dict(info["grad_scaler"])
         for name, net in self.saved_extra_networks().items():
             file = path / f"{name}.safetensors"
             if not file.is_file():
@@ -243,8 +226,8 @@ class CheckpointMixin:
                 load_trainable(net, file, str(file))
         return True
 
-    def _sharded_with_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
-        """FSDP: what a checkpoint holds, each trained network with its optimizer (names are file names)."""
+    def _trained_with_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """What a checkpoint holds, each trained network with its optimizer (names are file names)."""
         nets = {"generator": (self.generator.backbone, self.opt_g)}
         if self.opt_f is not None:
             trained = {"heads": self.heads} if self.fake is None else {"fake": self.fake.backbone, "heads": self.heads}
@@ -255,6 +238,8 @@ class CheckpointMixin:
         state = {"step": self.state.step, "sched_generator": self.sched_g.state_dict()}
         if self.sched_f is not None:
             state["sched_fake_score"] = self.sched_f.state_dict()
+        if self.accelerator.scaler is not None:  # fp16
+            state["grad_scaler"] = self.accelerator.scaler.state_dict()
         return state
 
     def _ema_names(self) -> list[str]:

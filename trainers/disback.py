@@ -33,6 +33,7 @@ from torch import nn
 
 from onestep.config import config_field
 from onestep.errors import ConfigError
+from onestep.files import write_file, write_text
 from onestep.weights import load_trainable, save_tensors, save_trainable
 
 from .sharding import gather_trainable, load_whole
@@ -159,9 +160,9 @@ class DisBackMixin:
         if acc.is_main_process:
             self.node_dir.mkdir(parents=True, exist_ok=True)
             if self.fsdp:
-                save_tensors(state, path, metadata=meta)
+                write_file(path, lambda tmp: save_tensors(state, tmp, metadata=meta))
             else:
-                save_trainable(self.fake.backbone, path, metadata=meta)
+                write_file(path, lambda tmp: save_trainable(self.fake.backbone, tmp, metadata=meta))
             self.write_state()
         acc.wait_for_everyone()
         return path
@@ -193,7 +194,7 @@ class DisBackMixin:
         saved = sorted(p.name for p in self.node_dir.glob("node-*.safetensors"))
         target = None if self.current_target is None else ("teacher" if self.current_target == 0 else f"node-{self.current_target:02d}")
         state = {"stage": self.stage(self.state.step), "step": self.state.step, "target": target, "nodes": saved}
-        (self.node_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        write_text(self.node_dir / "state.json", json.dumps(state, indent=2) + "\n")
 
 
 # One explicit (config, trainer) pair per base method.

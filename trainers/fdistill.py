@@ -127,9 +127,12 @@ class FDistillTrainer(DMD2Trainer):
 
     def __init__(self, config: FDistillConfig, **kwargs):
         super().__init__(config, **kwargs)  # DMD2's GAN head refuses a teacher without real data
-        T = self.schedule.num_train_timesteps
-        self.ratio_stats = RatioNormaliser(config.ratio_bins, T, config.ratio_momentum).to(self.device)
-        self.accelerator.register_for_checkpointing(self.ratio_stats)
+        self.ratio_stats = self.extras["ratio_stats"]
+
+    def extra_networks(self) -> dict[str, nn.Module]:
+        # the running means are part of the run: placed with the networks, kept in every checkpoint
+        c, T = self.config, self.schedule.num_train_timesteps
+        return {**super().extra_networks(), "ratio_stats": RatioNormaliser(c.ratio_bins, T, c.ratio_momentum)}
 
     def _sum_over_processes(self, v: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(v, reduction="sum") if self.accelerator.num_processes > 1 else v

@@ -22,16 +22,12 @@ backward-simulation step of a K-step student, are drawn the same on every proces
 networks are only called on all processes together (export and previews gather the full
 weights on every process first).
 
-Checkpoints hold full (unsharded) tensors in safetensors files, gathered on the main process:
-the trainable weights and buffers of each network, the optimizers' states flattened as
-``<parameter name>/<state key>`` (their hyperparameters in the file's metadata), the EMA
-weights, and a ``trainer_state.json``. They load on any number of processes.
+Checkpoints hold full (unsharded) tensors gathered on the main process, in the one format every
+launch writes (:mod:`.checkpoint_files`), so they load on any number of processes.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,14 +35,11 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from onestep.errors import ConfigError
-from onestep.weights import save_tensors
 
 logger = get_logger(__name__)
 
 #: Attributes of diffusers backbones whose entries become FSDP units of their own.
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
-#: A checkpoint folder written by :func:`save_sharded_checkpoint` holds this file.
-SHARDED_STATE = "trainer_state.json"
 
 
 def fsdp_requested(accelerator, requested: bool) -> bool:
@@ -197,108 +190,7 @@ def load_whole(module: nn.Module, weights: dict[str, torch.Tensor], expected: se
     set_model_state_dict(module, weights, options=_options(full_state_dict=True, strict=False))
 
 
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors = {f"{name}/{key}": torch.as_tensor(v) for name, per in state["state"].items() for key, v in per.items()}
-    return tensors, {"param_groups": json.dumps(state["param_groups"])}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
-    per: dict[str, dict[str, torch.Tensor]] = {}
-    for flat, v in tensors.items():
-        name, _, key = flat.rpartition("/")
-        per.setdefault(name, {})[key] = v
-    groups = json.loads(metadata["param_groups"])
-    for g in groups:
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-    return {"state": per, "param_groups": groups}
-
-
-def save_sharded_checkpoint(
-    path: Path,
-    accelerator,
-    networks: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
-    state: dict[str, Any],
-    ema=None,
-    ema_names: list[str] | None = None,
-) -> None:
-    """Write a checkpoint of sharded networks (every process must call this).
-
-    Args:
-        path: the checkpoint folder.
-        networks: ``name -> (module, its optimizer)``; ``<name>.safetensors`` gets the module's
-            trainable weights and buffers, ``optimizer_<name>.safetensors`` its optimizer's state.
-        state: JSON-able trainer state (step, learning-rate schedulers, ...).
-        ema, ema_names: a diffusers ``EMAModel`` over sharded parameters and the parameters' names.
-    """
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    main = accelerator.is_main_process
-    if main:
-        path.mkdir(parents=True, exist_ok=True)
-    for name, (module, opt) in networks.items():
-        weights = gather_trainable(module)
-        opt_state = get_optimizer_state_dict(module, opt, options=_options(full_state_dict=True, cpu_offload=True))
-        if main:
-            save_tensors(weights, path / f"{name}.safetensors")
-            tensors, meta = _flatten_optimizer(opt_state)
-            save_tensors(tensors, path / f"optimizer_{name}.safetensors", meta)
-    info = dict(state)
-    if ema is not None:
-        shadow = {n: full(s) for n, s in zip(ema_names, ema.shadow_params)}
-        if main:
-            save_tensors(shadow, path / "ema.safetensors")
-        info["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    if main:
-        (path / SHARDED_STATE).write_text(json.dumps(info, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-
-
-def load_sharded_checkpoint(
-    path: Path,
-    networks: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
-    ema=None,
-    ema_names: list[str] | None = None,
-) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_sharded_checkpoint` into sharded networks (every
-    process reads the files and keeps its shard); returns the trainer state. The weights must
-    match exactly: every trainable parameter present, nothing unknown."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    info_file = path / SHARDED_STATE
-    if not info_file.is_file():
-        raise ConfigError(f"{path}: not a sharded (FSDP) checkpoint: {SHARDED_STATE} is missing; resume it without FSDP")
-    for name, (module, opt) in networks.items():
-        file = path / f"{name}.safetensors"
-        if not file.is_file():
-            raise ConfigError(f"{path}: {file.name} is missing; the checkpoint does not match this run's networks")
-        expected = {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
-        load_whole(module, load_file(str(file)), expected, str(file))
-        opt_file = path / f"optimizer_{name}.safetensors"
-        with safe_open(str(opt_file), "pt") as f:
-            meta = f.metadata() or {}
-        opt_state = _unflatten_optimizer(load_file(str(opt_file)), meta)
-        set_optimizer_state_dict(module, opt, opt_state, options=_options(full_state_dict=True))
-    info = json.loads(info_file.read_text())
-    if ema is not None:
-        from torch.distributed.tensor import distribute_tensor
-
-        ema_file = path / "ema.safetensors"
-        if not ema_file.is_file() or "ema" not in info:
-            raise ConfigError(f"{path}: the run has EMA on but the checkpoint holds no EMA weights")
-        saved = load_file(str(ema_file))
-        with torch.no_grad():
-            for n, s in zip(ema_names, ema.shadow_params):
-                v = saved[n].to(s.dtype)
-                s.copy_(distribute_tensor(v.to(s.device), s.device_mesh, s.placements) if is_sharded(s) else v.to(s.device))
-        ema.load_state_dict({**info["ema"], "shadow_params": ema.shadow_params})
-    return info
-
-
 __all__ = [
-    "SHARDED_STATE",
     "average_gradients",
     "clip_grad_norm",
     "fsdp_requested",
@@ -306,9 +198,7 @@ __all__ = [
     "full",
     "gather_full",
     "gather_trainable",
-    "load_sharded_checkpoint",
     "load_whole",
     "resharded",
-    "save_sharded_checkpoint",
     "shard",
 ]
