@@ -15,7 +15,6 @@ the same that SwiftBrush v2's CLIP loss uses in training. Prompts are tokenised 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +79,7 @@ def sample_pipeline(
     from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
+    from onestep.export import read_student_meta
     from onestep.files import PICKLE_SUFFIXES
 
     folder = Path(folder).expanduser()
@@ -91,7 +91,7 @@ def sample_pipeline(
     pickles = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise OnestepError(f"{folder} holds pickle files ({', '.join(pickles[:3])}); onestep loads safetensors only")
-    meta = json.loads((folder / "onestep.json").read_text()) if (folder / "onestep.json").is_file() else {}
+    meta = read_student_meta(folder) if (folder / "onestep.json").is_file() else {}  # a damaged one: a clear error
     if steps is None:
         steps = len(meta.get("timesteps", [0]))
     pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True).to(device)

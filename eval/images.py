@@ -39,8 +39,6 @@ def load_images(folder: str | Path) -> torch.Tensor:
     samples (the same values its PNGs hold after quantisation, without ``grid.png``); any other
     folder from its image files (``.png .jpg .jpeg .webp .bmp``, sorted by name; all one size).
     """
-    from PIL import Image
-
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise OnestepError(f"{folder}: no such folder")
@@ -54,7 +52,7 @@ def load_images(folder: str | Path) -> torch.Tensor:
     files = image_files(folder)
     if not files:
         raise OnestepError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) and no samples.npz")
-    pics = [Image.open(f) for f in files]
+    pics = [_open_image(f) for f in files]
     grey = all(p.mode in ("L", "1", "I;16", "I") for p in pics)
     arrays = [np.asarray(p.convert("L" if grey else "RGB")) for p in pics]
     sizes = {a.shape[:2] for a in arrays}
@@ -62,6 +60,15 @@ def load_images(folder: str | Path) -> torch.Tensor:
         raise OnestepError(f"{folder}: images of different sizes {sorted(sizes)[:3]}; resize them to one size first")
     x = torch.from_numpy(np.stack(arrays))
     return x.unsqueeze(1) if grey else x.permute(0, 3, 1, 2).contiguous()
+
+
+def _open_image(file: Path):
+    from PIL import Image
+
+    try:
+        return Image.open(file)
+    except OSError as e:  # PIL's UnidentifiedImageError: a damaged file or not an image at all
+        raise OnestepError(f"{file}: not a readable image ({e}); remove it or replace it") from e
 
 
 __all__ = ["U8_RULE", "as_uint8", "image_files", "load_images"]

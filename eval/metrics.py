@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from onestep.errors import OnestepError
+
 from .extractors import check_weights_early, default_layer, extract_features, import_torch_fidelity, resolve_extractor
 from .images import load_images
 from .stats_cache import reference_statistics
@@ -37,6 +39,11 @@ def fid_kid_from_features(
     from .frechet import feature_statistics
 
     mu, sigma = feature_statistics(features)
+    if len(mu) != len(ref["mu"]):
+        raise OnestepError(
+            f"the reference statistics ({ref.get('path', 'given')}) hold {len(ref['mu'])} features, this extractor gives "
+            f"{len(mu)}: they come from another extractor; use --ref-stats of this one or delete the file"
+        )
     out: dict[str, Any] = {
         "fid": fid_statistics_to_metric({"mu": mu, "sigma": sigma}, {"mu": ref["mu"], "sigma": ref["sigma"]}, verbose=False)[KEY_METRIC_FID]
     }

@@ -82,6 +82,11 @@ def load_stats(path: Path, expect: dict[str, str] | None = None) -> dict[str, An
             meta = json.loads(str(d["meta"])) if "meta" in d else {}
     except (ValueError, OSError) as e:
         raise OnestepError(f"{path}: not a readable .npz of statistics ({e})") from e
+    if not isinstance(meta, dict):
+        raise OnestepError(f"{path}: its 'meta' is not an object of statistics metadata; use another --ref-stats file or delete it")
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or (feats is not None and (feats.ndim != 2 or feats.shape[1] != len(mu))):
+        shapes = f"mu {mu.shape}, sigma {sigma.shape}" + (f", features {feats.shape}" if feats is not None else "")
+        raise OnestepError(f"{path}: {shapes} are not a mean (D,), a covariance (D, D) and features (N, D)")
     if expect is not None and meta:
         for k in ("extractor", "layer", "preprocessing", "weights"):
             if meta.get(k) != expect.get(k):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import types
 import typing
 from pathlib import Path
@@ -49,9 +51,11 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None and problem else " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML ({where})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     return data
@@ -86,8 +90,13 @@ def config_field(help: str, default: Any = None, factory: Any = None) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+@functools.cache
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # slow (it evaluates every annotation): once per config class
+
+
 def _coerce(cls, name: str, value: Any) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     hint = hints.get(name)
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     allowed = set(typing.get_args(hint)) if is_union else {hint}
@@ -99,7 +108,13 @@ def _coerce(cls, name: str, value: Any) -> Any:
         return value
     if value is True and bool not in allowed:
         raise ConfigError(f"--{name} needs a value (a flag without one means true, and {name} is not a yes/no setting)")
+    if float in allowed and str not in allowed:
+        value = _as_float(value)
+        if isinstance(value, str):
+            raise ConfigError(f"{name}: {value!r} is not a number")
     if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number (got {value})")
         return float(value)
     if int in allowed and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -111,10 +126,26 @@ def _coerce(cls, name: str, value: Any) -> Any:
     for a in allowed:
         origin = typing.get_origin(a) or a
         if origin is list and isinstance(value, (list, tuple)):
-            return list(value)
+            return [_as_float(v) for v in value] if typing.get_args(a) == (float,) else list(value)
         if origin is dict and isinstance(value, dict):
             return value
-    raise ConfigError(f"{name}: {value!r} is not a valid {hint}")
+    raise ConfigError(f"{name}: {value!r} is not a valid {_type_name(hint)}")
+
+
+def _as_float(value: Any) -> Any:
+    """A string that spells a number as that float (YAML 1.1, as PyYAML reads it, leaves ``1e-5`` and
+    ``-1e-4`` strings); any other value as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``float``, ``str | list[str]``: a field's type as a user reads it."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
 
 
 def apply_aliases(values: dict[str, Any], aliases: dict[str, str], source: str = "config") -> dict[str, Any]:
@@ -136,6 +167,8 @@ def build_config(cls, values: dict[str, Any], source: str = "config", renamed: d
     unknown = [k for k in values if k not in names]
     if unknown:
         k = unknown[0]
+        if not isinstance(k, str):
+            raise ConfigError(f"{source}: config keys are field names, not {k!r} ({type(k).__name__})")
         if renamed and renamed.get(k) in names:
             raise ConfigError(f"{source}: {k!r} was replaced by {renamed[k]!r}; see onestep train --show-config")
         close = difflib.get_close_matches(k, sorted(names), n=1)

@@ -47,9 +47,9 @@ from torch import nn
 
 from .conditioning import Conditioning
 from .denoiser import Denoiser
-from .errors import StudentFormatError
+from .errors import OnestepError, StudentFormatError
 from .pipeline import pipeline_sigmas, student_text_parts, write_pipeline_parts
-from .schedule import NoiseSchedule
+from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .teachers import PICKLE_SUFFIXES, Teacher
 
 FORMAT_VERSION = 1
@@ -275,6 +275,77 @@ def _check_safetensors(file: Path) -> None:
         raise StudentFormatError(f"{file}: not a whole safetensors file ({e}); the student is damaged: export it again") from e
 
 
+def read_student_meta(path: str | Path) -> dict[str, Any]:
+    """The ``onestep.json`` of student folder ``path``, its fields checked for kind (a
+    :class:`StudentFormatError` naming the file and the field otherwise). Nothing is loaded."""
+    meta_file = Path(path) / META_FILE
+    if not meta_file.is_file():
+        raise StudentFormatError(f"{path} is not a onestep student: {META_FILE} is missing")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+        raise StudentFormatError(f"{meta_file}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise StudentFormatError(f"{meta_file}: expected a JSON object of student metadata, found a {type(meta).__name__}")
+    version = meta.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        newer = "; it was written by a newer onestep: upgrade onestep" if _is_int(version) and version > FORMAT_VERSION else ""
+        raise StudentFormatError(f"{meta_file}: unsupported format_version {version!r} (expected {FORMAT_VERSION}){newer}")
+    classes = sorted(_model_classes())
+    checks = {
+        "generator_subfolder": (lambda v: v in ("generator", "unet", "transformer"), "'generator', 'unet' or 'transformer'"),
+        "model_class": (lambda v: v in classes, f"one of {classes}"),
+        "prediction_type": (lambda v: v in PREDICTION_TYPES, f"one of {PREDICTION_TYPES}"),
+        "schedule": (lambda v: isinstance(v, dict), "a diffusers scheduler config (an object)"),
+        "timesteps": (lambda v: isinstance(v, list) and v and all(_is_int(t) and t >= 0 for t in v), "a non-empty list of integers >= 0"),
+        "conditioning": (lambda v: isinstance(v, dict), "an object with a 'kind'"),
+        "sample_shape": (lambda v: isinstance(v, list) and v and all(_is_int(n) and n > 0 for n in v), "a non-empty list of positive integers"),
+        "clip": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 3e38), "null or a positive number (below 3e38)"),
+    }
+    optional = {"generator_subfolder": "generator", "clip": None}
+    for name, (ok, expected) in checks.items():
+        value = meta.get(name, optional.get(name, ...))
+        if value is ... or not ok(value):
+            got = "it is missing" if value is ... else f"got {value!r}"
+            raise StudentFormatError(f"{meta_file}: {name} must be {expected} ({got})")
+    for name in ("teacher", "config", "consistency", "guidance"):
+        if meta.get(name) is not None and not isinstance(meta[name], dict):
+            raise StudentFormatError(f"{meta_file}: {name} must be an object or null (got {meta[name]!r})")
+    return meta
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_fits(meta_file: Path, meta: dict[str, Any], backbone: nn.Module, conditioning: Conditioning | None) -> None:
+    """``sample_shape`` and ``conditioning`` of ``onestep.json`` must be what ``backbone`` takes: ``[sample_dim]`` for
+    an MLP, ``[channels, *sample_size]`` for a UNet2DModel, else its channels with H and W multiples of its patch
+    size; class labels (and the null class) within its class embeddings, and none for a network without."""
+    shape, cfg = list(meta["sample_shape"]), backbone.config
+    if "sample_dim" in cfg:
+        ok, expected = shape == [cfg.sample_dim], f"[{cfg.sample_dim}]"
+    elif meta["model_class"] == "UNet2DModel":
+        size = list(cfg.sample_size) if isinstance(cfg.sample_size, (list, tuple)) else [cfg.sample_size] * 2
+        ok, expected = shape == [cfg.in_channels, *size], str([cfg.in_channels, *size])
+    else:
+        f = cfg.get("patch_size") or 1
+        ok = len(shape) == 3 and shape[0] == cfg.in_channels and shape[1] % f == 0 and shape[2] % f == 0
+        expected = f"[{cfg.in_channels}, H, W] with H and W multiples of {f}"
+    if not ok:
+        raise StudentFormatError(f"{meta_file}: sample_shape {shape} does not fit the {meta['model_class']} generator (expected {expected})")
+    if conditioning is None:  # text: the pipeline's own parts
+        return
+    embeds = cfg.get("num_class_embeds") or 0
+    c = conditioning
+    in_table = _is_int(c.num_classes) and _is_int(c.null_class) and 1 <= c.num_classes <= embeds and 0 <= c.null_class < embeds
+    if (c.kind == "class") != bool(embeds) or (embeds and not in_table):
+        raise StudentFormatError(
+            f"{meta_file}: conditioning {c.to_dict()} does not fit the generator ({embeds} class embeddings: "
+            f"{'class conditioning with num_classes and null_class below that' if embeds else 'unconditional'})"
+        )
+
+
 def load_student(path: str | Path, device: torch.device | str = "cpu") -> Student:
     """Load a student folder written by :func:`export_student`. Refuses pickle files."""
     path = Path(path).expanduser()
@@ -283,17 +354,8 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
     if not path.is_dir():
         raise StudentFormatError(f"{path} is not a folder; a student is a folder with onestep.json and generator/")
     meta_file = path / META_FILE
-    if not meta_file.is_file():
-        raise StudentFormatError(f"{path} is not a onestep student: {META_FILE} is missing")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise StudentFormatError(f"{meta_file}: not valid JSON ({e})") from e
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StudentFormatError(f"{meta_file}: unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})")
-    subfolder = str(meta.get("generator_subfolder", "generator"))
-    if subfolder not in ("generator", "unet", "transformer"):
-        raise StudentFormatError(f"{meta_file}: generator_subfolder must be 'generator', 'unet' or 'transformer' (got {subfolder!r})")
+    meta = read_student_meta(path)
+    subfolder = meta.get("generator_subfolder", "generator")
     gen_dir = path / subfolder
     if not gen_dir.is_dir():
         raise StudentFormatError(f"{path}: {subfolder}/ is missing")
@@ -305,22 +367,23 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
         raise StudentFormatError(f"{gen_dir}: no .safetensors weights")
     for file in weight_files:  # a truncated or corrupt file: one clear error, not diffusers' traceback
         _check_safetensors(file)
-    classes = _model_classes()
-    cls = classes.get(meta.get("model_class", ""))
-    if cls is None:
-        raise StudentFormatError(f"{meta_file}: model_class {meta.get('model_class')!r} is not one of {sorted(classes)}")
     try:
-        backbone = cls.from_pretrained(gen_dir, use_safetensors=True).to(device).eval()
+        backbone = _model_classes()[meta["model_class"]].from_pretrained(gen_dir, use_safetensors=True).to(device).eval()
     except (OSError, ValueError, RuntimeError) as e:  # weights that do not fit the config, a broken config.json
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StudentFormatError(f"{gen_dir}: the generator does not load ({first}); export the student again") from e
-    schedule = NoiseSchedule.from_scheduler_config(meta["schedule"])
-    generator = _generator_from_meta(backbone, schedule, meta).eval()
+    try:  # the parts onestep.json describes: a field of the wrong kind is named here, not deep in sampling
+        schedule = NoiseSchedule.from_scheduler_config(meta["schedule"])
+        if max(meta["timesteps"]) >= schedule.num_train_timesteps:
+            raise StudentFormatError(f"timesteps {meta['timesteps']} must lie in [0, {schedule.num_train_timesteps - 1}]")
+        generator = _generator_from_meta(backbone, schedule, meta).eval()
+        conditioning = None if meta["conditioning"].get("kind") == "text" else Conditioning(**meta["conditioning"])
+    except (OnestepError, TypeError, ValueError, KeyError) as e:
+        raise StudentFormatError(f"{meta_file}: {f'{e} is missing' if isinstance(e, KeyError) else e}") from e
+    check_fits(meta_file, meta, backbone, conditioning)
     vae = None
-    if meta["conditioning"].get("kind") == "text":
+    if conditioning is None:
         conditioning, vae = student_text_parts(path, meta, device)
-    else:
-        conditioning = Conditioning(**meta["conditioning"])
     return Student(
         path=path,
         generator=generator,

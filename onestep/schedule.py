@@ -24,6 +24,13 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
+def check_num_train_timesteps(class_name: str, T: Any) -> int:
+    """``num_train_timesteps`` of a scheduler config: an integer in ``[2, 10**6]`` (diffusers' default is 1000)."""
+    if isinstance(T, bool) or not isinstance(T, int) or not 2 <= T <= 10**6:
+        raise ConfigError(f"{class_name}: num_train_timesteps must be an integer in [2, 1000000] (got {T!r})")
+    return T
+
+
 def expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample vector ``(B,)`` so it broadcasts against ``x`` ``(B, ...)``."""
     return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
@@ -61,8 +68,12 @@ class NoiseSchedule:
         class_name = config.get("_class_name", "DDPMScheduler")
         if "FlowMatch" in class_name:
             return FlowMatchSchedule.from_scheduler_config(config)
+        check_num_train_timesteps(class_name, config.get("num_train_timesteps", 1000))
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-        ddpm = DDPMScheduler(**{k: config[k] for k in keys if k in config and config[k] is not None})
+        try:
+            ddpm = DDPMScheduler(**{k: config[k] for k in keys if k in config and config[k] is not None})
+        except (NotImplementedError, TypeError, ValueError, RuntimeError) as e:  # diffusers' own errors on a bad config
+            raise ConfigError(f"{class_name}: the scheduler config does not build a schedule ({e})") from e
         kept = {k: v for k, v in config.items() if not k.startswith("_")}
         kept["_class_name"] = class_name
         return cls(ddpm.alphas_cumprod, kept)
@@ -181,7 +192,7 @@ class FlowMatchSchedule(NoiseSchedule):
                 f"{class_name} with use_dynamic_shifting: true (Flux-style, the shift depends on the image size) "
                 "is not supported; use a scheduler config with a fixed shift (SD3: shift 3.0)"
             )
-        T = int(config.get("num_train_timesteps") or 1000)
+        T = check_num_train_timesteps(class_name, config.get("num_train_timesteps") or 1000)
         shift = float(config.get("shift") or 1.0)
         if T < 2 or shift <= 0:
             raise ConfigError(f"{class_name}: need num_train_timesteps >= 2 and shift > 0 (got {T}, {shift})")

@@ -181,9 +181,16 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("warmup_steps", "checkpoint_every", "checkpoint_total_limit", "log_every", "preview_every", "regression_warmup_steps"):
+        for name in ("warmup_steps", "checkpoint_every", "checkpoint_total_limit", "log_every", "preview_every", "regression_warmup_steps",
+                     "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must lie in [0, 1) (got {getattr(self, name)})")
+        for name in ("lora_alpha", "generator_lora_alpha", "resolution"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 when set (got {getattr(self, name)})")
         for name in ("lr_generator", "lr_fake"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
@@ -202,8 +209,8 @@ class DistillConfig:
             weights_file(self.export_average_with)  # a clear error now, not after training
         if self.log_with not in ("tensorboard", "none"):
             raise ConfigError(f"log_with must be 'tensorboard' or 'none' (got {self.log_with!r})")
-        if not self.generator_timesteps or any(not isinstance(t, int) for t in self.generator_timesteps):
-            raise ConfigError("generator_timesteps must be a non-empty list of integers")
+        if not self.generator_timesteps or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.generator_timesteps):
+            raise ConfigError(f"generator_timesteps must be a non-empty list of integers >= 0 (got {self.generator_timesteps})")
         if sorted(self.generator_timesteps, reverse=True) != list(self.generator_timesteps) or len(set(self.generator_timesteps)) != len(self.generator_timesteps):
             raise ConfigError(f"generator_timesteps must be strictly decreasing (got {self.generator_timesteps})")
         if self.guidance_scale < 0:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..conditioning import Cond, Conditioning
-from ..errors import TeacherError
+from ..errors import ConfigError, TeacherError
 from ..files import PICKLE_SUFFIXES
 from ..schedule import NoiseSchedule
 from .base import RealSampler, Teacher, _sha256_of, refuse_pickles
@@ -83,12 +83,16 @@ def load_teacher(spec: str | Path, **text_options) -> Teacher:
 def _pipeline_teacher(path: Path, name: str) -> Teacher:
     from diffusers import UNet2DModel
 
+    from .sd import read_json_object, read_model_index, read_scheduler_config
+
     if not path.is_dir():
         raise TeacherError(f"teacher path {path} is not a folder (expected a diffusers pipeline folder)")
-    index_file = path / "model_index.json"
-    if not index_file.exists():
-        raise TeacherError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
-    index = json.loads(index_file.read_text())
+    if not (path / "model_index.json").exists() and (path / "config.json").is_file():
+        raise TeacherError(
+            f"{path} is a single diffusers model (config.json), not a pipeline folder: point the teacher at the "
+            "folder holding model_index.json, unet/ and scheduler/"
+        )
+    index = read_model_index(path)
     for part in ("unet", "scheduler"):
         if part not in index or not (path / part).is_dir():
             raise TeacherError(f"{path}: the pipeline has no '{part}' component (need unet and scheduler)")
@@ -103,10 +107,13 @@ def _pipeline_teacher(path: Path, name: str) -> Teacher:
         unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
     except (OSError, EnvironmentError) as e:
         raise TeacherError(f"{path / 'unet'}: cannot load the UNet ({e})") from e
-    sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
+    sched_cfg = read_scheduler_config(path)
+    try:
+        schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
+    except ConfigError as e:
+        raise TeacherError(f"{path / 'scheduler'}: {e}") from e
     meta_file = path / "onestep_teacher.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    meta = read_json_object(meta_file) if meta_file.exists() else {}
     cfg = unet.config
     if "conditioning" in meta:
         conditioning = Conditioning(**meta["conditioning"])

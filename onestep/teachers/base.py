@@ -65,6 +65,12 @@ class Teacher:
     vae: nn.Module | None = None
 
     def __post_init__(self):
+        supported = ("flow",) if self.schedule.kind == "flow" else ("epsilon", "v_prediction", "sample")
+        if self.prediction_type not in supported:
+            raise TeacherError(
+                f"teacher {self.name}: prediction_type {self.prediction_type!r} (its scheduler config) is not supported "
+                f"with a {'flow-matching' if self.schedule.kind == 'flow' else 'DDPM-style'} schedule; expected one of {', '.join(supported)}"
+            )
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         if self.vae is not None:

@@ -35,10 +35,19 @@ def read_model_index(path: Path) -> dict[str, Any]:
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise TeacherError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
+    return read_json_object(index_file)
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON file holding one object (a diffusers ``model_index.json`` or ``config.json``); a
+    :class:`TeacherError` naming the file when it is not valid JSON or not an object."""
     try:
-        return json.loads(index_file.read_text())
-    except json.JSONDecodeError as e:
-        raise TeacherError(f"{index_file}: not valid JSON ({e})") from e
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+        raise TeacherError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise TeacherError(f"{file}: expected a JSON object, found a {type(data).__name__}")
+    return data
 
 
 def component_class(index: dict[str, Any], part: str) -> str | None:
@@ -146,7 +155,7 @@ def read_scheduler_config(path: Path) -> dict[str, Any]:
     sched_file = path / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
         raise TeacherError(f"{path}: scheduler/scheduler_config.json is missing")
-    return json.loads(sched_file.read_text())
+    return read_json_object(sched_file)
 
 
 def text_teacher_data(
@@ -175,6 +184,7 @@ __all__ = [
     "component_class",
     "is_sdxl",
     "load_text_to_image_teacher",
+    "read_json_object",
     "read_model_index",
     "read_scheduler_config",
     "require_parts",
