@@ -179,7 +179,10 @@ class CheckpointMixin:
             replace_dir(path, final)
             if self.config.checkpoint_total_limit:
                 for old in self.checkpoints()[: -self.config.checkpoint_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    # renamed aside first: a crash mid-removal leaves a hidden folder, never a gutted checkpoint-N
+                    old.rename(old.with_name(f".{old.name}.old"))
+            for aside in self.output_dir.glob(".checkpoint-*.old"):  # (and any an earlier crash left)
+                shutil.rmtree(aside, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 

@@ -188,12 +188,16 @@ class DisBackMixin:
             self.teacher = target
         self.current_target = i
         if self.accelerator.is_main_process:
-            self.write_state()
+            # the step the schedule made it the target (a resumed run sets it again, later, to the same effect)
+            since = next(s for s in range(self.backtrack_start, self.state.step + 1) if self.target_index(s) == i)
+            self.write_state(since)
 
-    def write_state(self) -> None:
+    def write_state(self, step: int | None = None) -> None:
+        """``disback/state.json``: the stage and target at ``step`` (default: now) and the nodes saved."""
+        step = self.state.step if step is None else step
         saved = sorted(p.name for p in self.node_dir.glob("node-*.safetensors"))
         target = None if self.current_target is None else ("teacher" if self.current_target == 0 else f"node-{self.current_target:02d}")
-        state = {"stage": self.stage(self.state.step), "step": self.state.step, "target": target, "nodes": saved}
+        state = {"stage": self.stage(step), "step": step, "target": target, "nodes": saved}
         write_text(self.node_dir / "state.json", json.dumps(state, indent=2) + "\n")
 
 
