@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", "--output_dir", dest="output_dir", help="run folder (default runs/<config name>); the student lands in DIR/student")
     t.add_argument("--list-presets", action="store_true", help="list the shipped presets and exit")
     t.add_argument("--show-config", action="store_true", help="print the resolved config with each field's help and exit")
+    t.add_argument(
+        "--plan", action="store_true",
+        help="print the memory the run's networks will hold (weights, gradients, optimizer, EMA, frozen copies; "
+        "built on the meta device, nothing loaded) and exit",
+    )
 
     s = sub.add_parser(
         "sample",
@@ -116,7 +121,16 @@ def _cmd_train(args, extra: list[str]) -> int:
     if args.show_config:
         _print_fields(config, method_classes(config.method)[0], field_help)
         return 0
+    if args.plan:
+        from .trainers.plan import format_plan, memory_plan
+
+        print(format_plan(*memory_plan(config)))
+        return 0
     trainer = make_trainer(config)
+    if config.eval_every:  # eval's scoring functions, handed over: trainers do not import onestep.eval
+        from onestep.eval import clip_score, digits_fid
+
+        trainer.scorers = {"digits_fid": digits_fid, "clip_score": clip_score}
     student = trainer.train()
     code = 0
     if trainer.interrupted:
