@@ -29,6 +29,12 @@ when the teacher has a T5, and a ``FlowMatchEulerDiscreteScheduler`` with ``stoc
 (:mod:`onestep.pipeline`); ``onestep.json`` adds ``pipeline_sigmas``, the ``sigmas=`` that make
 the pipeline's steps the student's timesteps.
 
+With ``export_variant`` the generator's weights are also written in fp16 or bf16 as a diffusers
+variant (``unet/diffusion_pytorch_model.fp16.safetensors``), and a LoRA generator of an SD / SDXL
+teacher also leaves its adapters as a diffusers LoRA file for the teacher's pipeline
+(``lora/pytorch_lora_weights.safetensors``); see :mod:`onestep.export_variants`, which also writes
+the folder's ``README.md`` model card.
+
 Consistency students also record ``consistency`` (parameterisation, grid, timesteps for 1, 2, 4
 and 8 steps) and ``guidance`` (how the student takes its guidance scale); see
 :mod:`onestep.consistency`. ``UNet2DConditionModel`` ones on LCM's grid get
@@ -48,6 +54,7 @@ from torch import nn
 from .conditioning import Conditioning
 from .denoiser import Denoiser
 from .errors import OnestepError, StudentFormatError
+from .export_variants import model_card, write_diffusers_lora, write_variant
 from .pipeline import pipeline_sigmas, student_text_parts, write_pipeline_parts
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .teachers import PICKLE_SUFFIXES, Teacher
@@ -82,10 +89,16 @@ def export_student(
     timesteps: list[int],
     prediction_type: str | None = None,
     extra: dict[str, Any] | None = None,
+    variant: str | None = None,
+    lora_layers: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``generator`` (a diffusers model) and its sampling metadata to ``out``.
 
-    ``prediction_type`` is what the generator outputs (default: the teacher's).
+    ``prediction_type`` is what the generator outputs (default: the teacher's). ``variant``
+    (``fp16`` / ``bf16``): also its weights in that dtype as a diffusers variant. ``lora_layers``
+    (:func:`onestep.lora.lora_layers_for_diffusers` of the generator before its adapters were merged):
+    also ``lora/pytorch_lora_weights.safetensors`` for the teacher's pipeline; ``extra["diffusers_lora"]``
+    describes them for the model card (see :mod:`onestep.export_variants`).
     """
     out = Path(out)
     cls_name = type(generator).__name__
@@ -119,56 +132,15 @@ def export_student(
         write_lcm_scheduler(out / "scheduler", meta)
     if text_to_image:
         write_pipeline_parts(out, teacher, meta, subfolder)
+    if variant:  # after the pipeline parts: student_unet.safetensors is the float32 file alone
+        write_variant(generator, out / subfolder, variant)
+        meta["weight_variants"] = [variant]
+    if lora_layers:
+        file = write_diffusers_lora(out, lora_layers)
+        meta["diffusers_lora"] = {**(meta.get("diffusers_lora") or {}), "file": file.relative_to(out).as_posix()}
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(model_card(meta))
     return out
-
-
-def model_card(meta: dict[str, Any]) -> str:
-    """The student folder's ``README.md``: what it is (method, teacher, steps, guidance) and how to load it,
-    in plain diffusers and in onestep, from its ``onestep.json``."""
-    config = meta.get("config") or {}
-    steps = len(meta["timesteps"])
-    kind = meta["conditioning"].get("kind")
-    lines = [
-        f"# {'One' if steps == 1 else steps}-step student: {meta['method']} distillation of {meta['teacher']['name']}",
-        "",
-        f"- method: `{meta['method']}`; teacher: `{meta['teacher']['name']}` (sha256 `{meta['teacher'].get('sha256') or 'n/a'}`)",
-        f"- sampling: {steps} step{'s' if steps > 1 else ''} at timesteps {meta['timesteps']}; network `{meta['model_class']}` "
-        f"predicting `{meta['prediction_type']}`",
-        f"- conditioning: {kind}; teacher guidance during training: {config.get('guidance_scale', 'n/a')} (the student needs none)",
-    ]
-    if config:
-        lines.append(f"- trained for {config.get('max_steps')} iterations, batch {config.get('batch_size')}, seed {config.get('seed')}")
-    lines += ["", "Written by onestep with safetensors only; `onestep.json` holds the full metadata.", "", "## Load it", ""]
-    if meta["generator_subfolder"] in ("unet", "transformer"):
-        lines += [
-            "```python",
-            "from diffusers import DiffusionPipeline",
-            "",
-            'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")',
-            f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=1.0).images[0]',
-            "```",
-            "",
-        ]
-    else:
-        lines += [
-            "```python",
-            f"from diffusers import {meta['model_class']}",
-            "",
-            f'net = {meta["model_class"]}.from_pretrained("path/to/this/folder/generator")  # the network itself',
-            "```",
-            "",
-        ]
-    lines += [
-        "With onestep (the same samples, per-seed):",
-        "",
-        "```bash",
-        "onestep sample --student path/to/this/folder --num-samples 16 --output-dir samples/",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def write_lcm_scheduler(out: str | Path, meta: dict[str, Any]) -> Path | None:

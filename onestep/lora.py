@@ -1,12 +1,14 @@
 """LoRA, in one place: which layers get adapters, adding them, and merging them back.
 
 Used by the triad (a LoRA fake score on the teacher's own weights) and by the trainers (a LoRA
-generator, merged into plain layers at export). Adapters come from peft and start at zero
-(``B = 0``), so an adapted network starts equal to its base.
+generator, merged into plain layers at export, and also written in diffusers' LoRA format:
+:func:`lora_layers_for_diffusers`). Adapters come from peft and start at zero (``B = 0``), so an
+adapted network starts equal to its base.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d)
@@ -99,12 +101,44 @@ def merged_lora(net: nn.Module) -> nn.Module:
     return net
 
 
+def lora_layers_for_diffusers(net: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapters ``name`` of ``net`` as the state dict diffusers' LoRA loaders read
+    (``pipe.load_lora_weights``): ``<layer>.lora_A.weight`` and ``<layer>.lora_B.weight`` for every
+    adapted layer, on the CPU, with the layer's scaling (``alpha / rank``) folded into ``lora_B``.
+
+    The keys are peft's, which diffusers loads as they are. (``convert_state_dict_to_diffusers`` would
+    rename only the attention projections to ``lora.down`` / ``lora.up`` and leave convolutions and
+    other Linear layers in peft's names; the loader reads one naming per file and would drop the rest.)
+    A file without adapter metadata loads with ``alpha = rank`` (scaling 1), so with the scaling folded
+    in, the loaded adapters compute what these do for any alpha.
+
+    Raises:
+        ValueError: a layer diffusers' loader cannot express: not a Linear or Conv2d, DoRA, or a
+            LoRA bias (none of which :func:`add_lora` makes).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, torch.Tensor] = {}
+    for layer, m in net.named_modules():
+        if not isinstance(m, LoraLayer) or name not in m.lora_A:
+            continue
+        base = m.get_base_layer()
+        if not isinstance(base, LORA_LAYER_TYPES) or m.use_dora.get(name) or getattr(m, "lora_bias", {}).get(name):
+            raise ValueError(f"LoRA layer {layer} ({type(base).__name__}) has no diffusers LoRA form (Linear or Conv2d, no DoRA, no bias)")
+        out[f"{layer}.lora_A.weight"] = m.lora_A[name].weight.detach().float().cpu().clone()
+        out[f"{layer}.lora_B.weight"] = (m.lora_B[name].weight.detach().float() * m.scaling[name]).cpu().contiguous()
+    if not out:
+        raise ValueError(f"{type(net).__name__} has no LoRA adapters named {name!r}")
+    return out
+
+
 __all__ = [
     "ATTENTION_LORA_LAYERS",
     "LORA_LAYER_TYPES",
     "LORA_TARGET_SETS",
     "TRANSFORMER_LORA_LAYERS",
     "add_lora",
+    "lora_layers_for_diffusers",
     "lora_target_modules",
     "merged_lora",
 ]

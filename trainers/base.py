@@ -282,7 +282,10 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
     def _run(self, stop: StopRequest) -> Path | None:
         from tqdm.auto import tqdm
 
+        from .tracking import RunTracking
+
         acc, c = self.accelerator, self.config
+        tracking = RunTracking(self)  # eval_every (trainers/tracking.py): its errors come before any write
         if not c.resume:
             self.claim_output_dir()  # another run's folder: refused (or cleared with overwrite) before any write
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -298,6 +301,7 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         start = time.time()
         first = self.state.step
         logs: dict[str, float] = {}
+        shown: dict[str, str] = {}
         while self.state.step < c.max_steps:
             logs.update(self.train_step())  # the latest value of every key since the last log
             step = self.state.step
@@ -308,10 +312,13 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
                     logs["lr/fake"] = self.sched_f.get_last_lr()[0]
                 acc.log(logs, step=step)
                 shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss/")}
-                bar.set_postfix(shown)
+                bar.set_postfix({**shown, **tracking.shown})
                 logs = {}
             if c.preview_every and step % c.preview_every == 0:
                 self.save_preview(step)
+            if tracking.due(step):
+                tracking.evaluate(step)
+                bar.set_postfix({**shown, **tracking.shown})
             if c.checkpoint_every and step % c.checkpoint_every == 0 and step < c.max_steps:
                 self.save_checkpoint()
             if stop.requested():  # SIGINT / SIGTERM: checkpoint and leave, on every process at the same step

@@ -26,7 +26,7 @@ from onestep.config import config_to_dict
 from onestep.denoiser import Denoiser
 from onestep.errors import ConfigError, TrainingDiverged
 from onestep.files import replace_dir, staging_dir
-from onestep.lora import merged_lora
+from onestep.lora import lora_layers_for_diffusers, merged_lora
 from onestep.weights import EXPORT_WEIGHTS, average_with, load_trainable, save_state, save_tensors
 
 from .checkpoint_files import CHECKPOINT_FORMAT, load_training_state, save_training_state
@@ -254,37 +254,41 @@ class CheckpointMixin:
         c = self.config
         return self.ema is not None or bool(c.generator_lora_rank) or c.export_average_with is not None
 
-    def generator_for_export(self) -> nn.Module:
+    def generator_for_export(self, lora: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The generator backbone to export: a copy holding the EMA weights when EMA is on, with LoRA
         adapters merged into plain layers when the generator is LoRA, averaged with
-        ``export_average_with`` when set (the trained network itself when none of these apply)."""
+        ``export_average_with`` when set (the trained network itself when none of these apply).
+        ``lora``: filled with the adapters in diffusers' LoRA form, before they are merged."""
         if self.fsdp:
-            return self._gathered_generator()
+            return self._gathered_generator(lora)
         net = self.generator.backbone
         if not self.export_differs():
             return net
         net = copy.deepcopy(net)
         if self.ema is not None:
             self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
-        return self._finish_export(net)
+        return self._finish_export(net, lora)
 
-    def _finish_export(self, net: nn.Module) -> nn.Module:
-        """LoRA merged into plain layers, then the average with ``export_average_with`` (in place)."""
+    def _finish_export(self, net: nn.Module, lora: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """LoRA merged into plain layers (its adapters first copied into ``lora`` in diffusers' form when
+        given), then the average with ``export_average_with`` (in place)."""
         c = self.config
         if c.generator_lora_rank:
+            if lora is not None:
+                lora.update(lora_layers_for_diffusers(net, "generator"))
             net = merged_lora(net)
         if c.export_average_with is not None:
             average_with(net, c.export_average_with, c.export_average_weight)
         return net
 
-    def generator_on_main(self) -> nn.Module | None:
+    def generator_on_main(self, lora: dict[str, torch.Tensor] | None = None) -> nn.Module | None:
         """:meth:`generator_for_export` on the main process, None on the others. Every process must
         call it: with FSDP the weights are gathered from all of them."""
         if self.fsdp or self.accelerator.is_main_process:
-            return self.generator_for_export()
+            return self.generator_for_export(lora)
         return None
 
-    def _gathered_generator(self) -> nn.Module | None:
+    def _gathered_generator(self, lora: dict[str, torch.Tensor] | None = None) -> nn.Module | None:
         """FSDP: the whole generator rebuilt from its shards on the main process (None on the others;
         every process must call this, the gathering is collective)."""
         state = gather_full(self.generator.backbone)
@@ -306,7 +310,7 @@ class CheckpointMixin:
             with torch.no_grad():
                 for p, s in zip([p for p in net.parameters() if p.requires_grad], shadow):
                     p.copy_(s)
-        return self._finish_export(net)
+        return self._finish_export(net, lora)
 
     def export_timesteps(self) -> list[int]:
         """The sampling timesteps written into the student's onestep.json."""
@@ -318,11 +322,22 @@ class CheckpointMixin:
 
     def export(self) -> Path | None:
         from onestep.export import export_student
+        from onestep.export_variants import diffusers_lora_blocker
 
+        c = self.config
         self.check_finite("student")
-        net = self.generator_on_main()
+        extra = {"config": config_to_dict(c), **self.export_meta()}
+        lora, why_not = None, None  # a LoRA generator of an SD / SDXL teacher: its adapters as a diffusers LoRA file too
+        if c.generator_lora_rank:
+            why_not = diffusers_lora_blocker(self.generator.backbone, self.teacher_spec, c.export_average_with, c.init_generator)
+            lora = {} if why_not is None else None
+            alpha = c.generator_lora_alpha or c.generator_lora_rank
+            extra["diffusers_lora"] = {"rank": c.generator_lora_rank, "alpha": alpha, "file": None, **({"reason": why_not} if why_not else {})}
+        net = self.generator_on_main(lora)
         if not self.accelerator.is_main_process:
             return None
+        if why_not and self.teacher_spec.conditioning.kind == "text":
+            logger.warning(f"export: the student has no diffusers LoRA file (lora/): {why_not}")
         final = self.output_dir / "student"
         staging = staging_dir(final)  # written aside, then renamed: an existing student is replaced only whole
         export_student(
@@ -332,7 +347,9 @@ class CheckpointMixin:
             method=self.method_name,
             prediction_type=self.generator.prediction_type,
             timesteps=self.export_timesteps(),
-            extra={"config": config_to_dict(self.config), **self.export_meta()},
+            extra=extra,
+            variant=None if c.export_variant == "none" else c.export_variant,
+            lora_layers=lora,
         )
         return replace_dir(staging, final)
 
@@ -378,6 +395,8 @@ class CheckpointMixin:
     def save_preview(self, step: int) -> Path | None:
         from onestep.viz import save_samples_picture
 
+        from .tracking import log_picture
+
         net = self.generator_on_main()
         if not self.accelerator.is_main_process:
             return None
@@ -387,6 +406,8 @@ class CheckpointMixin:
                 x = self.decode(x.to(self.device)).clamp(-1, 1).cpu()
         path = self.output_dir / "previews" / f"step-{step:06d}.png"
         save_samples_picture(x, path, title=f"{self.method_name} step {step}", nrow=10)
+        if self.config.log_with != "none":
+            log_picture(self.accelerator, path, step)  # the same grid, as an image in the trackers
         return path
 
 

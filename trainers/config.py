@@ -15,9 +15,12 @@ import torch
 
 from onestep.config import config_field
 from onestep.errors import ConfigError
+from onestep.export_variants import EXPORT_VARIANTS
 from onestep.lora import LORA_TARGET_SETS
 from onestep.teachers import Teacher, load_teacher
 from onestep.weights import weights_file
+
+from .tracking import check_log_with, eval_clip_folder, eval_metric_of
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 #: Fields that were renamed: an old YAML key gets a message naming the new one.
@@ -52,7 +55,16 @@ class DistillConfig:
     FAKE_SCORES = ("copy", "lora")
 
     method: str = config_field("training method: dmd2, vsd, fdistill, sid, consistency, disback-<base> (see onestep train --list-presets)", "dmd2")
-    teacher: str = config_field("built-in teacher (digits, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25) or a local diffusers pipeline folder", "digits")
+    teacher: str = config_field(
+        "built-in teacher (digits, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25), a local diffusers pipeline folder, "
+        "or a Hugging Face Hub id (owner/name) with allow_hub",
+        "digits",
+    )
+    allow_hub: bool = config_field(
+        "let a teacher given as a Hub id (owner/name) load through huggingface_hub: safetensors, configs and tokenizers "
+        "only, into the HF cache; a cached copy loads offline (HF_HUB_OFFLINE=1). Also on with ONESTEP_ALLOW_HUB=1",
+        False,
+    )
     output_dir: str | None = config_field("run folder (default runs/<config name>); the student lands in <output_dir>/student")
     seed: int = config_field("seed for initialisation, noise and data order; the same seed repeats a run", 0)
     max_steps: int = config_field("training iterations; each updates the fake score, the generator every fake_updates_per_generator-th", 1000)
@@ -137,9 +149,21 @@ class DistillConfig:
         "save_trainable write them; loaded strictly)"
     )
     log_every: int = config_field("log losses every N iterations", 10)
-    log_with: str = config_field("'tensorboard' or 'none'", "tensorboard")
-    preview_every: int = config_field("write a preview grid every N iterations (0 disables)", 0)
+    log_with: str = config_field(
+        "tracker: any accelerate supports (tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive, swanlab, trackio; "
+        "its package installed), 'all' (every installed one) or 'none'",
+        "tensorboard",
+    )
+    preview_every: int = config_field("write a preview grid every N iterations, also logged as an image to the trackers (0 disables)", 0)
     preview_num: int = config_field("samples in a preview grid", 20)
+    eval_every: int = config_field(
+        "score the generator an export would hold every N iterations (0 disables): digits-FID for the digits teacher, "
+        "CLIP score on the validation prompts for text-to-image teachers (needs eval_clip_model); logged as "
+        "eval/digits_fid or eval/clip_score and shown on the progress bar",
+        0,
+    )
+    eval_num_samples: int = config_field("samples each periodic evaluation draws (fixed seeds, classes or validation prompts in turn)", 300)
+    eval_clip_model: str | None = config_field("local CLIP model folder for eval_every's CLIP score (default: clip_model, when the method has one)")
     export: bool = config_field("export the student to <output_dir>/student at the end", True)
     export_average_with: str | None = config_field(
         "average the exported generator with another student of the same architecture (a student folder or a "
@@ -147,9 +171,20 @@ class DistillConfig:
         "SwiftBrush v2 averages a fully trained and a LoRA-trained student 50/50"
     )
     export_average_weight: float = config_field("weight of export_average_with in the average", 0.5)
+    export_variant: str = config_field(
+        "'fp16' or 'bf16': also write the exported generator's weights in that dtype as a diffusers variant "
+        "(unet/diffusion_pytorch_model.fp16.safetensors beside the float32 file; from_pretrained(..., variant='fp16', "
+        "torch_dtype=torch.float16) loads it); 'none': float32 only",
+        "none",
+    )
     # Text-to-image teachers (a Stable Diffusion / SDXL pipeline folder); other teachers ignore these.
     prompts: str | None = config_field(
-        "text-to-image: training prompts, a text file (one a line), JSONL (caption/prompt/text field) or CSV (caption column)"
+        "text-to-image: training prompts: a text file (one a line), JSONL, JSON (COCO captions or an array), CSV, "
+        "parquet (a file or a folder; pip install pyarrow) or a Hugging Face datasets save_to_disk folder (pip install datasets)"
+    )
+    prompt_column: str | None = config_field(
+        "text-to-image: the field / column of the prompts file holding the prompt (default: caption, prompt or text, "
+        "the first present)"
     )
     validation_prompts: str | None = config_field("text-to-image: a prompt file for previews (default: a fixed list of 8 prompts)")
     negative_prompt: str | None = config_field("text-to-image: replaces the empty prompt as the unconditional branch of guidance")
@@ -182,7 +217,7 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         for name in ("warmup_steps", "checkpoint_every", "checkpoint_total_limit", "log_every", "preview_every", "regression_warmup_steps",
-                     "weight_decay", "max_grad_norm"):
+                     "weight_decay", "max_grad_norm", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
         for name in ("adam_beta1", "adam_beta2"):
@@ -207,8 +242,13 @@ class DistillConfig:
             raise ConfigError(f"export_average_weight must lie in [0, 1] (got {self.export_average_weight})")
         if self.export_average_with is not None:
             weights_file(self.export_average_with)  # a clear error now, not after training
-        if self.log_with not in ("tensorboard", "none"):
-            raise ConfigError(f"log_with must be 'tensorboard' or 'none' (got {self.log_with!r})")
+        if self.export_variant not in EXPORT_VARIANTS:
+            raise ConfigError(f"export_variant must be one of {EXPORT_VARIANTS} (got {self.export_variant!r})")
+        check_log_with(self.log_with)  # a tracker accelerate supports, installed
+        if self.eval_num_samples < 2:
+            raise ConfigError(f"eval_num_samples must be at least 2 (got {self.eval_num_samples})")
+        if self.eval_every:
+            eval_metric_of(self.teacher, eval_clip_folder(self))  # something to score, or a clear error now
         if not self.generator_timesteps or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.generator_timesteps):
             raise ConfigError(f"generator_timesteps must be a non-empty list of integers >= 0 (got {self.generator_timesteps})")
         if sorted(self.generator_timesteps, reverse=True) != list(self.generator_timesteps) or len(set(self.generator_timesteps)) != len(self.generator_timesteps):
@@ -264,7 +304,9 @@ def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu", 
     ``text_cache_dtype``: the storage dtype of the prompt cache (None: float32)."""
     return load_teacher(
         config.teacher,
+        allow_hub=config.allow_hub,
         prompts=config.prompts,
+        prompt_column=config.prompt_column,
         validation_prompts=config.validation_prompts,
         negative_prompt=config.negative_prompt,
         resolution=config.resolution,

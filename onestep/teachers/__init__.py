@@ -1,8 +1,10 @@
 """Teachers: the built-in ones (``digits``, ``gmm-*``) and diffusers checkpoints on disk.
 
 :func:`load_teacher` turns a name or a local path into a :class:`Teacher`: a frozen
-backbone with its schedule, prediction type, conditioning and sample shape. Nothing
-here reaches a model hub; weights load only from safetensors.
+backbone with its schedule, prediction type, conditioning and sample shape. Weights load
+only from safetensors. A Hugging Face Hub id (``owner/name``) resolves to a folder of the
+Hugging Face cache only when the user allows it (:mod:`onestep.teachers.hub`); nothing else
+reaches a model hub.
 """
 
 from __future__ import annotations
@@ -46,38 +48,47 @@ def save_unet_teacher(out: str | Path, unet: nn.Module, scheduler_config: dict, 
     return out
 
 
-def load_teacher(spec: str | Path, **text_options) -> Teacher:
+def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options) -> Teacher:
     """Load a teacher by built-in name (``digits``, ``gmm-ring8``, ``gmm-ring8-unbalanced``,
     ``gmm-grid25``) or from a local diffusers pipeline folder (``model_index.json`` with a
-    ``unet`` and a ``scheduler``).
+    ``unet`` and a ``scheduler``), or, with ``allow_hub`` (or ``ONESTEP_ALLOW_HUB=1``), a Hugging
+    Face Hub id (``owner/name``: :func:`onestep.teachers.hub.resolve_hub_teacher`, safetensors only,
+    from the cache when offline); the teacher is then named by its id.
 
     Text-to-image folders (a ``UNet2DConditionModel`` with VAE, text encoder(s) and
     tokenizer(s): SD1.5, SD2.1, SDXL) load through :func:`onestep.teachers.sd.load_text_to_image_teacher`,
     flow-matching SD3 folders (an ``SD3Transformer2DModel``) through
     :func:`onestep.teachers.sd3.load_sd3_teacher`; both take ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``,
-    ``resolution``, ``real_images``, ``cache_text_embeddings``, ``text_cache_dtype``, ``device``); other teachers ignore them."""
+    ``resolution``, ``real_images``, ``cache_text_embeddings``, ``text_cache_dtype``, ``device``, ``prompt_column``);
+    other teachers ignore them."""
     s = str(spec)
     if s.startswith("gmm-"):
         return _gmm_teacher(s)
     if s == "digits":
         return _pipeline_teacher(DIGITS_TEACHER, name="digits")
     path = Path(s).expanduser()
+    name = str(path)
     if not path.exists():
-        raise TeacherError(
-            f"teacher {s!r} is neither a built-in teacher (digits, gmm-ring8, gmm-ring8-unbalanced, "
-            "gmm-grid25) nor an existing path; point teacher: (or --teacher) at your local diffusers pipeline folder"
-        )
+        from .hub import is_hub_id, resolve_hub_teacher
+
+        if not is_hub_id(s):
+            raise TeacherError(
+                f"teacher {s!r} is neither a built-in teacher (digits, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25), "
+                "an existing path, nor a Hugging Face Hub id (owner/name); point teacher: (or --teacher) at your local "
+                "diffusers pipeline folder"
+            )
+        path, name = resolve_hub_teacher(s, allow_hub), s
     if (path / "model_index.json").is_file():
         from .sd import component_class, load_text_to_image_teacher, read_model_index
 
         index = read_model_index(path)
         if component_class(index, "unet") == "UNet2DConditionModel":
-            return load_text_to_image_teacher(path, name=str(path), **text_options)
+            return load_text_to_image_teacher(path, name=name, **text_options)
         if component_class(index, "transformer") == "SD3Transformer2DModel":
             from .sd3 import load_sd3_teacher
 
-            return load_sd3_teacher(path, name=str(path), **text_options)
-    return _pipeline_teacher(path, name=str(path))
+            return load_sd3_teacher(path, name=name, **text_options)
+    return _pipeline_teacher(path, name=name)
 
 
 def _pipeline_teacher(path: Path, name: str) -> Teacher:

@@ -92,14 +92,15 @@ def load_text_to_image_teacher(
     cache_text_embeddings: bool = True,
     text_cache_dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
+    prompt_column: str | None = None,
 ):
     """Load a Stable Diffusion / SDXL pipeline folder as a latent :class:`~onestep.teachers.Teacher`.
 
     Args:
         path: the pipeline folder.
         name: what the teacher is called in logs and student metadata.
-        prompts: the training prompt set: a file (text, JSONL or CSV, see
-            :func:`onestep.teachers.text.read_prompts`) or a list.
+        prompts: the training prompt set: a file or folder (text, JSONL, JSON / COCO captions, CSV,
+            parquet, a ``datasets`` folder; see :func:`onestep.prompts.read_prompts`) or a list.
         validation_prompts: prompts for previews (a file or a list; default: a fixed list).
         negative_prompt: replaces the empty prompt as guidance's unconditional branch.
         resolution: image side in pixels (default: the UNet's ``sample_size`` times the VAE factor).
@@ -108,6 +109,7 @@ def load_text_to_image_teacher(
             encoders are frozen; :mod:`onestep.teachers.prompt_cache`), else every batch anew.
         text_cache_dtype: storage dtype of that cache (None: float32; a run's frozen dtype halves it).
         device: where the text encoders and the VAE run while caching.
+        prompt_column: the field / column of ``prompts`` holding the prompt (default: caption, prompt or text).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -132,7 +134,7 @@ def load_text_to_image_teacher(
         PromptEncoder(path, xl, (side, side), device=device), latent_vae, side, device, prompts=prompts,
         validation_prompts=validation_prompts, negative_prompt=negative_prompt, real_images=real_images,
         cache_text_embeddings=cache_text_embeddings, zero_empty_prompt=bool(xl and index.get("force_zeros_for_empty_prompt", False)),
-        text_cache_dtype=text_cache_dtype,
+        text_cache_dtype=text_cache_dtype, prompt_column=prompt_column,
     )
     return Teacher(
         name=name,
@@ -162,13 +164,14 @@ def text_teacher_data(
     encoder: PromptEncoder, vae: LatentVAE, side: int, device: torch.device | str = "cpu", *, prompts: str | list[str] | None = None,
     validation_prompts: str | list[str] | None = None, negative_prompt: str | None = None, real_images: str | None = None,
     cache_text_embeddings: bool = True, zero_empty_prompt: bool = False, text_cache_dtype: torch.dtype | str | None = None,
+    prompt_column: str | None = None,
 ) -> tuple[TextConditioning, RealSampler | None]:
     """What the text-to-image loaders share: the teacher's :class:`TextConditioning` (prompt options as
     in :func:`load_text_to_image_teacher`), prepared, and its real-data sampler over ``real_images``
     (None without one)."""
     conditioning = text_conditioning(
         encoder, prompts, validation_prompts, negative_prompt, cache_text_embeddings, zero_empty_prompt=zero_empty_prompt,
-        cache_dtype=text_cache_dtype,
+        cache_dtype=text_cache_dtype, prompt_column=prompt_column,
     )
     real_data = None
     if real_images:

@@ -1,4 +1,4 @@
-"""Text for text-to-image teachers: prompt files (text, JSONL, CSV), the prompt encoders of the
+"""Text for text-to-image teachers: prompt sets (read by :mod:`onestep.prompts`), the prompt encoders of the
 SD / SDXL pipelines and the cached text conditioning built on them.
 
 Conditioning (:class:`TextConditioning`) is a dict of tensors per sample, exactly what the UNet
@@ -16,8 +16,6 @@ pipeline does). The SD3 encoder (:class:`onestep.teachers.sd3.SD3PromptEncoder`)
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +24,8 @@ import torch
 from torch import nn
 
 from ..conditioning import Cond, Conditioning, cond_to
-from ..errors import ConfigError, OnestepError, TeacherError
+from ..errors import ConfigError, TeacherError
+from ..prompts import CAPTION_COLUMNS, jsonl_records, prompt_set, read_prompts
 from .prompt_cache import PROMPT_SHARD_SIZE, cached_prompt_table
 
 #: Previews of text-to-image runs use these prompts unless ``validation_prompts`` names a file.
@@ -40,60 +39,6 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a portrait of an old fisherman, dramatic light",
     "a watercolor painting of a city skyline",
 ]
-
-CAPTION_COLUMNS = ("caption", "prompt", "text")
-
-
-def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
-    """Prompts from a file: text (one prompt a line, blank lines skipped), JSONL (one object a
-    line with a ``caption``/``prompt``/``text`` field, or a JSON string) or CSV (a header with a
-    ``caption`` column, or ``column``)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise OnestepError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        prompts = [_caption_of(item, column, f"{path}:{n}") for n, item in jsonl_records(path, text)]
-    elif suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        if not rows:
-            raise OnestepError(f"{path}: no rows under a header")
-        col = column or next((c for c in CAPTION_COLUMNS if c in rows[0]), None)
-        if col is None or col not in rows[0]:
-            raise OnestepError(f"{path}: no {column or 'caption'} column (columns: {', '.join(rows[0])}); pass --caption-column")
-        prompts = [r[col] for r in rows]
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise OnestepError(f"{path}: no prompts")
-    return prompts
-
-
-def jsonl_records(path: Path, text: str | None = None) -> list[tuple[int, Any]]:
-    """``(line number, parsed object)`` for each non-blank line of a JSONL file; a line that is not
-    JSON is an error naming the file and line."""
-    text = path.read_text(encoding="utf-8") if text is None else text
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((n, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise OnestepError(f"{path}:{n}: not JSON ({e.msg})") from e
-    return records
-
-
-def _caption_of(item: Any, column: str | None, where: str) -> str:
-    if isinstance(item, str):
-        return item
-    if isinstance(item, dict):
-        for key in [column] if column else CAPTION_COLUMNS:
-            if isinstance(item.get(key), str):
-                return item[key]
-    raise OnestepError(f"{where}: no {column or '/'.join(CAPTION_COLUMNS)} string field")
-
 
 # ----------------------------------------------------------------------- prompt encoding
 
@@ -307,8 +252,8 @@ class TextConditioning(Conditioning):
         """:meth:`sample` and the prompts it drew (the same draw: one random stream for both)."""
         if not self.prompts:
             raise ConfigError(
-                "a text-to-image teacher needs training prompts: set prompts: to a text file (one a line), "
-                "a JSONL file (caption/prompt/text field) or a CSV file (caption column)"
+                "a text-to-image teacher needs training prompts: set prompts: to a text file (one a line), JSONL, "
+                "JSON (COCO captions), CSV, parquet or a Hugging Face datasets folder (caption/prompt/text column)"
             )
         idx = torch.randint(0, len(self.prompts), (n,), generator=generator)
         prompts = [self.prompts[i] for i in idx.tolist()]
@@ -374,28 +319,20 @@ def text_conditioning(
     cache_embeddings: bool,
     zero_empty_prompt: bool = False,
     cache_dtype: torch.dtype | str | None = None,
+    prompt_column: str | None = None,
 ) -> TextConditioning:
-    """The teacher's :class:`TextConditioning` from the loaders' prompt options (files or lists);
+    """The teacher's :class:`TextConditioning` from the loaders' prompt options (files, folders or lists,
+    :func:`onestep.prompts.prompt_set`; ``prompt_column`` names the column of the ``prompts`` table);
     ``cache_dtype`` is the storage dtype of the on-disk prompt cache (None: float32)."""
     return TextConditioning(
         encoder=encoder,
-        prompts=_prompt_list(prompts, "prompts") if prompts is not None else [],
-        validation_prompts=_prompt_list(validation_prompts, "validation_prompts") if validation_prompts else list(DEFAULT_VALIDATION_PROMPTS),
+        prompts=prompt_set(prompts, "prompts", prompt_column) if prompts is not None else [],
+        validation_prompts=prompt_set(validation_prompts, "validation_prompts") if validation_prompts else list(DEFAULT_VALIDATION_PROMPTS),
         negative_prompt=negative_prompt or None,
         cache_embeddings=cache_embeddings,
         zero_empty_prompt=zero_empty_prompt,
         cache_dtype=cache_dtype,
     )
-
-
-def _prompt_list(source: str | list[str], what: str) -> list[str]:
-    if isinstance(source, (list, tuple)):
-        out = [str(p) for p in source]
-    else:
-        out = read_prompts(source)
-    if not out:
-        raise ConfigError(f"{what}: no prompts")
-    return out
 
 
 __all__ = [
