@@ -62,7 +62,7 @@ def test_the_plan_counts_what_a_run_holds(setting, sd_dir, prompt_file, tmp_path
     assert _bytes(rows, "teacher", "frozen") == sum(p.numel() * p.element_size() for p in frozen)
     if setting.get("generator_lora_rank"):  # the generator's own frozen base
         base = [p for p in tr.generator.backbone.parameters() if not p.requires_grad]
-        assert _bytes(rows, "generator (LoRA) base", "own copy") == sum(p.numel() * p.element_size() for p in base)
+        assert _bytes(rows, "generator (LoRA) base", "own frozen copy") == sum(p.numel() * p.element_size() for p in base)
     if setting.get("ema_decay"):
         assert _bytes(rows, "generator", "EMA") == sum(4 * s.numel() for s in tr.ema.shadow_params)
     vae = tr.teacher_spec.vae

@@ -204,3 +204,33 @@ def test_frozen_bf16_weights_train_dmd2(fake_score, sd_dir, prompt_file, image_d
     assert sum(not torch.equal(a, p) for a, p in zip(fake0, trainable_fake)) > 0
     assert all(torch.equal(base0[k], v) for k, v in triad.teacher_parameters().items())
     assert {p.dtype for p in trainer.generator.parameters()} == {torch.float32}
+
+
+def test_a_lora_generator_keeps_its_base_in_bf16_and_exports_the_adapters_merged_in_float32(sd_dir, prompt_file, tmp_path):
+    """A LoRA generator's own base is frozen weights too: stored in the frozen dtype (half the bytes, as
+    diffusers' LoRA scripts keep it in weight_dtype); the export merges the float32 adapters into a
+    float32 copy of that base, so the adapters' small deltas are not rounded away in bf16."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from onestep.lora import merged_lora
+    from onestep.trainers import make_trainer
+    from onestep.trainers.memory import to_float32
+
+    config = tiny_config(
+        "dmd2", tmp_path, sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=2, fake_updates_per_generator=1,
+        fake_score="lora", lora_rank=2, generator_lora_rank=2, generator_lora_alpha=2.0, frozen_dtype="bf16", lr_generator=1e-2,
+    )
+    trainer = make_trainer(config)
+    gen = trainer.generator.backbone
+    assert {p.dtype for n, p in gen.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in gen.named_parameters() if "lora_" in n} == {torch.float32}
+    student = trainer.train()
+    exported = load_file(str(student / "unet" / "diffusion_pytorch_model.safetensors"))
+    expected = merged_lora(to_float32(copy.deepcopy(gen))).state_dict()
+    assert exported.keys() == expected.keys() and all(v.dtype == torch.float32 for v in exported.values())
+    for k in expected:
+        torch.testing.assert_close(exported[k], expected[k], rtol=0, atol=0, msg=k)
+    rounded = merged_lora(copy.deepcopy(gen)).state_dict()  # merged into the bf16 base instead
+    assert any(not torch.equal(rounded[k].float(), expected[k]) for k in expected)

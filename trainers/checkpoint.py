@@ -30,6 +30,7 @@ from onestep.lora import lora_layers_for_diffusers, merged_lora
 from onestep.weights import EXPORT_WEIGHTS, average_with, load_trainable, save_state, save_tensors
 
 from .checkpoint_files import CHECKPOINT_FORMAT, load_training_state, save_training_state
+from .memory import to_float32
 from .sharding import fsdp_settings, full, gather_full, is_sharded, load_whole, shard
 
 logger = get_logger(__name__)
@@ -276,7 +277,7 @@ class CheckpointMixin:
         if c.generator_lora_rank:
             if lora is not None:
                 lora.update(lora_layers_for_diffusers(net, "generator"))
-            net = merged_lora(net)
+            net = merged_lora(to_float32(net))  # a base frozen in bf16/fp16 takes the adapters in float32
         if c.export_average_with is not None:
             average_with(net, c.export_average_with, c.export_average_weight)
         return net

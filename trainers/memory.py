@@ -122,17 +122,30 @@ def cast_frozen_backbone(backbone: nn.Module, dtype: torch.dtype) -> None:
         backbone._onestep_cast_hooks = True
 
 
+def to_float32(backbone: nn.Module) -> nn.Module:
+    """Undo :func:`cast_frozen_backbone` on ``backbone`` (in place): every weight float32, the hooks no-ops."""
+    backbone.float()
+    if hasattr(backbone, "_onestep_frozen_dtype"):
+        backbone._onestep_frozen_dtype = torch.float32
+    return backbone
+
+
 def cast_frozen(triad, vae: nn.Module | None, dtype: torch.dtype) -> None:
     """Cast what is frozen in ``triad`` (and the teacher's ``vae``) to ``dtype``.
 
     The teacher's backbone is cast: with a full-copy fake score it is the teacher's alone; with a
     LoRA fake score it is shared, and its base weights are cast while the adapters stay float32.
-    The generator and a full-copy fake score are not touched. The VAE stays float32 under fp16 when
+    A LoRA generator's own base weights are cast too (its adapters stay float32; the export merges
+    them into a float32 copy), as diffusers' LoRA training scripts keep the base in ``weight_dtype``.
+    A full generator and a full-copy fake score are not touched. The VAE stays float32 under fp16 when
     its config asks for it (``force_upcast``: the SDXL VAE overflows in fp16).
     """
     if dtype == torch.float32 or triad.teacher_spec.analytic:  # an exact score has no weights to shrink
         return
     cast_frozen_backbone(triad.teacher.backbone, dtype)
+    generator = triad.generator.backbone
+    if any("lora_" in n for n, _ in generator.named_parameters()):
+        cast_frozen_backbone(generator, dtype)
     if vae is not None:
         inner = getattr(vae, "vae", vae)
         if not (dtype == torch.float16 and getattr(getattr(inner, "config", None), "force_upcast", False)):

@@ -121,7 +121,7 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
         rows += _trained("fake score (LoRA adapters)", _lora_count(make, c.lora_rank, c.lora_alpha, c.lora_targets), ema=False)
     ema = c.ema_decay > 0
     if c.generator_lora_rank:
-        rows.append(Row("generator (LoRA) base", "own copy of the base (float32)", n, 4 * n))
+        rows.append(Row("generator (LoRA) base", f"own frozen copy of the base ({frozen_name})", n, fb * n))
         a = _lora_count(make, c.generator_lora_rank, c.generator_lora_alpha, c.generator_lora_targets)
         rows += _trained("generator (LoRA adapters)", a, ema)
     else:
