@@ -1,4 +1,4 @@
-"""Evaluation: FID/KID (torch-fidelity), digits-FID, CLIP score, reports.
+"""Evaluation: FID/KID and precision/recall (torch-fidelity), digits-FID, CLIP score, COCO text-to-image, reports.
 
 Importing this package is cheap: names load on first use, and torch-fidelity is imported
 only by the functions that compute with it.
@@ -14,13 +14,16 @@ Modules:
 - :mod:`~onestep.eval.extractors`: feature extractors registered with torch-fidelity (``digits``,
   Inception-v3 from local weights, your own via :func:`register_extractor`) and :func:`extract_features`.
 - :mod:`~onestep.eval.stats_cache`: reference statistics cached as ``.npz`` (:func:`reference_statistics`).
-- :mod:`~onestep.eval.metrics`: FID/KID through torch-fidelity (:func:`compute_fid_kid`).
+- :mod:`~onestep.eval.metrics`: FID/KID (and precision/recall) through torch-fidelity (:func:`compute_fid_kid`).
+- :mod:`~onestep.eval.precision_recall`: k-NN precision and recall on features
+  (``onestep.eval.precision_recall.precision_recall``, k = 3).
 - :mod:`~onestep.eval.clip`: :func:`clip_score`, ``100 * max(cos, 0)`` averaged, on
   :mod:`onestep.clip`'s CLIP wrapper.
 - :mod:`~onestep.eval.mixture`: mode coverage and weights for the 2D mixture teachers.
 - :mod:`~onestep.eval.generate`: sampling students and checkpoints for evaluation.
 - :mod:`~onestep.eval.report`: ``metrics.json``, tables, plots, ``report.md``.
-- :mod:`~onestep.eval.commands` and :mod:`~onestep.eval.cli`: ``onestep eval fid | clip | run``.
+- :mod:`~onestep.eval.t2i`: ``onestep eval t2i``, the COCO captions protocol (FID-30K, CLIP score, precision/recall).
+- :mod:`~onestep.eval.commands` and :mod:`~onestep.eval.cli`: ``onestep eval fid | clip | run | t2i``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``onestep eval`` command group (``fid``, ``clip``, ``run``): arguments here, work in
+"""The ``onestep eval`` command group (``fid``, ``clip``, ``run``, ``t2i``): arguments here, work in
 :mod:`onestep.eval.commands` (imported only when a command runs, so ``onestep --help`` stays fast)."""
 
 from __future__ import annotations
@@ -12,8 +12,31 @@ examples:
   onestep eval fid --student S --extractor inception --ref-stats ref.npz --inception-weights W   # ref.npz: mu, sigma
   onestep eval clip --student my_t2i_student --prompts prompts.txt --clip-model ~/clip-vit-b-32
   onestep eval run --run runs/quickstart --report                                # every checkpoint, a curve
+  onestep eval t2i --student S --captions annotations/captions_val2014.json --images val2014/ --clip ~/clip-vit-l-14 \\
+      --num-samples 30000 --inception-weights ~/weights-inception-2015-12-05-6726825d.pth   # COCO FID-30K, CLIP, P/R
 
 Each command writes metrics.json (and with --report, report.md and its PNGs) into --out.
+"""
+
+T2I_PROTOCOL = """\
+the COCO protocol (GigaGAN's COCO evaluation, which DMD2 and other one-step papers follow):
+  1. captions: a COCO captions file (captions_val2014.json, captions_train2014.json or the 2017
+     ones: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}) and the
+     folder holding its images. Every image it names must be there.
+  2. subset: --num-samples images (30000, 10000, 5000 ...) drawn at random without replacement
+     among the images that have a caption, and one of each image's captions, both with --seed;
+     the list is written to subset.jsonl (image_id, file_name, caption).
+  3. generated: one image per caption from the student (a diffusers pipeline folder), image i
+     with seed --seed + i, --steps and --guidance-scale (default: the student's steps, no CFG).
+  4. both sides: the shorter side resized to --resolution (PIL bicubic), then a centre crop to
+     resolution x resolution. 256 is the default (GigaGAN's evaluation resolution for FID-30K);
+     512 is the other common choice. Compare only numbers computed at one resolution.
+  5. FID and KID with torch-fidelity's Inception-v3 (2048 pool features; it resizes to 299 itself),
+     weights from a local file (--inception-weights, or the torch hub cache; no download).
+     The reference is the subset's own real images; their features are cached (--cache-dir).
+  6. precision and recall (k-NN manifolds, k=3, as torch-fidelity's prc) on the same features.
+  7. CLIP score (100 * max(cos, 0), averaged) of each generated image at its own size against its
+     caption, with a local CLIPModel folder (--clip); skipped without one.
 """
 
 
@@ -33,14 +56,42 @@ def _fid_like(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-kid", action="store_true", help="FID only")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the number of images)")
+    p.add_argument("--no-prc", action="store_true", help="skip precision/recall (k-NN manifolds, k=3, as torch-fidelity's prc)")
     p.add_argument("--cache-dir", help="where reference statistics are cached (default $ONESTEP_CACHE/fid-stats or ~/.cache/onestep/fid-stats)")
 
 
+def _t2i_parser(es) -> None:
+    t = es.add_parser(
+        "t2i",
+        help="a text-to-image student on COCO captions: FID-30K/10K/5K, KID, precision/recall, CLIP score",
+        description="Evaluate a text-to-image student on COCO captions, as the papers report it.",
+        epilog=T2I_PROTOCOL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--student", required=True, help="text-to-image student: a diffusers pipeline folder (model_index.json)")
+    t.add_argument("--captions", required=True, help="COCO captions JSON (captions_val2014.json, captions_train2014.json, or the 2017 ones)")
+    t.add_argument("--images", required=True, help="the folder of that split's images (val2014/, train2014/, val2017/ ...)")
+    t.add_argument("--clip", "--clip-model", dest="clip_model", help="local transformers CLIPModel folder for the CLIP score (skipped without one)")
+    t.add_argument("--num-samples", type=int, default=30000, help="captions (and images) in the subset: 30000 (FID-30K, default), 10000, 5000 ...")
+    t.add_argument("--resolution", type=int, default=256, help="both sides resized (shorter side) and centre-cropped to this square size (default 256; 512 also common)")
+    t.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's own)")
+    t.add_argument("--guidance-scale", type=float, default=1.0, help="guidance passed to the pipeline (default 1: none)")
+    t.add_argument("--extractor", default="inception", help="'inception' (default; torch-fidelity's Inception-v3, local weights) or another registered extractor")
+    t.add_argument("--inception-weights", help="local Inception-v3 weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth or a .safetensors); default: the torch hub cache")
+    t.add_argument("--batch-size", type=int, default=32, help="images per pipeline call and per feature batch (default 32)")
+    t.add_argument("--no-kid", action="store_true", help="no KID")
+    t.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the number of images)")
+    t.add_argument("--no-prc", action="store_true", help="skip precision/recall")
+    t.add_argument("--save-images", help="also write the generated images (PNG, at the student's size, named by subset index) here")
+    t.add_argument("--cache-dir", help="where the subset's reference features are cached (default $ONESTEP_CACHE/fid-stats or ~/.cache/onestep/fid-stats)")
+    _common(t)
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
-    """Add ``eval`` with its three subcommands to the top-level subparsers ``sub``."""
+    """Add ``eval`` with its four subcommands to the top-level subparsers ``sub``."""
     e = sub.add_parser(
         "eval",
-        help="score students: FID/KID (torch-fidelity), CLIP score, whole training runs",
+        help="score students: FID/KID/precision/recall (torch-fidelity), CLIP score, whole training runs, COCO text-to-image",
         description="Evaluate students. Every command writes metrics.json and prints a short table.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -72,6 +123,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--num-samples", type=int, default=500, help="samples per checkpoint (default 500)")
     _fid_like(r)
     _common(r)
+    _t2i_parser(es)
     e.set_defaults(eval_parser=e)
     return e
 
@@ -88,7 +140,17 @@ def run(args) -> int:
     progress = not args.no_progress
     if args.batch_size < 1:
         raise OnestepError("--batch-size must be at least 1")
-    if args.eval_command == "clip":
+    if args.eval_command == "t2i":
+        from .t2i import t2i_command
+
+        rec = t2i_command(
+            student=args.student, captions=args.captions, images=args.images, clip_model=args.clip_model, num_samples=args.num_samples,
+            resolution=args.resolution, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale, extractor=args.extractor,
+            inception_weights=args.inception_weights, batch_size=args.batch_size, kid=not args.no_kid, kid_subset_size=args.kid_subset_size,
+            prc=not args.no_prc, save_images=args.save_images, out=args.out, report=args.report, device=args.device,
+            cache_dir=args.cache_dir, progress=progress,
+        )
+    elif args.eval_command == "clip":
         rec = commands.clip_command(
             prompts=args.prompts, clip_model=args.clip_model, student=args.student, images=args.images,
             caption_column=args.caption_column, num_samples=args.num_samples, steps=args.steps, seed=args.seed,
@@ -102,7 +164,7 @@ def run(args) -> int:
             ref=args.ref if args.ref is not None or args.ref_stats else "digits", ref_stats=args.ref_stats,
             extractor=args.extractor, inception_weights=args.inception_weights, num_samples=args.num_samples,
             seed=args.seed, batch_size=args.batch_size, kid=not args.no_kid, kid_subset_size=args.kid_subset_size,
-            out=args.out, report=args.report, device=args.device, cache_dir=args.cache_dir, progress=progress,
+            out=args.out, report=args.report, device=args.device, cache_dir=args.cache_dir, progress=progress, prc=not args.no_prc,
         )
         if args.eval_command == "fid":
             rec = commands.fid_command(student=args.student, images=args.images, steps=args.steps, **common)

@@ -62,7 +62,56 @@ def clip_score(
     return {"clip_score": float(s.mean()), "clip_score_std": float(s.std()) if len(s) > 1 else 0.0, "per_sample": s.tolist()}
 
 
+def open_pipeline(folder: str | Path, device: torch.device | str = "cpu", what: str = "CLIP scoring"):
+    """Load a text-to-image student folder that is a diffusers pipeline (``model_index.json``; safetensors
+    only) onto ``device``, progress bar off. Returns ``(pipeline, the onestep.json fields or {})``."""
+    from diffusers import DiffusionPipeline
+
+    from onestep.export import read_student_meta
+    from onestep.files import PICKLE_SUFFIXES
+
+    folder = Path(folder).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise OnestepError(
+            f"{folder}: not a text-to-image student (no model_index.json); {what} samples a diffusers pipeline "
+            "folder, or scores a folder of images with --images"
+        )
+    pickles = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise OnestepError(f"{folder} holds pickle files ({', '.join(pickles[:3])}); onestep loads safetensors only")
+    meta = read_student_meta(folder) if (folder / "onestep.json").is_file() else {}  # a damaged one: a clear error
+    pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, meta
+
+
 @torch.no_grad()
+def pipeline_images(
+    pipe, prompts: list[str], steps: int, seed: int = 0, guidance_scale: float = 1.0, batch_size: int = 32, progress: bool = False
+) -> torch.Tensor:
+    """One image per prompt from a loaded pipeline; image ``i`` uses seed ``seed + i`` (a CPU generator),
+    so an image does not depend on the batch size. Returns float images in [-1, 1] on CPU."""
+    from tqdm.auto import tqdm
+
+    outs = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, leave=False):
+        batch = prompts[i : i + batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(seed + i + j) for j in range(len(batch))]
+        img = pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="pt").images
+        outs.append(img.float().cpu() * 2 - 1)  # [0, 1] -> [-1, 1]
+    return torch.cat(outs)
+
+
+def pipeline_steps(meta: dict[str, Any], steps: int | None) -> int:
+    """``steps``, else ``len(timesteps)`` of the student's ``onestep.json`` (1 when absent)."""
+    return steps if steps is not None else len(meta.get("timesteps", [0]))
+
+
+def pipeline_info(folder: str | Path, meta: dict[str, Any], steps: int) -> dict[str, Any]:
+    """What an evaluation records about a pipeline student."""
+    return {"path": str(Path(folder).expanduser()), "method": meta.get("method"), "teacher": meta.get("teacher"), "timesteps": meta.get("timesteps"), "steps": steps}
+
+
 def sample_pipeline(
     folder: str | Path,
     prompts: list[str],
@@ -76,31 +125,7 @@ def sample_pipeline(
     """Images of a text-to-image student folder that is a diffusers pipeline (``model_index.json``),
     one per prompt; image ``i`` uses seed ``seed + i``. ``steps`` defaults to ``len(timesteps)`` of the
     folder's ``onestep.json`` (1 when absent). Returns ``(float images in [-1, 1], student info)``."""
-    from diffusers import DiffusionPipeline
-    from tqdm.auto import tqdm
-
-    from onestep.export import read_student_meta
-    from onestep.files import PICKLE_SUFFIXES
-
-    folder = Path(folder).expanduser()
-    if not (folder / "model_index.json").is_file():
-        raise OnestepError(
-            f"{folder}: not a text-to-image student (no model_index.json); CLIP scoring samples a diffusers pipeline "
-            "folder, or scores a folder of images with --images"
-        )
-    pickles = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise OnestepError(f"{folder} holds pickle files ({', '.join(pickles[:3])}); onestep loads safetensors only")
-    meta = read_student_meta(folder) if (folder / "onestep.json").is_file() else {}  # a damaged one: a clear error
-    if steps is None:
-        steps = len(meta.get("timesteps", [0]))
-    pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    outs = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, leave=False):
-        batch = prompts[i : i + batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(seed + i + j) for j in range(len(batch))]
-        img = pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="pt").images
-        outs.append(img.float().cpu() * 2 - 1)  # [0, 1] -> [-1, 1]
-    info = {"path": str(folder), "method": meta.get("method"), "teacher": meta.get("teacher"), "timesteps": meta.get("timesteps"), "steps": steps}
-    return torch.cat(outs), info
+    pipe, meta = open_pipeline(folder, device)
+    steps = pipeline_steps(meta, steps)
+    x = pipeline_images(pipe, prompts, steps, seed=seed, guidance_scale=guidance_scale, batch_size=batch_size, progress=progress)
+    return x, pipeline_info(folder, meta, steps)

@@ -1,4 +1,5 @@
-"""``onestep eval fid | clip | run``: what each command does, called by :mod:`onestep.cli`.
+"""``onestep eval fid | clip | run``: what each command does, called by :mod:`onestep.cli`
+(``onestep eval t2i`` lives in :mod:`onestep.eval.t2i`).
 
 Each writes ``metrics.json`` into its output folder, prints a short table, and with
 ``report=True`` adds ``report.md`` with its plots.
@@ -17,7 +18,8 @@ from onestep.runtime import default_device
 
 from .report import format_table, markdown_table, plot_curve, save_grid, student_info, write_metrics, write_report
 
-FID_COLUMNS = ["what", "fid", "kid", "kid_std", "class_acc", "samples", "steps"]
+FID_COLUMNS = ["what", "fid", "kid", "kid_std", "precision", "recall", "class_acc", "samples", "steps"]
+RUN_COLUMNS = ["what", "step", "fid", "kid", "precision", "recall", "class_acc", "samples"]
 
 
 def default_out(path: str | Path, command: str) -> Path:
@@ -63,8 +65,9 @@ def fid_command(
     device: str | None = None,
     cache_dir: str | None = None,
     progress: bool = True,
+    prc: bool = True,
 ) -> dict[str, Any]:
-    """FID/KID of a student (sampled for seeds ``seed .. seed+N-1``) or of a folder of images."""
+    """FID/KID and precision/recall of a student (sampled for seeds ``seed .. seed+N-1``) or of a folder of images."""
     from onestep.export import load_student
 
     from .extractors import check_weights_early, resolve_extractor
@@ -93,11 +96,12 @@ def fid_command(
     t1 = time.perf_counter()
     m = compute_fid_kid(
         x, ref=ref, extractor=extractor, ref_stats=ref_stats, cache_dir=cache_dir, batch_size=batch_size, device=dev,
-        inception_weights=inception_weights, kid=kid, kid_subset_size=kid_subset_size, seed=seed, progress=progress,
+        inception_weights=inception_weights, kid=kid, kid_subset_size=kid_subset_size, seed=seed, progress=progress, prc=prc,
     )
     t2 = time.perf_counter()
     acc = _class_accuracy(x, labels) if student is not None and _is_digits_student(s) else None
-    metrics = {k: m.get(k) for k in ("fid", "kid", "kid_std")} | ({"class_accuracy": acc} if acc is not None else {})
+    metrics = {k: m.get(k) for k in ("fid", "kid", "kid_std") + (("precision", "recall") if prc else ())}
+    metrics |= {"class_accuracy": acc} if acc is not None else {}
     record.update(
         metrics=metrics,
         num_samples=len(x),
@@ -106,11 +110,14 @@ def fid_command(
         preprocessing=m["preprocessing"],
         kid_subset_size=m.get("kid_subset_size"),
         kid_subsets=m.get("kid_subsets"),
+        prc_neighborhood=m.get("prc_neighborhood"),
+        **({"prc_note": m["prc_note"]} if m.get("prc_note") else {}),
         batch_size=batch_size,
         device=str(dev),
         seconds={"sampling": t1 - t0, "features_and_metrics": t2 - t1},
     )
-    row = {"what": name, "fid": m["fid"], "kid": m.get("kid"), "kid_std": m.get("kid_std"), "class_acc": acc, "samples": len(x), "steps": record.get("steps")}
+    row = {"what": name, "fid": m["fid"], "kid": m.get("kid"), "kid_std": m.get("kid_std"), "precision": m.get("precision"), "recall": m.get("recall"),
+           "class_acc": acc, "samples": len(x), "steps": record.get("steps")}
     record["rows"] = [row]
     outdir = Path(out) if out else default_out(src, "fid")
     write_metrics(outdir, record)
@@ -144,6 +151,7 @@ def run_command(
     device: str | None = None,
     cache_dir: str | None = None,
     progress: bool = True,
+    prc: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every ``checkpoint-N`` of a training run (the weights an export would hold: EMA when on) and its exported
     ``student/`` (the EMA weights when EMA was on) on the same seeds; write the curve."""
@@ -174,9 +182,10 @@ def run_command(
         gen = load_generator_from_checkpoint(student, ckpt) if ckpt is not None else None
         x, labels, timesteps = sample_student_images(student, num_samples, None, seed, batch_size, dev, progress, generator=gen)
         feats = extract_features(x, extractor, batch_size, dev, inception_weights, progress)
-        m = fid_kid_from_features(feats, ref_s, kid=kid, kid_subset_size=kid_subset_size, seed=seed)
+        m = fid_kid_from_features(feats, ref_s, kid=kid, kid_subset_size=kid_subset_size, seed=seed, prc=prc, device=dev)
         acc = _class_accuracy(x, labels) if digits else None
-        points.append({"what": what, "step": step, "fid": m["fid"], "kid": m.get("kid"), "kid_std": m.get("kid_std"), "class_acc": acc, "samples": len(x), "steps": len(timesteps)})
+        points.append({"what": what, "step": step, "fid": m["fid"], "kid": m.get("kid"), "kid_std": m.get("kid_std"), "precision": m.get("precision"),
+                       "recall": m.get("recall"), "class_acc": acc, "samples": len(x), "steps": len(timesteps)})
         last = (what, x)
     outdir = Path(out) if out else default_out(run_dir, "run")
     record = {
@@ -188,17 +197,18 @@ def run_command(
         "num_samples": num_samples,
         "seeds": [seed, seed + num_samples - 1],
         "reference": {"ref": ref, "stats": ref_s["path"], "cached": ref_s["cached"]},
+        "prc_neighborhood": 3 if prc else None,
         "weights": "checkpoint-N: the weights an export would hold (generator_export.safetensors with EMA or LoRA, else generator.safetensors); student: the export",
         "points": points,
         "device": str(dev),
     }
     write_metrics(outdir, record)
-    curve = plot_curve(points, ["fid", "kid", "class_acc"], outdir / "curve.png", title=f"{run_dir.name}: {spec.name}")
-    print(format_table(points, ["what", "step", "fid", "kid", "class_acc", "samples"]))
+    curve = plot_curve(points, ["fid", "kid", "recall", "class_acc"], outdir / "curve.png", title=f"{run_dir.name}: {spec.name}")
+    print(format_table(points, RUN_COLUMNS))
     if report:
         save_grid(last[1][:100], outdir / "samples.png", title=last[0])
         write_report(
-            outdir, f"Evaluation of the run {run_dir}", record, markdown_table(points, ["what", "step", "fid", "kid", "kid_std", "class_acc", "samples"]),
+            outdir, f"Evaluation of the run {run_dir}", record, markdown_table(points, RUN_COLUMNS[:4] + ["kid_std"] + RUN_COLUMNS[4:]),
             [("metric against training step", curve.name), (f"samples of {last[0]} (first 100)", "samples.png")],
         )
     record["out"] = str(outdir)

@@ -1,9 +1,10 @@
-"""FID and KID of generated images against reference statistics, through torch-fidelity.
+"""FID, KID, precision and recall of generated images against reference statistics, through torch-fidelity.
 
 FID is torch-fidelity's ``fid_statistics_to_metric`` on the two feature Gaussians, KID its
-``kid_features_to_metric`` (polynomial kernel, subsets). :func:`compute_fid_kid` is the whole
+``kid_features_to_metric`` (polynomial kernel, subsets), precision and recall its ``prc``
+(k-NN manifolds, k = 3; :mod:`onestep.eval.precision_recall`). :func:`compute_fid_kid` is the whole
 path: reference statistics (cached, :mod:`onestep.eval.stats_cache`), features of the generated
-images (:mod:`onestep.eval.extractors`), the two metrics.
+images (:mod:`onestep.eval.extractors`), the metrics.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ def fid_kid_from_features(
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     seed: int = 0,
+    prc: bool = True,
+    prc_k: int = 3,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """FID (torch-fidelity's ``fid_statistics_to_metric``) and KID (``kid_features_to_metric``, polynomial
+    """FID (torch-fidelity's ``fid_statistics_to_metric``), KID (``kid_features_to_metric``, polynomial
     kernel of degree 3, ``kid_subsets`` subsets of ``min(kid_subset_size, N_gen, N_ref)`` images each)
-    of generated features against reference statistics."""
+    and, with ``prc``, precision and recall (k-NN manifolds with ``prc_k`` neighbours,
+    :func:`onestep.eval.precision_recall.precision_recall`, distances on ``device``) of generated
+    features against reference statistics. KID and precision/recall need the reference features."""
     import_torch_fidelity()
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
@@ -56,6 +62,13 @@ def fid_kid_from_features(
         out.update(kid=k[KEY_METRIC_KID_MEAN], kid_std=k[KEY_METRIC_KID_STD], kid_subset_size=size, kid_subsets=kid_subsets)
     elif kid:
         out.update(kid=None, kid_note="the reference statistics file holds no features; KID needs them")
+    if prc and ref.get("features") is not None and min(len(features), len(ref["features"])) > prc_k:
+        from .precision_recall import precision_recall
+
+        out.update(precision_recall(features, ref["features"], k=prc_k, device=device))
+    elif prc:
+        why = "the reference statistics file holds no features" if ref.get("features") is None else f"fewer than {prc_k + 1} images a side"
+        out.update(precision=None, recall=None, prc_note=f"{why}; precision/recall (k={prc_k}) need them")
     return out
 
 
@@ -72,8 +85,10 @@ def compute_fid_kid(
     kid_subset_size: int = 1000,
     seed: int = 0,
     progress: bool = False,
+    prc: bool = True,
+    prc_k: int = 3,
 ) -> dict[str, Any]:
-    """FID and KID of ``fake`` (images, or a folder of them) against a reference, with torch-fidelity.
+    """FID, KID, precision and recall of ``fake`` (images, or a folder of them) against a reference, with torch-fidelity.
 
     Args:
         fake: uint8 or [-1, 1] float images ``(N, C, H, W)``, or a folder (see :func:`onestep.eval.images.load_images`).
@@ -82,14 +97,14 @@ def compute_fid_kid(
         ref_stats: a statistics ``.npz`` to read, or to write on first use.
 
     Returns:
-        ``{"fid", "kid", "kid_std", "num_fake", "num_ref", "extractor", "preprocessing", "ref_stats", "ref_cached", ...}``
+        ``{"fid", "kid", "kid_std", "precision", "recall", "num_fake", "num_ref", "extractor", "preprocessing", "ref_stats", "ref_cached", ...}``
     """
     check_weights_early(extractor, inception_weights)  # fail fast, before any extraction
     spec = resolve_extractor(extractor)
     ref_s = reference_statistics(ref, extractor, ref_stats, cache_dir, batch_size, device, inception_weights, progress)
     images = load_images(fake) if isinstance(fake, (str, Path)) else fake
     feats = extract_features(images, extractor, batch_size, device, inception_weights, progress)
-    out = fid_kid_from_features(feats, ref_s, kid=kid, kid_subset_size=kid_subset_size, seed=seed)
+    out = fid_kid_from_features(feats, ref_s, kid=kid, kid_subset_size=kid_subset_size, seed=seed, prc=prc, prc_k=prc_k, device=device)
     out.update(
         num_fake=len(feats),
         num_ref=ref_s["meta"].get("num_images", None if ref_s["features"] is None else len(ref_s["features"])),

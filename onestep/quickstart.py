@@ -2,7 +2,9 @@
 
 The scores compare the one-step student with the teacher's 50-step samples on the same seeds
 and classes (classes in turn, ``FID_SAMPLES`` images a side by default): digits-FID against all
-1797 real digits (:func:`onestep.eval.digits_fid`) and class accuracy (the digits SVC of
+1797 real digits (:func:`onestep.eval.digits_fid`), precision and recall on the same features
+(k-NN manifolds, k = 3, :func:`onestep.eval.precision_recall.precision_recall`: a mode-seeking
+student shows as a low recall) and class accuracy (the digits SVC of
 :func:`onestep.digits.classify_digits`).
 """
 
@@ -104,14 +106,17 @@ def compare_student_teacher(
 def digits_scores(student_images: torch.Tensor, teacher_images: torch.Tensor) -> dict[str, Any]:
     """digits-FID of both sample sets against all 1797 real digits, and the floor: as many real
     digits (a fixed random subset, seed 0) against the same reference. The floor is a lower bound,
-    as those digits are part of the reference."""
+    as those digits are part of the reference. Then precision and recall (k = 3) of both sets on
+    the same features and reference, and the recall of that real subset (what a sampler of the
+    real distribution gets with as many samples; its precision is 1, as it is part of the reference)."""
     from onestep.digits import digits_dataset
-    from onestep.eval import digits_fid
+    from onestep.eval import digits_features, digits_fid
+    from onestep.eval.precision_recall import precision_recall
 
     n = len(student_images)
     real = digits_dataset()[0]
     subset = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]]
-    return {
+    scores = {
         "fid_extractor": "onestep-digits (the shipped digits classifier, onestep.eval.digits_fid)",
         "fid_reference": f"all {len(real)} real digits",
         "fid_samples": n,
@@ -119,6 +124,18 @@ def digits_scores(student_images: torch.Tensor, teacher_images: torch.Tensor) ->
         "teacher_digits_fid": digits_fid(teacher_images),
         "real_digits_fid_floor": digits_fid(subset),
     }
+    real_f = digits_features(real)
+    pr = {who: precision_recall(digits_features(x), real_f) for who, x in (("student", student_images), ("teacher", teacher_images), ("real_digits", subset))}
+    scores.update(
+        prc_neighborhood=pr["student"]["prc_neighborhood"],
+        prc_reference=f"all {len(real)} real digits, digits-classifier features (as digits-FID)",
+        student_precision=pr["student"]["precision"],
+        student_recall=pr["student"]["recall"],
+        teacher_precision=pr["teacher"]["precision"],
+        teacher_recall=pr["teacher"]["recall"],
+        real_digits_recall=pr["real_digits"]["recall"],
+    )
+    return scores
 
 
 def print_scores(report: dict[str, Any]) -> None:
@@ -128,6 +145,8 @@ def print_scores(report: dict[str, Any]) -> None:
     rows = [
         ("ms/image", f"{report['student_sec_per_image'] * 1e3:.2f}", f"{report['teacher_sec_per_image'] * 1e3:.2f}"),
         (f"digits-FID ({n} samples)", f"{report['student_digits_fid']:.3f}", f"{report['teacher_digits_fid']:.3f}"),
+        (f"precision (k={report['prc_neighborhood']})", f"{report['student_precision']:.3f}", f"{report['teacher_precision']:.3f}"),
+        (f"recall (k={report['prc_neighborhood']})", f"{report['student_recall']:.3f}", f"{report['teacher_recall']:.3f}"),
         (f"class accuracy ({report['class_accuracy_samples']})", f"{report['student_class_accuracy']:.1%}", f"{report['teacher_class_accuracy']:.1%}"),
     ]
     w0 = max(len(r[0]) for r in rows)
@@ -135,7 +154,10 @@ def print_scores(report: dict[str, Any]) -> None:
     print(f"{'':{w0}}  {heads[0]:>{w[0]}}  {heads[1]:>{w[1]}}")
     for name, a, b in rows:
         print(f"{name:{w0}}  {a:>{w[0]}}  {b:>{w[1]}}")
-    print(f"speed-up: {report['speedup']:.0f}x; digits-FID of {n} real digits against the same reference: {report['real_digits_fid_floor']:.3f}")
+    print(
+        f"speed-up: {report['speedup']:.0f}x; {n} real digits against the same reference: digits-FID {report['real_digits_fid_floor']:.3f}, "
+        f"recall {report['real_digits_recall']:.3f}"
+    )
 
 
 def run_quickstart(out: Path, max_steps: int | None = None, timing_samples: int = 100, fid_samples: int = FID_SAMPLES) -> dict[str, Any]:
