@@ -128,7 +128,8 @@ def build_app(model: DemoModel, allow_load: bool = True):
         )
 
     has_teacher = model.teacher is not None
-    with gr.Blocks(title="onestep demo", analytics_enabled=False) as app:
+    # delete_cache: Gradio keeps every image it served under /tmp/gradio; drop those over an hour old, hourly
+    with gr.Blocks(title="onestep demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown("# onestep: one-step sampling")
         header = gr.Markdown(model.describe(), elem_id="demo-header")
         with gr.Row():

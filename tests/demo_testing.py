@@ -1,5 +1,6 @@
 """Test support: helpers to drive a running demo from outside. ``tests/test_demo.py`` imports them, and
-``benchmarks/demo_latency.py`` too (it puts this folder on ``sys.path``); they are not installed.
+``benchmarks/demo_latency.py`` and ``benchmarks/demo_load.py`` too (they put this folder on ``sys.path``); they are
+not installed.
 
 - :func:`start_demo` runs ``onestep demo`` as its own process on a free localhost port and waits
   until the page answers; :func:`stop_demo` ends that process by its PID.
