@@ -1,9 +1,10 @@
 """Kill every trainer for real at every kind of moment, resume, and compare bit for bit.
 
     python benchmarks/kill_matrix.py                                   # every trainer, 1 and 2 processes
-    python benchmarks/kill_matrix.py --methods dmd2 sid --launches 1 2-fsdp --repeats 2 --json kills.json
+    python benchmarks/kill_matrix.py --cases dmd2 sid --launches 1 2-fsdp --repeats 2 --json kills.json
 
-For each trainer (on a tiny diffusers UNet teacher built from config) and each launch (``1``: one
+For each trainer (on a tiny diffusers UNet teacher built from config; DisBack twice, killed first
+in its recording stage and first in its backtracking stage) and each launch (``1``: one
 process; ``2``: ``accelerate launch`` with two CPU processes; ``2-fsdp``: the same, sharded) it runs
 the same config twice from scratch: once uninterrupted, once SIGKILLed during an iteration, then
 (resumed with ``--resume latest``) killed while a checkpoint is being written, then (resumed) killed
@@ -34,7 +35,7 @@ def main() -> int:
     from test_kill_resume import CASES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(CASES), choices=list(CASES), help="trainers to kill (default: all)")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="trainers (and DisBack stages) to kill (default: all)")
     p.add_argument("--launches", nargs="+", default=["1", "2"], choices=["1", "2", "2-fsdp"], help="process counts (default: 1 2)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each row, each with other random kill delays")
     p.add_argument("--max-steps", type=int, default=10, help="iterations of each run (a checkpoint every 2)")
@@ -46,12 +47,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     teacher = make_tiny_teacher(work / "teacher")
     rows = []
-    for method in args.methods:
-        overrides, _, first = CASES[method]
+    for case in args.cases:
+        method, overrides, _, first = CASES[case]
         for launch_kind in args.launches:
             processes, fsdp = int(launch_kind[0]), launch_kind.endswith("fsdp")
             for repeat in range(args.repeats):
-                folder = work / f"{method}-{launch_kind}-{repeat}"
+                folder = work / f"{case}-{launch_kind}-{repeat}"
                 folder.mkdir()
                 values = {"max_steps": args.max_steps, "checkpoint_every": 2, "checkpoint_total_limit": 0, "preview_every": 0}
                 config = write_config(
@@ -65,12 +66,12 @@ def main() -> int:
                 rc = reference.wait()
                 diff = differing(final_tensors(folder / "reference"), final_tensors(folder / "killed")) if rc == 0 else ["reference failed"]
                 row = {
-                    "method": method, "launch": launch_kind, "repeat": repeat, "kills": hits,
+                    "case": case, "method": method, "launch": launch_kind, "repeat": repeat, "kills": hits,
                     "tensors": len(final_tensors(folder / "reference")) if rc == 0 else 0,
                     "identical": not diff, "differing": diff[:5], "seconds": round(time.perf_counter() - t0, 1),
                 }
                 rows.append(row)
-                print(f"{method:14s} {launch_kind:6s} #{repeat} {'identical' if not diff else 'DIFFERENT'} "
+                print(f"{case:18s} {launch_kind:6s} #{repeat} {'identical' if not diff else 'DIFFERENT'} "
                       f"({row['tensors']} tensors, {row['seconds']} s): " + "; ".join(hits), flush=True)
                 if not args.keep:
                     shutil.rmtree(folder)

@@ -16,18 +16,24 @@ from kill_testing import differing, final_tensors, killed_then_resumed, launch, 
 #: Each run starts a fresh interpreter (5-10 s of imports): the uninterrupted reference runs beside the killed one.
 SLOW = pytest.mark.slow
 
-#: method -> (config overrides, the moment of the kill, the first checkpoint a "step" kill waits for)
+#: case -> (method, config overrides, the moment of the kill, the first checkpoint a "step" kill waits for)
 CASES = {
     # DMD2 with its update ratio (K=2), GAN head and EMA
-    "dmd2": (dict(fake_updates_per_generator=2, gan_weight_generator=0.1, ema_decay=0.9), "checkpoint", 2),
+    "dmd2": ("dmd2", dict(fake_updates_per_generator=2, gan_weight_generator=0.1, ema_decay=0.9), "checkpoint", 2),
     # f-distill: the running ratio means are part of the state
-    "fdistill": (dict(gan_weight_generator=0.1, gan_weight_discriminator=0.1), "step", 2),
-    "sid": (dict(), "export", 2),
-    "vsd": (dict(fake_score="lora", lora_rank=2), "step", 4),
+    "fdistill": ("fdistill", dict(gan_weight_generator=0.1, gan_weight_discriminator=0.1), "step", 2),
+    "sid": ("sid", dict(), "export", 2),
+    "vsd": ("vsd", dict(fake_score="lora", lora_rank=2), "step", 4),
     # DisBack: nodes 0-2 recorded in steps 0-4 (generator frozen), then the backtracking stage; killed in it
-    "disback-dmd2": (dict(disback_nodes=2, disback_record_steps=4, disback_interval=1, fake_updates_per_generator=1), "step", 6),
+    "disback-backtrack": (
+        "disback-dmd2", dict(disback_nodes=2, disback_record_steps=4, disback_interval=1, fake_updates_per_generator=1), "step", 6,
+    ),
+    # ... and killed while recording its nodes (steps 0-7, nodes written at 0, 4 and 8)
+    "disback-record": (
+        "disback-dmd2", dict(disback_nodes=2, disback_record_steps=8, disback_interval=1, fake_updates_per_generator=1), "step", 2,
+    ),
     # consistency distillation with its EMA target
-    "consistency": (dict(num_ddim_timesteps=10, target_ema_decay=0.9), "checkpoint", 2),
+    "consistency": ("consistency", dict(num_ddim_timesteps=10, target_ema_decay=0.9), "checkpoint", 2),
 }
 
 
@@ -42,25 +48,25 @@ def _assert_same_run(reference, resumed):
 
 
 @SLOW
-@pytest.mark.parametrize("method", list(CASES))
-def test_a_killed_run_resumes_bit_identical(method, tmp_path, tiny_teacher_dir):
-    overrides, phase, first = CASES[method]
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_killed_run_resumes_bit_identical(case, tmp_path, tiny_teacher_dir):
+    method, overrides, phase, first = CASES[case]
     config = _config(method, tmp_path, tiny_teacher_dir, **overrides)
     reference = launch(config, tmp_path / "reference", log=tmp_path / "reference.log")
-    hits = killed_then_resumed(config, tmp_path / "killed", [phase], first, seed=len(method))
+    hits = killed_then_resumed(config, tmp_path / "killed", [phase], first, seed=len(case))
     assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     assert hits[0] != "finished first" and hits[0].startswith({"step": "step", "checkpoint": "checkpoint", "export": "export"}[phase])
     _assert_same_run(tmp_path / "reference", tmp_path / "killed")
     if method.startswith("disback"):  # the nodes are compared above; the stage record too
         states = [json.loads((tmp_path / r / "disback" / "state.json").read_text()) for r in ("reference", "killed")]
-        assert states[0] == states[1] and states[0]["stage"] == "backtrack"
+        assert states[0] == states[1] and states[0]["stage"] == "backtrack" and len(states[0]["nodes"]) == 3
 
 
 @SLOW
 def test_a_two_process_run_killed_twice_resumes_bit_identical(tmp_path, tiny_teacher_dir):
     """Under `accelerate launch` the kill takes the launcher and both ranks; each rank's random state and the
     shared weights come back from the checkpoint."""
-    overrides, _, _ = CASES["dmd2"]
+    _, overrides, _, _ = CASES["dmd2"]
     config = _config("dmd2", tmp_path, tiny_teacher_dir, **{**overrides, "max_steps": 6})
     reference = launch(config, tmp_path / "reference", processes=2, log=tmp_path / "reference.log")
     assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
