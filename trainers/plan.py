@@ -138,8 +138,11 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
 
 
 def resident_bytes(rows: list[Row]) -> int:
-    """Bytes held through training (text encoders freed after encoding excluded)."""
-    return sum(r.bytes for r in rows if "freed after" not in r.what)
+    """Bytes held at the peak of training: every row but the text encoders freed after encoding, and of
+    the gradients only the larger network's (the loop frees each network's gradients after its update)."""
+    held = [r for r in rows if "freed after" not in r.what]
+    grads = [r.bytes for r in held if r.what.startswith("gradients")]
+    return sum(r.bytes for r in held if not r.what.startswith("gradients")) + max(grads, default=0)
 
 
 def format_plan(rows: list[Row], assumptions: dict[str, str], gpus: tuple[int, ...] = (24, 48, 80)) -> str:
@@ -151,8 +154,8 @@ def format_plan(rows: list[Row], assumptions: dict[str, str], gpus: tuple[int, .
     for r in rows:
         lines.append(f"{r.role:{width}s}  {r.what:52s} {r.params:>14,d} {r.bytes / GIB:>8.2f}")
     total = resident_bytes(rows)
-    lines += ["", f"held through training: {total / GIB:.2f} GiB (one process, unsharded; FSDP divides the trained "
-                  "rows by the number of processes)"]
+    lines += ["", f"held through training: {total / GIB:.2f} GiB (one process, unsharded; gradients of one network at a "
+                  "time; FSDP divides the trained rows by the number of processes)"]
     fits = "; ".join(f"{g} GiB: {(g * GIB - total) / GIB:.1f} left" if total < g * GIB else f"{g} GiB: does not fit" for g in gpus)
     lines.append(f"for activations (not counted) on a device of {fits}")
     return "\n".join(lines)
