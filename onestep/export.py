@@ -143,6 +143,18 @@ def export_student(
     return out
 
 
+def record_metrics(student: str | Path, metrics: dict[str, Any]) -> None:
+    """Add what was measured of a student (``metrics``: name -> value, plus ``samples`` / ``reference``)
+    to its ``onestep.json`` and model card; each file is replaced whole."""
+    from .files import write_text
+
+    out = Path(student)
+    meta = json.loads((out / META_FILE).read_text())
+    meta["metrics"] = {**(meta.get("metrics") or {}), **metrics}
+    write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    write_text(out / "README.md", model_card(meta))
+
+
 def write_lcm_scheduler(out: str | Path, meta: dict[str, Any]) -> Path | None:
     """Write an ``LCMScheduler`` config for a consistency student, so that plain diffusers samples
     it in K steps (``scheduler.set_timesteps(K)`` picks the same timesteps as onestep).

@@ -117,6 +117,7 @@ def model_card(meta: dict[str, Any]) -> str:
     ]
     if config:
         lines.append(f"- trained for {config.get('max_steps')} iterations, batch {config.get('batch_size')}, seed {config.get('seed')}")
+    lines += _metric_lines(meta.get("metrics") or {})
     lines += ["", "Written by onestep with safetensors only; `onestep.json` holds the full metadata.", "", "## Load it", ""]
     pipeline = meta["generator_subfolder"] in ("unet", "transformer")
     if pipeline:
@@ -147,6 +148,17 @@ def model_card(meta: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines + _variant_lines(meta, pipeline) + _lora_lines(meta, steps))
+
+
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """``onestep.json``'s ``metrics`` (the run's last periodic evaluation, or what the quickstart measured)."""
+    where = {k: metrics[k] for k in ("step", "samples", "reference") if k in metrics}
+    values = {k: v for k, v in metrics.items() if k not in where}
+    if not values:
+        return []
+    shown = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}" for k, v in values.items())
+    context = ", ".join(f"{k} {v}" for k, v in where.items())
+    return [f"- measured: {shown}" + (f" ({context})" if context else "")]
 
 
 def _variant_lines(meta: dict[str, Any], pipeline: bool) -> list[str]:

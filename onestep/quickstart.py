@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .digits import NUM_CLASSES, classify_digits
-from .export import load_student
+from .export import load_student, record_metrics
 from .runtime import default_device, timed
 from .teachers import load_teacher
 from .viz import save_comparison
@@ -176,6 +176,11 @@ def run_quickstart(out: Path, max_steps: int | None = None, timing_samples: int 
     report = {"preset": PRESET, "student": str(student_dir), "distill_wall_seconds": wall, "iterations": config.max_steps}
     report.update(compare_student_teacher(Path(student_dir), out, timing_samples=timing_samples, fid_samples=fid_samples))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    record_metrics(student_dir, {  # the student's card says what the quickstart measured of it
+        "digits_fid": report["student_digits_fid"], "teacher_digits_fid": report["teacher_digits_fid"],
+        "precision": report["student_precision"], "recall": report["student_recall"],
+        "class_accuracy": report["student_class_accuracy"], "samples": report["fid_samples"], "reference": report["fid_reference"],
+    })
     print_scores(report)
     print(f"wrote {out / 'samples.png'}, {out / 'report.json'} and the student in {student_dir}")
     return report

@@ -50,3 +50,8 @@ def test_quickstart_end_to_end_short(tmp_path, capsys):
     assert (out / "student" / "generator" / "diffusion_pytorch_model.safetensors").exists()
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "ms/image" in printed and "digits-FID (90 samples)" in printed
+    # the student's card and onestep.json say what was measured of it
+    meta = json.loads((out / "student" / "onestep.json").read_text())
+    assert meta["metrics"]["digits_fid"] == report["student_digits_fid"] and meta["metrics"]["samples"] == 90
+    card = (out / "student" / "README.md").read_text()
+    assert f"digits fid {report['student_digits_fid']:.4g}" in card and "recall" in card

@@ -120,6 +120,8 @@ def test_cli_run_logs_preview_images_both_lrs_and_digits_fid_to_tensorboard(tmp_
     student = load_student(run / "student")
     x, _ = sample_student_from_seeds(student.generator, student, student.timesteps, range(n), [i % 10 for i in range(n)])
     assert fid[4] == pytest.approx(digits_fid(x), rel=1e-5)
+    assert student.meta["metrics"] == {"digits_fid": pytest.approx(fid[4], rel=1e-6), "step": 4, "samples": n}  # on the card too
+    assert f"digits fid {student.meta['metrics']['digits_fid']:.4g} (step 4, samples {n})" in (run / "student" / "README.md").read_text()
 
 
 # ------------------------------------------------------ periodic evaluation

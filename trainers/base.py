@@ -159,6 +159,7 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         self._place_networks()
         self.warm_start = RegressionWarmStart(self)
         self.nonfinite_updates, self.nonfinite_in_a_row = 0, {}  # updates skipped for non-finite gradients
+        self.run_metrics: dict[str, Any] = {}  # the latest periodic evaluation (eval_every), for the student's card
 
     # ---------------------------------------------------------------- hooks
     def build_heads(self) -> dict[str, nn.Module]:

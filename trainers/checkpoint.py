@@ -327,7 +327,7 @@ class CheckpointMixin:
 
         c = self.config
         self.check_finite("student")
-        extra = {"config": config_to_dict(c), **self.export_meta()}
+        extra = {"config": config_to_dict(c), **self.export_meta(), **({"metrics": self.run_metrics} if self.run_metrics else {})}
         lora, why_not = None, None  # a LoRA generator of an SD / SDXL teacher: its adapters as a diffusers LoRA file too
         if c.generator_lora_rank:
             why_not = diffusers_lora_blocker(self.generator.backbone, self.teacher_spec, c.export_average_with, c.init_generator)

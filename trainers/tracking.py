@@ -204,6 +204,7 @@ class RunTracking:
         acc.log(logs, step=step)
         logger.info(f"step {step}: eval/{self.metric} = {value:.4g} ({n} samples)")
         self.shown = {self.metric: f"{value:.3g}"}
+        tr.run_metrics = {self.metric: value, "step": step, "samples": n}
         return logs
 
 
