@@ -55,6 +55,7 @@ from .conditioning import Conditioning
 from .denoiser import Denoiser
 from .errors import OnestepError, StudentFormatError
 from .export_variants import model_card, write_diffusers_lora, write_variant
+from .files import read_json_object
 from .pipeline import pipeline_sigmas, student_text_parts, write_pipeline_parts
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .teachers import PICKLE_SUFFIXES, Teacher
@@ -265,12 +266,7 @@ def read_student_meta(path: str | Path) -> dict[str, Any]:
     meta_file = Path(path) / META_FILE
     if not meta_file.is_file():
         raise StudentFormatError(f"{path} is not a onestep student: {META_FILE} is missing")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
-        raise StudentFormatError(f"{meta_file}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise StudentFormatError(f"{meta_file}: expected a JSON object of student metadata, found a {type(meta).__name__}")
+    meta = read_json_object(meta_file, StudentFormatError)
     version = meta.get("format_version")
     if not _is_int(version) or version != FORMAT_VERSION:
         newer = "; it was written by a newer onestep: upgrade onestep" if _is_int(version) and version > FORMAT_VERSION else ""

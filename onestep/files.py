@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -26,6 +27,18 @@ def staging_dir(final: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def read_json_object(file: Path, error: type[Exception]) -> dict:
+    """A JSON file holding one object (``model_index.json``, ``onestep.json``, ...); ``error`` (an
+    exception class) naming the file when it is not valid UTF-8 JSON or not an object."""
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+        raise error(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise error(f"{file}: expected a JSON object, found a {type(data).__name__}")
+    return data
 
 
 def write_file(path: Path, write: Callable[[Path], object]) -> Path:
@@ -57,4 +70,4 @@ def replace_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-__all__ = ["IMAGE_SUFFIXES", "PICKLE_SUFFIXES", "cache_dir", "replace_dir", "staging_dir", "write_file", "write_text"]
+__all__ = ["IMAGE_SUFFIXES", "PICKLE_SUFFIXES", "cache_dir", "read_json_object", "replace_dir", "staging_dir", "write_file", "write_text"]

@@ -48,6 +48,22 @@ def tiny_tokenizer():
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=TOKEN_LENGTH)
 
 
+def make_tiny_clip(out: str | Path, image_size: int = 16, max_positions: int = TOKEN_LENGTH) -> Path:
+    """A tiny random ``CLIPModel`` (seeded) saved with the offline byte-level CLIP tokenizer beside it:
+    a local CLIP folder for the CLIP score and SwiftBrush's CLIP loss."""
+    from transformers import CLIPConfig, CLIPModel
+
+    out = Path(out)
+    vocab = write_clip_vocab(out)
+    eos = vocab["<|endoftext|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=max_positions, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
+    vision = dict(image_size=image_size, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def tiny_text_config(vocab_size: int, projection_dim: int | None = None):
     from transformers import CLIPTextConfig
 

@@ -180,7 +180,7 @@ def _write_meta(**changes):
         (lambda s: (s / "onestep.json").unlink(), "is not a onestep student: onestep.json is missing"),
         (lambda s: (s / "onestep.json").write_text('{"format_version": 1,'), "onestep.json: not valid JSON"),
         (lambda s: (s / "onestep.json").write_bytes(b"\xff\xfe\x00\x81"), "onestep.json: not valid JSON"),
-        (lambda s: (s / "onestep.json").write_text("[1, 2]"), "expected a JSON object of student metadata, found a list"),
+        (lambda s: (s / "onestep.json").write_text("[1, 2]"), "onestep.json: expected a JSON object, found a list"),
         (_write_meta(format_version=2), "unsupported format_version 2 (expected 1); it was written by a newer onestep"),
         (_write_meta(format_version="1"), "unsupported format_version '1' (expected 1)"),
         (_write_meta(format_version=...), "unsupported format_version None"),

@@ -10,30 +10,11 @@ from onestep.errors import OnestepError
 from onestep.eval import clip_score, read_prompts
 
 
-def _byte_symbols() -> list[str]:
-    """The 256 byte-level BPE symbols (printable bytes as themselves, the rest shifted past 255)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in keep]
-    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
+    from t2i_fixtures import make_tiny_clip
 
-    d = tmp_path_factory.mktemp("tiny_clip")
-    syms = _byte_symbols()
-    vocab = {s: i for i, s in enumerate(syms)} | {s + "</w>": len(syms) + i for i, s in enumerate(syms)}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    eos = vocab["<|endoftext|>"]
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
-    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(d, safe_serialization=True)
-    return d
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), image_size=32, max_positions=77)
 
 
 PROMPTS = ["a photo of a three", "zero", "a seven, drawn badly", "eight", "one one one", "a nine"]

@@ -53,18 +53,9 @@ def tiny_sd_student(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from t2i_fixtures import write_clip_vocab
-    from transformers import CLIPConfig, CLIPModel
+    from t2i_fixtures import make_tiny_clip
 
-    d = tmp_path_factory.mktemp("clip")
-    vocab = write_clip_vocab(d)
-    eos = vocab["<|endoftext|>"]
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
-    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(d, safe_serialization=True)
-    return d
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"), image_size=32, max_positions=77)
 
 
 def test_subset_is_one_caption_per_image_fixed_by_the_seed(coco, tmp_path):

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import changed, state_of, tiny_config
-from t2i_fixtures import PROMPTS, image_dir, latent_cache_in_tmp, make_tiny_sd, make_tiny_sdxl, prompt_file  # noqa: F401 (fixtures)
+from t2i_fixtures import PROMPTS, image_dir, latent_cache_in_tmp, make_tiny_clip, make_tiny_sd, make_tiny_sdxl, prompt_file  # noqa: F401 (fixtures)
 
 from onestep.errors import ConfigError, OnestepError, TeacherError
 from onestep.teachers import load_teacher
@@ -381,25 +381,10 @@ def test_two_cpu_processes_train_a_text_to_image_student(sd_dir, prompt_file, tm
 # ------------------------------------------------------------------ SwiftBrush v2 CLIP loss
 
 
-def _tiny_clip_with_tokenizer(out):
-    """A tiny random CLIPModel saved with the offline byte-level CLIP tokenizer beside it."""
-    from t2i_fixtures import TOKEN_LENGTH, write_clip_vocab
-    from transformers import CLIPConfig, CLIPModel
-
-    vocab = write_clip_vocab(out)
-    eos = vocab["<|endoftext|>"]
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=TOKEN_LENGTH, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
-    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(out, safe_serialization=True)
-    return out
-
-
 def test_vsd_clip_loss_scores_decoded_images_against_their_prompts(sd_dir, prompt_file, tmp_path):
     from onestep.trainers import make_trainer
 
-    clip_dir = _tiny_clip_with_tokenizer(tmp_path / "clip")
+    clip_dir = make_tiny_clip(tmp_path / "clip")
     base = dict(prompts=str(prompt_file), generator_timesteps=[999], batch_size=3, max_steps=1, export=False,
                 fake_updates_per_generator=1, lora_rank=2, clip_model=str(clip_dir), clip_tau=1.5)
     tr = make_trainer(tiny_config("vsd", tmp_path / "a", sd_dir, clip_weight=5.0, clip_decay_steps=4, **base))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import state_of, tiny_config
-from t2i_fixtures import latent_cache_in_tmp, make_tiny_sd, prompt_file  # noqa: F401 (fixtures)
+from t2i_fixtures import latent_cache_in_tmp, make_tiny_clip, make_tiny_sd, prompt_file  # noqa: F401 (fixtures)
 
 from onestep.cli import main
 from onestep.errors import ConfigError
@@ -178,21 +178,6 @@ def test_eval_every_is_refused_where_nothing_can_be_scored(tmp_path, tiny_teache
     assert not (tmp_path / "run").exists()
 
 
-def _tiny_clip(out: Path) -> Path:
-    """A tiny random CLIPModel with the offline byte-level CLIP tokenizer beside it."""
-    from t2i_fixtures import TOKEN_LENGTH, write_clip_vocab
-    from transformers import CLIPConfig, CLIPModel
-
-    vocab = write_clip_vocab(out)
-    eos = vocab["<|endoftext|>"]
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=TOKEN_LENGTH, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
-    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(out, safe_serialization=True)
-    return out
-
-
 def test_text_to_image_eval_is_the_clip_score_of_the_decoded_validation_prompts(tmp_path, prompt_file):
     from onestep.eval import clip_score
 
@@ -200,7 +185,7 @@ def test_text_to_image_eval_is_the_clip_score_of_the_decoded_validation_prompts(
     base = dict(prompts=str(prompt_file), batch_size=1, max_steps=2, export=False, generator_timesteps=[999])
     with pytest.raises(ConfigError, match="text-to-image, scored with the CLIP score: set eval_clip_model"):
         tiny_config("dmd2", tmp_path, sd, eval_every=1, **base)
-    clip_dir = _tiny_clip(tmp_path / "clip")
+    clip_dir = make_tiny_clip(tmp_path / "clip")
     n = 5
     tr = make_trainer(tiny_config("dmd2", tmp_path, sd, eval_every=2, eval_num_samples=n, eval_clip_model=str(clip_dir),
                                   log_with="tensorboard", **base))

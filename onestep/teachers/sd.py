@@ -15,12 +15,12 @@ is encoded as the diffusers pipelines encode prompts. Student pipeline folders a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import files
 from ..errors import ConfigError, TeacherError
 from ..schedule import NoiseSchedule
 from .base import RealSampler, Teacher, _sha256_of, refuse_pickles
@@ -41,13 +41,7 @@ def read_model_index(path: Path) -> dict[str, Any]:
 def read_json_object(file: Path) -> dict[str, Any]:
     """A JSON file holding one object (a diffusers ``model_index.json`` or ``config.json``); a
     :class:`TeacherError` naming the file when it is not valid JSON or not an object."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
-        raise TeacherError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise TeacherError(f"{file}: expected a JSON object, found a {type(data).__name__}")
-    return data
+    return files.read_json_object(file, TeacherError)
 
 
 def component_class(index: dict[str, Any], part: str) -> str | None:
