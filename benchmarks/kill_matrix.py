@@ -64,10 +64,11 @@ def main() -> int:
                     reference.wait()
                 hits = killed_then_resumed(config, folder / "killed", list(PHASES), first, processes, seed=repeat)
                 rc = reference.wait()
-                diff = differing(final_tensors(folder / "reference"), final_tensors(folder / "killed")) if rc == 0 else ["reference failed"]
+                ref = final_tensors(folder / "reference") if rc == 0 else {}
+                diff = differing(ref, final_tensors(folder / "killed")) if rc == 0 else ["reference failed"]
                 row = {
                     "case": case, "method": method, "launch": launch_kind, "repeat": repeat, "kills": hits,
-                    "tensors": len(final_tensors(folder / "reference")) if rc == 0 else 0,
+                    "tensors": len(ref),
                     "identical": not diff, "differing": diff[:5], "seconds": round(time.perf_counter() - t0, 1),
                 }
                 rows.append(row)

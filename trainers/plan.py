@@ -12,7 +12,7 @@ Built-in teachers (digits, gmm) are small and are simply loaded.
 
 from __future__ import annotations
 
-import json
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,9 @@ def meta_parts(teacher: str) -> dict[str, nn.Module]:
         if t.vae is not None:
             parts["vae"] = t.vae
         return parts
-    index = json.loads(index_file.read_text())
+    from onestep.teachers.sd import read_model_index
+
+    index = read_model_index(path)
     parts: dict[str, nn.Module] = {}
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
@@ -88,8 +90,8 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def _lora_count(make: callable, rank: int, alpha: float | None, targets) -> int:
-    net = make()
+def _lora_count(backbone: nn.Module, rank: int, alpha: float | None, targets) -> int:
+    net = copy.deepcopy(backbone)  # on the meta device: the structure only, no weights copied
     add_lora(net, rank, alpha, "plan", targets)
     return _count(p for n, p in net.named_parameters() if "lora_" in n)
 
@@ -109,7 +111,6 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
     frozen_name = str(frozen).removeprefix("torch.")
     parts = meta_parts(c.teacher)
     backbone = parts["backbone"]
-    make = lambda: meta_parts(c.teacher)["backbone"]  # noqa: E731 (a fresh meta copy per adapter set)
     n, m = _count(backbone.parameters()), _count(parts["trainable"].parameters())
     rows: list[Row] = []
     lora_fake = c.fake_score == "lora"
@@ -118,11 +119,11 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
     if c.fake_score == "copy":
         rows += _trained("fake score (full copy)", m, ema=False)
     elif lora_fake:
-        rows += _trained("fake score (LoRA adapters)", _lora_count(make, c.lora_rank, c.lora_alpha, c.lora_targets), ema=False)
+        rows += _trained("fake score (LoRA adapters)", _lora_count(backbone, c.lora_rank, c.lora_alpha, c.lora_targets), ema=False)
     ema = c.ema_decay > 0
     if c.generator_lora_rank:
         rows.append(Row("generator (LoRA) base", f"own frozen copy of the base ({frozen_name})", n, fb * n))
-        a = _lora_count(make, c.generator_lora_rank, c.generator_lora_alpha, c.generator_lora_targets)
+        a = _lora_count(backbone, c.generator_lora_rank, c.generator_lora_alpha, c.generator_lora_targets)
         rows += _trained("generator (LoRA adapters)", a, ema)
     else:
         rows += _trained("generator", m, ema)
