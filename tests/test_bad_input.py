@@ -414,14 +414,17 @@ def test_random_config_documents_give_a_config_or_a_config_error(workdir, doc):
 @settings(max_examples=100, deadline=None, database=None)
 @given(text=st.binary(max_size=40) | st.text(max_size=40))
 def test_random_config_bytes_give_a_config_or_a_config_error(workdir, text):
-    from onestep.trainers import load_config
+    from onestep.trainers import METHODS, load_config
+    from onestep.trainers.config import DistillConfig
 
     path = workdir / "random-bytes.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     try:
-        load_config(path, output_dir=str(workdir / "run"))
-    except OnestepError:
-        pass
+        config = load_config(path, output_dir=str(workdir / "run"))
+    except OnestepError as e:  # the clear error: one message, never another exception type
+        assert str(e).strip()
+    else:  # an accepted file is a whole config of a known method
+        assert isinstance(config, DistillConfig) and config.method in METHODS
 
 
 def _valid_meta(student_dir: Path) -> dict:
