@@ -396,15 +396,12 @@ class CheckpointMixin:
     def save_preview(self, step: int) -> Path | None:
         from onestep.viz import save_samples_picture
 
-        from .tracking import log_picture
+        from .tracking import images_of, log_picture
 
         net = self.generator_on_main()
         if not self.accelerator.is_main_process:
             return None
-        x, _ = self.preview_samples(net=net)
-        if self.teacher_spec.vae is not None:
-            with torch.no_grad():
-                x = self.decode(x.to(self.device)).clamp(-1, 1).cpu()
+        x = images_of(self, self.preview_samples(net=net)[0])
         path = self.output_dir / "previews" / f"step-{step:06d}.png"
         save_samples_picture(x, path, title=f"{self.method_name} step {step}", nrow=10)
         if self.config.log_with != "none":

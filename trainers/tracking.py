@@ -145,6 +145,15 @@ def eval_clip_folder(config) -> str | None:
     return config.eval_clip_model or getattr(config, "clip_model", None)
 
 
+@torch.no_grad()
+def images_of(trainer, x: torch.Tensor) -> torch.Tensor:
+    """Generator samples ``x`` as images in [-1, 1] on the CPU: decoded by the teacher's VAE, a few at a
+    time, for latent teachers; as they are otherwise (previews and the periodic evaluation)."""
+    if trainer.teacher_spec.vae is None:
+        return x
+    return torch.cat([trainer.decode(z.to(trainer.device)).clamp(-1, 1).cpu() for z in x.split(DECODE_BATCH)])
+
+
 class RunTracking:
     """The periodic evaluation of a trainer's run (``eval_every``; nothing at all when it is 0).
 
@@ -195,8 +204,7 @@ class RunTracking:
             if self.metric == "digits_fid":
                 value = float(self.score_fn(x))
             else:
-                if tr.teacher_spec.vae is not None:
-                    x = torch.cat([tr.decode(z.to(tr.device)).clamp(-1, 1).cpu() for z in x.split(DECODE_BATCH)])
+                x = images_of(tr, x)
                 valid = tr.conditioning.validation_prompts
                 prompts = [valid[i % len(valid)] for i in range(n)]
                 value = float(self.score_fn(x, prompts, self.clip)["clip_score"])
@@ -208,4 +216,4 @@ class RunTracking:
         return logs
 
 
-__all__ = ["SCORERS", "TRACKER_PACKAGES", "RunTracking", "check_log_with", "eval_metric_of", "installed_trackers", "log_picture", "tracker_names"]
+__all__ = ["SCORERS", "TRACKER_PACKAGES", "RunTracking", "check_log_with", "eval_metric_of", "images_of", "installed_trackers", "log_picture", "tracker_names"]
