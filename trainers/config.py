@@ -23,6 +23,8 @@ from onestep.weights import weights_file
 from .tracking import check_log_with, eval_clip_folder, eval_metric_of
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: see DistillConfig.fake_loss_weighting
+FAKE_LOSS_WEIGHTINGS = ("native", "snr+1")
 #: Fields that were renamed: an old YAML key gets a message naming the new one.
 RENAMED_FIELDS = {
     "dm_t_min": "loss_t_range",
@@ -126,6 +128,13 @@ class DistillConfig:
         "[low, high]: the noise levels of the generator's loss (distribution matching, VSD, SiD) are drawn as "
         "t ~ U{low T .. high T}, fractions of the schedule's T",
         factory=lambda: [0.02, 0.98],
+    )
+    fake_loss_weighting: str = config_field(
+        "weighting of the fake score's denoising loss over noise levels: 'native' (MSE in the backbone's own "
+        "prediction space: eps-MSE weighs the x0 error by SNR_t and leaves the x0 predictions at high noise "
+        "almost untrained) or 'snr+1' (the x0 error weighed by SNR_t + 1: v-prediction MSE, EDM's weighting "
+        "at sigma_data = 1)",
+        "native",
     )
     regression_warmup_steps: int = config_field("iterations of warm start by regression onto teacher ODE samples (0 disables)", 0)
     regression_pairs: int = config_field("noise/sample pairs drawn from the teacher's ODE for the warm start", 2048)
@@ -261,6 +270,8 @@ class DistillConfig:
             v = getattr(self, name)
             if not (v in LORA_TARGET_SETS or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))):
                 raise ConfigError(f"{name} must be one of {LORA_TARGET_SETS} or a list of layer names (got {v!r})")
+        if self.fake_loss_weighting not in FAKE_LOSS_WEIGHTINGS:
+            raise ConfigError(f"fake_loss_weighting must be one of {FAKE_LOSS_WEIGHTINGS} (got {self.fake_loss_weighting!r})")
         if self.attention not in ("sdpa", "xformers"):
             raise ConfigError(f"attention must be 'sdpa' or 'xformers' (got {self.attention!r})")
         if self.frozen_dtype not in ("auto", "float32", "bf16", "fp16"):

@@ -120,6 +120,8 @@ class ConsistencyConfig(DistillConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.fake_loss_weighting != "native":
+            raise ConfigError("fake_loss_weighting: consistency distillation trains no fake score; leave it 'native'")
         for name in ("num_ddim_timesteps", "guidance_levels", "num_segments", "sampling_steps", "ict_initial_steps", "gan_head_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")

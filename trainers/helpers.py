@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onestep.conditioning import Cond, cond_to
+from onestep.schedule import expand_like
 
 
 class MethodHelpers:
@@ -101,7 +102,13 @@ class MethodHelpers:
         return self.schedule.add_noise(x0, noise, t), t, noise
 
     def denoising_loss_of(self, pred_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Plain diffusion loss in the backbone's own prediction space (eps-MSE for eps teachers)."""
+        """Plain diffusion loss, weighted over noise levels as ``config.fake_loss_weighting`` says:
+        in the backbone's own prediction space (``native``: eps-MSE for eps teachers, the x0 error
+        weighed by SNR_t), or the x0 error weighed by SNR_t + 1 (``snr+1``)."""
+        if self.config.fake_loss_weighting == "snr+1":
+            a, s = (expand_like(v, x0) for v in self.schedule.alpha_sigma(t))
+            w = (a / s.clamp(min=1e-8)) ** 2 + 1
+            return (w * (pred_x0.float() - x0.float()) ** 2).mean()
         pt = self.generator.prediction_type  # the triad's one trainable prediction type
         pred = self.schedule.from_x0(pred_x0, x_t, t, pt)
         if pt == "epsilon":

@@ -72,6 +72,8 @@ class VSDConfig(DistillConfig):
             check_interval("guidance_range", self.guidance_range)
         if self.guidance_per not in ("batch", "sample"):
             raise ConfigError(f"guidance_per must be 'batch' or 'sample' (got {self.guidance_per!r})")
+        if self.fake_loss_weighting != "native":
+            raise ConfigError("fake_loss_weighting: VSD's LoRA fake score keeps SwiftBrush's abar_t-weighted eps loss; leave it 'native'")
         if not 0 <= self.fake_cond_drop < 1:
             raise ConfigError(f"fake_cond_drop must lie in [0, 1) (got {self.fake_cond_drop})")
         if self.clip_decay_steps is None:
