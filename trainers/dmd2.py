@@ -4,7 +4,7 @@ Algorithm, per iteration (maths in METHODS.md, "DMD2"):
 
 1. every ``fake_updates_per_generator``-th iteration, the generator step:
    x = G(z) (backward simulation for K-step students);
-   t ~ U{0.02T .. 0.98T}, x_t = a_t x + s_t e;
+   t ~ U{low T .. high T} (loss_t_range), x_t = a_t x + s_t e;
    x0_real = teacher x0 with CFG s, x0_fake = fake-score x0 without CFG;
    g = (x0_fake - x0_real) / mean_{CHW}|x - x0_real|      (DMD eq. 7 with its normaliser)
    loss = 0.5 * mean((x - sg(x - g))^2)  [+ w_G * softplus(-D(x))]
@@ -12,8 +12,11 @@ Algorithm, per iteration (maths in METHODS.md, "DMD2"):
    plain denoising loss with t ~ U{0 .. T-1}  [+ w_D * (softplus(D(fake)) + softplus(-D(real)))]
 
 The GAN head D sits on the fake score's bottleneck (mid-block) features of noised
-inputs, real images (the teacher's training data) and generated ones both noised at
-t ~ U{0 .. T-1}.
+inputs: real images (the teacher's training data) and generated ones. D costs no extra pass of
+the fake score on generated samples: the generator's GAN term reads the features of the pass
+that gives x0_fake (x_t at the loss's t, run with gradient to x when the GAN is on), and D(fake)
+in the fake-score step those of the denoising loss's pass (t ~ U{0 .. T-1}); only D(real) runs
+a pass of its own, also at t ~ U{0 .. T-1}.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 from onestep.config import config_field
 from onestep.denoiser import frozen
 from onestep.errors import ConfigError
+from onestep.schedule import expand_like
 
 from .base import DistillTrainer
 from .helpers import inject_gradient
@@ -134,25 +138,34 @@ class DMD2Trainer(DistillTrainer):
     def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         cond, uncond = batch["cond"], batch["uncond"]
-        # 1. x = G(z); noise it at t ~ U{0.02T .. 0.98T}.
+        # 1. x = G(z); noise it at t ~ U{low T .. high T} (loss_t_range).
         x, x_t, t = self.generate_and_noise(batch, *c.loss_t_range)
+        feats = None
+        if c.use_gan:
+            # The fake score's pass, with gradient to x through x_t = a_t x + s_t e (same value as x_t),
+            # gives x0_fake and the features of the GAN term (4.); its parameters stay frozen.
+            a_t = expand_like(self.schedule.alpha_sigma(t)[0], x)
+            with frozen(self.fake, self.heads):
+                x0_fake, feats = self.fake(x_t + a_t * (x - x.detach()), t, cond, return_features=True)
         with torch.no_grad():
             # 2. Real score: teacher with CFG; fake score: no guidance.
             x0_real = self.teacher.guided(x_t, t, cond, uncond, c.guidance_scale)
-            if self.wants_dm_features:
-                x0_fake, feats = self.fake(x_t, t, cond, return_features=True)
+            if c.use_gan:
+                x0_fake, dm_feats = x0_fake.detach(), feats.detach()
+            elif self.wants_dm_features:
+                x0_fake, dm_feats = self.fake(x_t, t, cond, return_features=True)
             else:
-                x0_fake, feats = self.fake(x_t, t, cond), None
+                x0_fake, dm_feats = self.fake(x_t, t, cond), None
             # 3. The normalised distribution-matching gradient (times a per-sample weight in f-distill).
             grad = dm_gradient(x.detach(), x0_real, x0_fake)
             logs: dict[str, float] = {}
-            grad = self.weight_dm_gradient(grad, t, feats, logs)
+            grad = self.weight_dm_gradient(grad, t, dm_feats, logs)
         loss = inject_gradient(x, grad)
         logs.update({"loss/dm": loss.item(), "dm/grad_abs": grad.abs().mean().item()})
         if c.use_gan:
             # 4. Non-saturating GAN term through the (frozen) fake score and head.
-            with frozen(self.fake, self.heads):
-                loss_gan = F.softplus(-self.discriminate(x, cond)).mean()
+            with frozen(self.heads):
+                loss_gan = F.softplus(-self.heads["gan"](feats)).mean()
             loss = loss + c.gan_weight_generator * loss_gan
             logs["loss/gan_g"] = loss_gan.item()
         return loss, logs
@@ -160,10 +173,13 @@ class DMD2Trainer(DistillTrainer):
     def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         x = self.detached_sample(batch)
-        loss = self.denoising_loss(self.fake, x, batch["cond"])
+        x_t, t, noise = self.noised(x)
+        use_d = c.use_gan and "real" in batch
+        pred, feats = self.fake(x_t, t, batch["cond"], return_features=True) if use_d else (self.fake(x_t, t, batch["cond"]), None)
+        loss = self.denoising_loss_of(pred, x, x_t, t, noise)
         logs = {"loss/fake": loss.item()}
-        if c.use_gan and "real" in batch:
-            d_fake = self.discriminate(x, batch["cond"])
+        if use_d:
+            d_fake = self.heads["gan"](feats)  # the denoising pass's features: x noised at t ~ U{0 .. T-1}
             d_real = self.discriminate(batch["real"], batch["real_cond"])
             loss_d = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
             loss = loss + c.gan_weight_discriminator * loss_d
