@@ -78,6 +78,25 @@ def test_dm_gradient_hand_made_case():
     torch.testing.assert_close(dm_gradient(x, x0_real, x0_fake), expected)
 
 
+@pytest.mark.parametrize("weighting", ["native", "snr+1"])
+def test_fake_loss_weighting_weighs_the_x0_error_by_snr_or_snr_plus_one(tmp_path, tiny_teacher_dir, weighting):
+    """eps-MSE is the x0 error weighed by SNR_t = a^2 / s^2; 'snr+1' adds 1 to that weight, so the
+    x0 predictions at high noise (SNR ~ 0) still carry weight."""
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, export=False, fake_loss_weighting=weighting))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 1, 16, 16, generator=g), torch.randn(2, 1, 16, 16, generator=g)
+    t = torch.tensor([50, 950])
+    x_t = tr.schedule.add_noise(x0, noise, t)
+    pred_x0 = x0 + 0.1 * torch.randn(2, 1, 16, 16, generator=g)
+    a, s = tr.schedule.alpha_sigma(t)
+    snr = a**2 / s**2
+    err = ((pred_x0 - x0) ** 2).mean(dim=(1, 2, 3))
+    w = snr if weighting == "native" else snr + 1
+    expected = (w * err).mean()
+    torch.testing.assert_close(tr.denoising_loss_of(pred_x0, x0, x_t, t, noise), expected, rtol=1e-4, atol=0)
+    assert snr[1] < 0.01  # at t = 950 eps-MSE hardly sees the x0 error; snr+1 weighs it ~1
+
+
 def test_inject_gradient_gives_g_over_numel():
     x = torch.randn(2, 3, requires_grad=True)
     g = torch.randn(2, 3)
@@ -127,6 +146,27 @@ def test_gan_head_trains_and_uses_real_data(tmp_path, tiny_teacher_dir):
     assert batch["real"].shape == (4, 1, 16, 16) and batch["real"].min() >= -1
 
 
+def test_gan_costs_one_fake_score_pass_beyond_dmd(tmp_path, tiny_teacher_dir):
+    """The GAN reads the features of passes DMD2 runs anyway: with it, the generator step still runs
+    the fake score once (with gradient to x, for x0_fake and D(G(z))) and the fake-score step twice
+    (the denoising pass, which also feeds D(fake), and D(real))."""
+    calls = {}
+    for gan in (0.0, 5e-3):
+        tr = DMD2Trainer(tiny_dmd2_config(tmp_path / str(gan), tiny_teacher_dir, gan_weight_generator=gan, export=False))
+        n = []
+        tr.fake.register_forward_hook(lambda *a: n.append(1))
+        batch = tr.make_batch()
+        loss, _ = tr.generator_loss(batch)
+        gen_calls = len(n)
+        loss.backward()
+        if gan:  # the GAN term's gradient reached the generator through the fake score's pass
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.generator.parameters())
+            assert all(p.grad is None for p in tr.triad.trainable_fake_parameters())
+        tr.fake_score_loss(batch)
+        calls[gan] = (gen_calls, len(n) - gen_calls)
+    assert calls == {0.0: (1, 1), 5e-3: (1, 2)}
+
+
 def test_backward_simulation_trains_k_step_student(tmp_path, tiny_teacher_dir):
     cfg = tiny_dmd2_config(tmp_path, tiny_teacher_dir, generator_timesteps=[999, 749, 499, 249], export=False)
     tr = DMD2Trainer(cfg)
@@ -156,6 +196,14 @@ def test_config_validation():
         DMD2Config(loss_t_range=[0.9, 0.5])
     with pytest.raises(ConfigError, match="loss_t_range"):
         DMD2Config(loss_t_range=[0.5])
+    with pytest.raises(ConfigError, match="fake_loss_weighting must be one of"):
+        DMD2Config(fake_loss_weighting="min-snr")
+    from onestep.trainers import ConsistencyConfig, SiDConfig, VSDConfig
+
+    assert SiDConfig(fake_loss_weighting="snr+1").fake_loss_weighting == "snr+1"
+    for cls in (VSDConfig, ConsistencyConfig):  # their fake-score loss is their own, or they have none
+        with pytest.raises(ConfigError, match="fake_loss_weighting: .*leave it 'native'"):
+            cls(fake_loss_weighting="snr+1")
 
 
 def test_old_timestep_range_keys_name_their_replacement():
