@@ -80,18 +80,19 @@ def test_dm_gradient_hand_made_case():
 
 @pytest.mark.parametrize("weighting", ["native", "snr+1"])
 def test_fake_loss_weighting_weighs_the_x0_error_by_snr_or_snr_plus_one(tmp_path, tiny_teacher_dir, weighting):
-    """eps-MSE is the x0 error weighed by SNR_t = a^2 / s^2; 'snr+1' adds 1 to that weight, so the
-    x0 predictions at high noise (SNR ~ 0) still carry weight."""
-    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, export=False, fake_loss_weighting=weighting))
+    """eps-MSE is the x0 error weighed by SNR_t = a^2 / s^2; 'snr+1' adds 1 to that weight where the
+    generator's loss reads the fake score (t <= 0.96 T here), so its x0 predictions at high noise
+    (SNR ~ 0) still carry weight, and not above (t = 990), where x0 is not resolvable from eps."""
+    tr = DMD2Trainer(tiny_dmd2_config(tmp_path, tiny_teacher_dir, export=False, fake_loss_weighting=weighting, loss_t_range=[0.02, 0.96]))
     g = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(2, 1, 16, 16, generator=g), torch.randn(2, 1, 16, 16, generator=g)
-    t = torch.tensor([50, 950])
+    x0, noise = torch.randn(3, 1, 16, 16, generator=g), torch.randn(3, 1, 16, 16, generator=g)
+    t = torch.tensor([50, 950, 990])
     x_t = tr.schedule.add_noise(x0, noise, t)
-    pred_x0 = x0 + 0.1 * torch.randn(2, 1, 16, 16, generator=g)
+    pred_x0 = x0 + 0.1 * torch.randn(3, 1, 16, 16, generator=g)
     a, s = tr.schedule.alpha_sigma(t)
     snr = a**2 / s**2
     err = ((pred_x0 - x0) ** 2).mean(dim=(1, 2, 3))
-    w = snr if weighting == "native" else snr + 1
+    w = snr if weighting == "native" else snr + torch.tensor([1.0, 1.0, 0.0])
     expected = (w * err).mean()
     torch.testing.assert_close(tr.denoising_loss_of(pred_x0, x0, x_t, t, noise), expected, rtol=1e-4, atol=0)
     assert snr[1] < 0.01  # at t = 950 eps-MSE hardly sees the x0 error; snr+1 weighs it ~1

@@ -132,8 +132,8 @@ class DistillConfig:
     fake_loss_weighting: str = config_field(
         "weighting of the fake score's denoising loss over noise levels: 'native' (MSE in the backbone's own "
         "prediction space: eps-MSE weighs the x0 error by SNR_t and leaves the x0 predictions at high noise "
-        "almost untrained) or 'snr+1' (the x0 error weighed by SNR_t + 1: v-prediction MSE, EDM's weighting "
-        "at sigma_data = 1)",
+        "almost untrained) or 'snr+1' (the x0 error weighed by SNR_t + 1, v-prediction MSE, at the noise levels "
+        "the generator's loss reads, t <= loss_t_range[1] T; SNR_t above them, where x0 is not resolvable)",
         "native",
     )
     regression_warmup_steps: int = config_field("iterations of warm start by regression onto teacher ODE samples (0 disables)", 0)

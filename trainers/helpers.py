@@ -104,10 +104,14 @@ class MethodHelpers:
     def denoising_loss_of(self, pred_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Plain diffusion loss, weighted over noise levels as ``config.fake_loss_weighting`` says:
         in the backbone's own prediction space (``native``: eps-MSE for eps teachers, the x0 error
-        weighed by SNR_t), or the x0 error weighed by SNR_t + 1 (``snr+1``)."""
+        weighed by SNR_t), or (``snr+1``) the x0 error weighed by SNR_t + 1 at the noise levels the
+        generator's loss reads (``t <= loss_t_range[1] T``) and by SNR_t above them. Above them an
+        eps backbone cannot resolve x0 (with squaredcos, x0 = (x_t - s eps) / a with a ~ 5e-5 at
+        t = 999): weight 1 there would train on eps errors magnified 20,000 times."""
         if self.config.fake_loss_weighting == "snr+1":
             a, s = (expand_like(v, x0) for v in self.schedule.alpha_sigma(t))
-            w = (a / s.clamp(min=1e-8)) ** 2 + 1
+            read = expand_like(t <= self.config.loss_t_range[1] * self.schedule.num_train_timesteps, x0)
+            w = (a / s.clamp(min=1e-8)) ** 2 + read.float()
             return (w * (pred_x0.float() - x0.float()) ** 2).mean()
         pt = self.generator.prediction_type  # the triad's one trainable prediction type
         pred = self.schedule.from_x0(pred_x0, x_t, t, pt)
