@@ -72,7 +72,7 @@ def test_cli_train_writes_student_and_resolved_config(capsys, tmp_path, tiny_tea
     )
     assert code == 0 and "student written to" in stdout
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["max_steps"] == 2 and cfg["teacher"] == str(tiny_teacher_dir) and cfg["generator_timesteps"] == [800]
+    assert cfg["max_steps"] == 2 and cfg["teacher"] == str(tiny_teacher_dir) and cfg["generator_timesteps"] == [600]
     assert (out / "student" / "onestep.json").exists() and (out / "checkpoint-2").is_dir()
     assert (out / "previews" / "step-000002.png").exists()
 
