@@ -140,7 +140,6 @@ class DMD2Trainer(DistillTrainer):
         cond, uncond = batch["cond"], batch["uncond"]
         # 1. x = G(z); noise it at t ~ U{low T .. high T} (loss_t_range).
         x, x_t, t = self.generate_and_noise(batch, *c.loss_t_range)
-        feats = None
         if c.use_gan:
             # The fake score's pass, with gradient to x through x_t = a_t x + s_t e (same value as x_t),
             # gives x0_fake and the features of the GAN term (4.); its parameters stay frozen.
