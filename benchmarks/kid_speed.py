@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 
@@ -86,9 +85,10 @@ def main(argv=None) -> int:
               f"{(tf / r['onestep_f64_s']) if tf else float('nan'):>7.1f}x "
               f"{r.get('rel_diff_f64', float('nan')):>9.1e} {r.get('rel_diff_f32', float('nan')):>9.1e}")
     if a.json:
-        meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+        from bench_meta import run_meta  # benchmarks/, on sys.path when the script runs
+
         with open(a.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": run_meta(), "rows": rows}, f, indent=1)
     return 0
 
 

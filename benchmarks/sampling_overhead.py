@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -100,9 +99,10 @@ def main(argv=None) -> int:
               f"{r['bare_ms']:>9.2f} {100 * r['overhead']:>7.1f}% {r['sampler_cpu_ms']:>12.2f} {r['bare_cpu_ms']:>8.2f}"
               f" {100 * r['overhead_cpu']:>7.1f}%")
     if a.json:
-        meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+        from bench_meta import run_meta  # benchmarks/, on sys.path when the script runs
+
         with open(a.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": run_meta(), "rows": rows}, f, indent=1)
     return 0
 
 
