@@ -13,7 +13,6 @@ difference from torch-fidelity's KID mean. ``--no-baseline`` skips torch-fidelit
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 
@@ -85,10 +84,9 @@ def main(argv=None) -> int:
               f"{(tf / r['onestep_f64_s']) if tf else float('nan'):>7.1f}x "
               f"{r.get('rel_diff_f64', float('nan')):>9.1e} {r.get('rel_diff_f32', float('nan')):>9.1e}")
     if a.json:
-        from bench_meta import run_meta  # benchmarks/, on sys.path when the script runs
+        from bench_meta import write_rows  # benchmarks/, on sys.path when the script runs
 
-        with open(a.json, "w") as f:
-            json.dump({"meta": run_meta(), "rows": rows}, f, indent=1)
+        write_rows(a.json, rows)
     return 0
 
 

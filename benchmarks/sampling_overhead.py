@@ -17,7 +17,6 @@ less swayed by other processes on a shared machine; run it with ``--threads 1`` 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -99,10 +98,9 @@ def main(argv=None) -> int:
               f"{r['bare_ms']:>9.2f} {100 * r['overhead']:>7.1f}% {r['sampler_cpu_ms']:>12.2f} {r['bare_cpu_ms']:>8.2f}"
               f" {100 * r['overhead_cpu']:>7.1f}%")
     if a.json:
-        from bench_meta import run_meta  # benchmarks/, on sys.path when the script runs
+        from bench_meta import write_rows  # benchmarks/, on sys.path when the script runs
 
-        with open(a.json, "w") as f:
-            json.dump({"meta": run_meta(), "rows": rows}, f, indent=1)
+        write_rows(a.json, rows)
     return 0
 
 
