@@ -60,10 +60,15 @@ def save_state(net: nn.Module, path: str | Path) -> Path:
     return save_tensors(net.state_dict(), path)
 
 
-def load_trainable(net: nn.Module, path: str | Path, what: str = "weights", trainable: set[str] | None = None) -> None:
+def load_trainable(
+    net: nn.Module, path: str | Path, what: str = "weights", trainable: set[str] | None = None, keep_frozen: bool = False
+) -> None:
     """Load a safetensors file into ``net`` strictly: its keys must be exactly ``net``'s state dict
     (a full save) or exactly its trainable parameters (:func:`save_trainable`), with matching shapes.
-    ``trainable``: those parameters' names, when ``net`` is a frozen copy of the network that trained."""
+    ``trainable``: those parameters' names, when ``net`` is a frozen copy of the network that trained.
+    ``keep_frozen``: ``net``'s frozen tensors are shared with another network (a LoRA generator on the
+    teacher's base): a full save must hold them unchanged (compared in their dtype), and only the
+    trainable ones are written."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -84,17 +89,25 @@ def load_trainable(net: nn.Module, path: str | Path, what: str = "weights", trai
         for n, v in tensors.items():
             if expected[n].shape != v.shape:
                 raise ConfigError(f"{what}: {path}: {n} has shape {tuple(v.shape)}, expected {tuple(expected[n].shape)}")
+            if keep_frozen and n not in trainable:
+                if not torch.equal(expected[n], v.to(device=expected[n].device, dtype=expected[n].dtype)):
+                    raise ConfigError(
+                        f"{what}: {path}: {n} differs from the base this network shares with the teacher; "
+                        "a LoRA generator trains only its adapters (save them alone, or use a full generator)"
+                    )
+                continue
             expected[n].copy_(v)
 
 
 def check_same_network(net: nn.Module, path: str | Path, what: str) -> Path:
     """The weights file of ``path`` (:func:`weights_file`) if it holds exactly ``net``'s state dict (keys
     and shapes, read from the header without loading the tensors); a :class:`ConfigError` naming
-    ``what`` otherwise."""
+    ``what`` otherwise. LoRA adapters on ``net`` are not part of the network: the plain layers' names
+    and shapes are compared (what :func:`onestep.lora.merged_lora` leaves)."""
     from safetensors import safe_open
 
     file = weights_file(path)
-    state = net.state_dict()
+    state = {k.replace(".base_layer.", "."): v for k, v in net.state_dict().items() if "lora_" not in k}
     with safe_open(str(file), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if set(shapes) != set(state):

@@ -234,3 +234,66 @@ def test_a_lora_generator_keeps_its_base_in_bf16_and_exports_the_adapters_merged
         torch.testing.assert_close(exported[k], expected[k], rtol=0, atol=0, msg=k)
     rounded = merged_lora(copy.deepcopy(gen)).state_dict()  # merged into the bf16 base instead
     assert any(not torch.equal(rounded[k].float(), expected[k]) for k in expected)
+
+
+def test_a_lora_generator_shares_the_teachers_base_and_checkpointing_recomputes_its_own_adapters(sd_dir, prompt_file, tmp_path):
+    """With both LoRAs the three roles hold one base: the generator's frozen tensors are the teacher's own
+    objects (no second copy), its adapters are its own. Two steps with gradient checkpointing give the
+    same adapters as two steps without (the recomputation runs the adapters of the first pass), and the
+    shared base is untouched by training."""
+    from onestep.trainers import make_trainer
+
+    def run(checkpointing: bool, out: str):
+        config = tiny_config(
+            "dmd2", tmp_path / out, sd_dir, prompts=str(prompt_file), batch_size=2, max_steps=2, fake_updates_per_generator=1,
+            fake_score="lora", lora_rank=2, generator_lora_rank=2, lr_generator=1e-2, lr_fake=1e-2, export=False,
+            checkpoint_every=0, preview_every=0, gradient_checkpointing=checkpointing,
+        )
+        return make_trainer(config)
+
+    trainer = run(False, "plain")
+    gen, teacher = trainer.generator.backbone, trainer.triad.teacher.backbone
+    assert trainer.triad.shares_generator_base and gen is not teacher
+    teacher_tensors = {id(t) for t in list(teacher.parameters()) + list(teacher.buffers())}
+    gen_base = [p for n, p in gen.named_parameters() if "lora_" not in n]
+    assert gen_base and all(id(p) in teacher_tensors for p in gen_base)
+    gen_lora = [p for n, p in gen.named_parameters() if "lora_" in n]
+    assert gen_lora and not any(id(p) in teacher_tensors for p in gen_lora)
+    assert {n for n, p in gen.named_parameters() if p.requires_grad} == {n for n, _ in gen.named_parameters() if "lora_" in n}
+    base0 = {n: p.detach().clone() for n, p in trainer.triad.teacher_parameters().items()}
+    trainer.train()
+    assert all(torch.equal(base0[n], p) for n, p in trainer.triad.teacher_parameters().items())
+    assert any(p.abs().sum() > 0 for n, p in gen.named_parameters() if "lora_B" in n)
+
+    checkpointed = run(True, "checkpointed")
+    checkpointed.train()
+    ours = {n: p for n, p in gen.named_parameters() if "lora_" in n}
+    theirs = {n: p for n, p in checkpointed.generator.backbone.named_parameters() if "lora_" in n}
+    assert ours.keys() == theirs.keys()
+    for n in ours:
+        torch.testing.assert_close(theirs[n], ours[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_lora_generator_refuses_an_init_that_changes_the_shared_base(sd_dir, prompt_file, tmp_path):
+    """init_generator with a full save of a LoRA generator: an unchanged base loads (adapters only are
+    written); a base that differs would rewrite the teacher's own weights and is refused."""
+    from safetensors.torch import save_file
+
+    from onestep.trainers import make_trainer
+
+    def config(init=None):
+        return tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=1, export=False,
+                           generator_lora_rank=2, init_generator=init, overwrite=True)
+
+    gen = make_trainer(config()).generator.backbone
+    state = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+    lora_b = next(k for k in state if "lora_B" in k)
+    state[lora_b] += 1.0
+    save_file(state, str(tmp_path / "same_base.safetensors"))
+    loaded = make_trainer(config(str(tmp_path / "same_base.safetensors")))
+    torch.testing.assert_close(loaded.generator.backbone.state_dict()[lora_b], state[lora_b])
+    base = next(k for k in state if "lora_" not in k and state[k].is_floating_point())
+    state[base] += 1.0
+    save_file(state, str(tmp_path / "other_base.safetensors"))
+    with pytest.raises(ConfigError, match="shares with the teacher"):
+        make_trainer(config(str(tmp_path / "other_base.safetensors")))

@@ -31,7 +31,6 @@ from torch import nn
 from onestep.config import config_to_dict, flat_hparams
 from onestep.errors import ConfigError, TrainingDiverged
 from onestep.files import write_text
-from onestep.lora import add_lora
 from onestep.teachers import Teacher
 from onestep.triad import Triad
 from onestep.weights import check_same_network, load_trainable, weights_file
@@ -103,15 +102,20 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         T = self.teacher_spec.schedule.num_train_timesteps
         if max(c.generator_timesteps) >= T or min(c.generator_timesteps) < 0:
             raise ConfigError(f"generator_timesteps must lie in [0, {T - 1}] for this teacher (got {c.generator_timesteps})")
-        self.triad = Triad(self.teacher_spec, c.fake_score, c.lora_rank, c.lora_alpha, c.lora_targets)
+        self.fsdp = fsdp_requested(acc, c.fsdp)
+        if self.fsdp and acc.mixed_precision == "fp16":
+            raise ConfigError("fsdp: fp16 needs a gradient scaler the sharded loop does not have; use mixed_precision: bf16")
+        self.triad = Triad(
+            self.teacher_spec, c.fake_score, c.lora_rank, c.lora_alpha, c.lora_targets,
+            generator_lora_rank=c.generator_lora_rank, generator_lora_alpha=c.generator_lora_alpha,
+            generator_lora_targets=c.generator_lora_targets, share_base=not self.fsdp,
+        )
         self.schedule = self.triad.schedule
         self.conditioning = self.triad.conditioning
         self.generator, self.fake = self.triad.generator, self.triad.fake
         trained = [self.generator.backbone] + ([self.fake.backbone] if self.fake is not None else [])
         if c.export_average_with is not None:  # the same network as the export, checked before training
             check_same_network(self.generator.backbone, c.export_average_with, "export_average_with")
-        if c.generator_lora_rank:
-            add_lora(self.generator.backbone, c.generator_lora_rank, c.generator_lora_alpha, "generator", c.generator_lora_targets)
         if c.gradient_checkpointing:
             for net in trained:
                 if not hasattr(net, "enable_gradient_checkpointing"):
@@ -119,20 +123,19 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
                 net.enable_gradient_checkpointing()
         apply_memory_switches(self)  # attention kernels and the dtype of frozen weights (trainers/memory.py)
         if c.init_generator:
-            load_trainable(self.generator.backbone, weights_file(c.init_generator), "init_generator")
+            load_trainable(self.generator.backbone, weights_file(c.init_generator), "init_generator",
+                           keep_frozen=self.triad.shares_generator_base)
         if c.init_fake_score:
             if self.fake is None:
                 raise ConfigError(f"init_fake_score: {self.method_name} trains no fake score; remove it from the config")
-            load_trainable(self.fake.backbone, weights_file(c.init_fake_score), "init_fake_score")
+            load_trainable(self.fake.backbone, weights_file(c.init_fake_score), "init_fake_score",
+                           keep_frozen=c.fake_score == "lora")
         self.heads = nn.ModuleDict(self.build_heads())
         self.extras: dict[str, nn.Module] = dict(self.extra_networks())
 
         # Each process draws its own noise: the stream depends on the seed, the rank and the step.
         self.state = LoopState(c.seed, acc.process_index)
 
-        self.fsdp = fsdp_requested(acc, c.fsdp)
-        if self.fsdp and acc.mixed_precision == "fp16":
-            raise ConfigError("fsdp: fp16 needs a gradient scaler the sharded loop does not have; use mixed_precision: bf16")
         if self.fsdp:
             self._shard_networks()
         g_params = [p for p in self.generator.parameters() if p.requires_grad]

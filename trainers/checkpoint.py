@@ -30,7 +30,7 @@ from onestep.lora import lora_layers_for_diffusers, merged_lora
 from onestep.weights import EXPORT_WEIGHTS, average_with, load_trainable, save_state, save_tensors
 
 from .checkpoint_files import CHECKPOINT_FORMAT, load_training_state, save_training_state
-from .memory import to_float32
+from .memory import float32_copy, to_float32
 from .sharding import fsdp_settings, full, gather_full, is_sharded, load_whole, shard
 
 logger = get_logger(__name__)
@@ -265,7 +265,8 @@ class CheckpointMixin:
         net = self.generator.backbone
         if not self.export_differs():
             return net
-        net = copy.deepcopy(net)
+        # a LoRA generator merges in float32: copied straight into float32 (its base may be frozen in bf16)
+        net = float32_copy(net) if self.config.generator_lora_rank else copy.deepcopy(net)
         if self.ema is not None:
             self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
         return self._finish_export(net, lora)

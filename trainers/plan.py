@@ -114,7 +114,10 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
     n, m = _count(backbone.parameters()), _count(parts["trainable"].parameters())
     rows: list[Row] = []
     lora_fake = c.fake_score == "lora"
-    teacher_role = "teacher + fake-score base (shared)" if lora_fake else "teacher"
+    # a LoRA generator shares the teacher's base (onestep.triad), except under FSDP
+    shared_generator = bool(c.generator_lora_rank) and not c.fsdp
+    sharing = (["fake-score base"] if lora_fake else []) + (["generator base"] if shared_generator else [])
+    teacher_role = f"teacher + {' + '.join(sharing)} (shared)" if sharing else "teacher"
     rows.append(Row(teacher_role, f"frozen weights ({frozen_name})", n, fb * n))
     if c.fake_score == "copy":
         rows += _trained("fake score (full copy)", m, ema=False)
@@ -122,7 +125,8 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
         rows += _trained("fake score (LoRA adapters)", _lora_count(backbone, c.lora_rank, c.lora_alpha, c.lora_targets), ema=False)
     ema = c.ema_decay > 0
     if c.generator_lora_rank:
-        rows.append(Row("generator (LoRA) base", f"own frozen copy of the base ({frozen_name})", n, fb * n))
+        if not shared_generator:
+            rows.append(Row("generator (LoRA) base", f"own frozen copy of the base ({frozen_name})", n, fb * n))
         a = _lora_count(backbone, c.generator_lora_rank, c.generator_lora_alpha, c.generator_lora_targets)
         rows += _trained("generator (LoRA adapters)", a, ema)
     else:
