@@ -71,7 +71,8 @@ def lora_target_modules(backbone: nn.Module, targets: str | list[str] = "all") -
 
 def add_lora(net: nn.Module, rank: int, alpha: float | None, name: str, targets: str | list[str] = "all") -> None:
     """Inject zero-initialised LoRA adapters named ``name`` into the layers :func:`lora_target_modules`
-    picks for ``targets``, and train only adapters from then on."""
+    picks for ``targets``, and train only adapters from then on. The adapters are float32 whatever the
+    base's dtype (peft gives them the base layer's; their optimizer needs float32 masters)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(
@@ -82,6 +83,8 @@ def add_lora(net: nn.Module, rank: int, alpha: float | None, name: str, targets:
     )
     inject_adapter_in_model(config, net, adapter_name=name)
     for n, p in net.named_parameters():
+        if "lora_" in n and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
         p.requires_grad_("lora_" in n)
 
 

@@ -297,3 +297,31 @@ def test_a_lora_generator_refuses_an_init_that_changes_the_shared_base(sd_dir, p
     save_file(state, str(tmp_path / "other_base.safetensors"))
     with pytest.raises(ConfigError, match="shares with the teacher"):
         make_trainer(config(str(tmp_path / "other_base.safetensors")))
+
+
+def test_with_every_copy_frozen_the_teacher_and_its_text_encoders_load_in_the_frozen_dtype(sd_dir, prompt_file, tmp_path):
+    """Both LoRAs and bf16 frozen weights: the UNet loads in bf16 (its float32 weights are never all in
+    memory), the text encoders too (embeddings stay float32, close to the float32 encoders'), and the
+    adapters are float32. A full-copy fake score loads float32 and trains float32 copies."""
+    from onestep.teachers.text import PromptEncoder
+    from onestep.trainers import make_trainer
+
+    config = tiny_config("dmd2", tmp_path / "lora", sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=1, export=False,
+                         fake_score="lora", lora_rank=2, generator_lora_rank=2, frozen_dtype="bf16")
+    trainer = make_trainer(config)
+    assert {p.dtype for p in trainer.triad.teacher_parameters().values()} == {torch.bfloat16}
+    assert {p.dtype for n, p in trainer.generator.backbone.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for p in trainer.triad.trainable_fake_parameters()} == {torch.float32}
+    copy_run = make_trainer(tiny_config("dmd2", tmp_path / "copy", sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=1,
+                                        export=False, fake_score="copy", frozen_dtype="bf16"))
+    assert {p.dtype for p in copy_run.generator.parameters()} == {torch.float32}
+    assert {p.dtype for p in copy_run.fake.parameters()} == {torch.float32}
+
+    prompts = ["a red cube", "two cats"]
+    full = PromptEncoder(sd_dir, xl=False, size=(16, 16))
+    half = PromptEncoder(sd_dir, xl=False, size=(16, 16), dtype=torch.bfloat16)
+    assert {p.dtype for _, enc in half._load() for p in enc.parameters()} == {torch.bfloat16}
+    a, b = full.encode(prompts)["encoder_hidden_states"], half.encode(prompts)["encoder_hidden_states"]
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
+    assert half.cache_identity()["encoder_dtype"] == "bfloat16" and "encoder_dtype" not in full.cache_identity()

@@ -98,7 +98,12 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
 
         # text embeddings are frozen outputs too: the prompt cache stores them in the frozen dtype
         frozen = resolve_frozen_dtype(c.frozen_dtype, acc.mixed_precision)
-        self.teacher_spec = teacher if teacher is not None else load_teacher_for(c, acc.device, text_cache_dtype=frozen)
+        # With no full copy of the teacher to train (LoRA fake score, LoRA generator), its weights load
+        # straight into the frozen dtype: the float32 backbone never sits in memory whole.
+        all_frozen = c.fake_score != "copy" and c.generator_lora_rank > 0
+        self.teacher_spec = teacher if teacher is not None else load_teacher_for(
+            c, acc.device, text_cache_dtype=frozen, weights_dtype=frozen if all_frozen else None
+        )
         T = self.teacher_spec.schedule.num_train_timesteps
         if max(c.generator_timesteps) >= T or min(c.generator_timesteps) < 0:
             raise ConfigError(f"generator_timesteps must lie in [0, {T - 1}] for this teacher (got {c.generator_timesteps})")

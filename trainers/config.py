@@ -310,9 +310,13 @@ def method_of(config_class: type[DistillConfig]) -> str:
     return next(f.default for f in dataclasses.fields(config_class) if f.name == "method")
 
 
-def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu", text_cache_dtype: torch.dtype | None = None) -> Teacher:
+def load_teacher_for(
+    config: DistillConfig, device: torch.device | str = "cpu", text_cache_dtype: torch.dtype | None = None,
+    weights_dtype: torch.dtype | None = None,
+) -> Teacher:
     """The teacher of ``config``, with its text-to-image options (ignored by other teachers);
-    ``text_cache_dtype``: the storage dtype of the prompt cache (None: float32)."""
+    ``text_cache_dtype``: the storage dtype of the prompt cache and of the text encoders' weights
+    (None: float32); ``weights_dtype``: what a text-to-image teacher's denoiser loads in (None: float32)."""
     return load_teacher(
         config.teacher,
         allow_hub=config.allow_hub,
@@ -325,6 +329,7 @@ def load_teacher_for(config: DistillConfig, device: torch.device | str = "cpu", 
         cache_text_embeddings=config.cache_text_embeddings,
         text_cache_dtype=text_cache_dtype,
         device=device,
+        **({"weights_dtype": weights_dtype} if weights_dtype not in (None, torch.float32) else {}),
     )
 
 

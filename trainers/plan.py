@@ -138,7 +138,7 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
     if text:
         t = sum(_count(parts[k].parameters()) for k in text)
         when = "while encoding the prompt set, freed after" if c.cache_text_embeddings else "kept (cache_text_embeddings: false)"
-        rows.append(Row("text encoders", f"{', '.join(text)} (float32), {when}", t, 4 * t))
+        rows.append(Row("text encoders", f"{', '.join(text)} ({frozen_name}), {when}", t, fb * t))
     return rows, {"frozen_dtype": frozen_name, "mixed_precision": mixed, "teacher": str(c.teacher)}
 
 

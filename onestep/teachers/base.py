@@ -89,8 +89,10 @@ class Teacher:
         return self.student_prediction_type or self.prediction_type
 
     def new_backbone(self) -> nn.Module:
-        """A trainable network shaped for this teacher: a copy of it, or a fresh student."""
+        """A trainable network shaped for this teacher: a copy of it, or a fresh student; float32 (its
+        optimizer keeps float32 masters) whatever dtype the teacher's weights were loaded in."""
         net = self.student_factory() if self.student_factory is not None else copy.deepcopy(self.backbone)
+        net.float()
         net.requires_grad_(True)
         net.train()
         return net

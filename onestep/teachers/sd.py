@@ -25,6 +25,7 @@ from ..errors import ConfigError, TeacherError
 from ..schedule import NoiseSchedule
 from .base import RealSampler, Teacher, _sha256_of, refuse_pickles
 from .latents import LatentVAE, image_folder_data
+from .prompt_cache import cache_dtype
 from .text import PromptEncoder, TextConditioning, text_conditioning
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -87,6 +88,7 @@ def load_text_to_image_teacher(
     text_cache_dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     prompt_column: str | None = None,
+    weights_dtype: torch.dtype | None = None,
 ):
     """Load a Stable Diffusion / SDXL pipeline folder as a latent :class:`~onestep.teachers.Teacher`.
 
@@ -101,9 +103,13 @@ def load_text_to_image_teacher(
         real_images: a folder of images with captions, for methods with a GAN term or real data.
         cache_text_embeddings: encode the prompt set once into the on-disk prompt cache (the text
             encoders are frozen; :mod:`onestep.teachers.prompt_cache`), else every batch anew.
-        text_cache_dtype: storage dtype of that cache (None: float32; a run's frozen dtype halves it).
+        text_cache_dtype: storage dtype of that cache (None: float32; a run's frozen dtype halves it);
+            the text encoders load in it too.
         device: where the text encoders and the VAE run while caching.
         prompt_column: the field / column of ``prompts`` holding the prompt (default: caption, prompt or text).
+        weights_dtype: what the UNet's weights load in (None: float32). A run whose every copy of the
+            UNet is frozen (LoRA fake score and LoRA generator) loads it in its frozen dtype, so the
+            float32 weights are never all in memory (SDXL: 10.3 GB).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -111,7 +117,7 @@ def load_text_to_image_teacher(
     check_parts(path, index)
     xl = is_sdxl(index)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, **dtype_option(weights_dtype))
         vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
     except (OSError, ValueError) as e:
         raise TeacherError(f"{path}: cannot load the UNet or the VAE ({e})") from e
@@ -125,7 +131,7 @@ def load_text_to_image_teacher(
     if side % f:
         raise ConfigError(f"resolution {side} is not a multiple of the VAE's factor {f}")
     conditioning, real_data = text_teacher_data(
-        PromptEncoder(path, xl, (side, side), device=device), latent_vae, side, device, prompts=prompts,
+        PromptEncoder(path, xl, (side, side), device=device, dtype=cache_dtype(text_cache_dtype)), latent_vae, side, device, prompts=prompts,
         validation_prompts=validation_prompts, negative_prompt=negative_prompt, real_images=real_images,
         cache_text_embeddings=cache_text_embeddings, zero_empty_prompt=bool(xl and index.get("force_zeros_for_empty_prompt", False)),
         text_cache_dtype=text_cache_dtype, prompt_column=prompt_column,
@@ -144,6 +150,11 @@ def load_text_to_image_teacher(
         meta={"pipeline": index.get("_class_name"), "pipeline_folder": str(path.resolve()), "sdxl": xl, "resolution": side},
         vae=latent_vae,
     )
+
+
+def dtype_option(dtype: torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained``'s keyword for loading weights in ``dtype`` (none for None / float32)."""
+    return {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
 
 
 def read_scheduler_config(path: Path) -> dict[str, Any]:
@@ -179,6 +190,7 @@ __all__ = [
     "SD_PARTS",
     "check_parts",
     "component_class",
+    "dtype_option",
     "is_sdxl",
     "load_text_to_image_teacher",
     "read_json_object",

@@ -35,7 +35,8 @@ from ..errors import ConfigError, TeacherError
 from ..schedule import FlowMatchSchedule, NoiseSchedule
 from .base import Teacher, _sha256_of
 from .latents import LatentVAE
-from .sd import component_class, read_model_index, read_scheduler_config, require_parts, text_teacher_data
+from .prompt_cache import cache_dtype
+from .sd import component_class, dtype_option, read_model_index, read_scheduler_config, require_parts, text_teacher_data
 from .text import PromptEncoder
 
 SD3_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -70,6 +71,7 @@ class SD3PromptEncoder(PromptEncoder):
         t5: whether the folder has a T5 encoder.
         max_sequence_length: T5 tokens per prompt (the pipeline's default 256).
         device: where the encoders run.
+        dtype: what the encoders' weights load in (:class:`~onestep.teachers.text.PromptEncoder`).
     """
 
     family = "sd3"
@@ -82,8 +84,9 @@ class SD3PromptEncoder(PromptEncoder):
         t5: bool,
         max_sequence_length: int = T5_MAX_LENGTH,
         device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ):
-        super().__init__(folder, xl=False, size=size, device=device)
+        super().__init__(folder, xl=False, size=size, device=device, dtype=dtype)
         self.joint_attention_dim = int(joint_attention_dim)
         self.t5 = bool(t5)
         self.max_sequence_length = int(max_sequence_length)
@@ -140,12 +143,15 @@ class SD3PromptEncoder(PromptEncoder):
         }
 
 
-def load_sd3_teacher(path: Path, name: str, resolution: int | None = None, device: torch.device | str = "cpu", **text_options):
+def load_sd3_teacher(
+    path: Path, name: str, resolution: int | None = None, device: torch.device | str = "cpu",
+    weights_dtype: torch.dtype | None = None, **text_options,
+):
     """Load an SD3 pipeline folder as a latent flow-matching :class:`~onestep.teachers.Teacher`.
 
     The arguments are those of :func:`onestep.teachers.sd.load_text_to_image_teacher` (``text_options``:
     ``prompts``, ``validation_prompts``, ``negative_prompt``, ``real_images``, ``cache_text_embeddings``,
-    ``text_cache_dtype``).
+    ``text_cache_dtype``; the text encoders load in that dtype), and ``weights_dtype``, the transformer's.
     ``resolution`` defaults to the transformer's ``sample_size`` times the VAE factor and must be
     a multiple of the VAE factor times the patch size.
     """
@@ -154,7 +160,7 @@ def load_sd3_teacher(path: Path, name: str, resolution: int | None = None, devic
     index = read_model_index(path)
     parts = sd3_parts(path, index)
     try:
-        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", use_safetensors=True)
+        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", use_safetensors=True, **dtype_option(weights_dtype))
         vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
     except (OSError, ValueError) as e:
         raise TeacherError(f"{path}: cannot load the transformer or the VAE ({e})") from e
@@ -168,7 +174,8 @@ def load_sd3_teacher(path: Path, name: str, resolution: int | None = None, devic
     if side % (f * patch):
         raise ConfigError(f"resolution {side} is not a multiple of the VAE factor times the patch size ({f} x {patch})")
     encoder = SD3PromptEncoder(
-        path, (side, side), int(transformer.config.joint_attention_dim), t5="text_encoder_3" in parts, device=device
+        path, (side, side), int(transformer.config.joint_attention_dim), t5="text_encoder_3" in parts, device=device,
+        dtype=cache_dtype(text_options.get("text_cache_dtype")),
     )
     conditioning, real_data = text_teacher_data(encoder, latent_vae, side, device, **text_options)
     return Teacher(

@@ -51,13 +51,18 @@ class PromptEncoder:
         xl: SDXL-style (two encoders, pooled embeddings and time ids).
         size: image size ``(H, W)`` in pixels (SDXL time ids).
         device: where the encoders run.
+        dtype: what the encoders' weights load in (a run's frozen dtype: SD3's T5-XXL is 19 GB in
+            float32, 9.5 in bf16); embeddings are returned in float32 whatever it is.
     """
 
-    def __init__(self, folder: str | Path, xl: bool, size: tuple[int, int], device: torch.device | str = "cpu"):
+    def __init__(
+        self, folder: str | Path, xl: bool, size: tuple[int, int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ):
         self.folder = Path(folder)
         self.xl = xl
         self.size = (int(size[0]), int(size[1]))
         self.device = torch.device(device)
+        self.dtype = dtype
         self._parts: list[tuple[Any, nn.Module]] | None = None
 
     def _components(self) -> list[tuple[str, str, type, type]]:
@@ -75,7 +80,8 @@ class PromptEncoder:
             for tok_name, enc_name, tok_cls, enc_cls in self._components():
                 try:
                     tok = tok_cls.from_pretrained(self.folder / tok_name)
-                    enc = enc_cls.from_pretrained(self.folder / enc_name, use_safetensors=True)
+                    dtype = {} if self.dtype == torch.float32 else {"torch_dtype": self.dtype}
+                    enc = enc_cls.from_pretrained(self.folder / enc_name, use_safetensors=True, **dtype)
                 except (OSError, ValueError) as e:
                     raise TeacherError(f"{self.folder}: cannot load {enc_name}/ and {tok_name}/ ({e})") from e
                 parts.append((tok, enc.to(self.device).eval().requires_grad_(False)))
@@ -107,7 +113,10 @@ class PromptEncoder:
                     if f.is_file():
                         st = f.stat()
                         files.append([f.relative_to(self.folder).as_posix(), st.st_size, st.st_mtime_ns])
-        return {"class": type(self).__name__, **self.describe(), "size": list(self.size), "files": files}
+        identity = {"class": type(self).__name__, **self.describe(), "size": list(self.size), "files": files}
+        if self.dtype != torch.float32:  # (float32 encoders keep the keys caches had before this field)
+            identity["encoder_dtype"] = str(self.dtype).removeprefix("torch.")
+        return identity
 
     def release(self) -> None:
         """Free the text encoders (they load again on the next :meth:`encode`)."""
