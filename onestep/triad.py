@@ -112,10 +112,11 @@ class Triad:
         return {n: p for n, p in self.teacher.backbone.named_parameters() if "lora_" not in n}
 
 
-def weight_sharing_copy(net: nn.Module) -> nn.Module:
+def weight_sharing_copy(net: nn.Module, frozen_only: bool = False) -> nn.Module:
     """A second module tree of ``net`` whose parameters and buffers are ``net``'s own tensor objects
     (nothing is copied but the modules and small non-tensor attributes). Changing a shared tensor in
     place (``p.data = ...``, ``.to(device)``, casting) changes it for both; adapters added to the copy
-    afterwards are its own."""
-    memo = {id(t): t for t in list(net.parameters()) + list(net.buffers())}
-    return copy.deepcopy(net, memo)
+    afterwards are its own. ``frozen_only``: parameters with ``requires_grad`` (LoRA adapters) are
+    copied, the frozen ones and the buffers shared."""
+    shared = [p for p in net.parameters() if not (frozen_only and p.requires_grad)] + list(net.buffers())
+    return copy.deepcopy(net, {id(t): t for t in shared})

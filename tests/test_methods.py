@@ -290,6 +290,10 @@ def test_disback_with_lora_fake_score_targets_each_node_s_adapters(tmp_path, tin
     target = dict(tr.extras["node_target"].backbone.named_parameters())
     assert all(torch.equal(target[k], v) for k, v in node1.items())
     assert tr.extras["node_target"].use_adapters  # the target runs the node's adapters on the teacher's weights
+    # ... the teacher's own tensors, not a copy of them; its adapters are its own (the fake score trains on)
+    fake = dict(tr.fake.backbone.named_parameters())
+    assert all(p is fake[k] for k, p in target.items() if "lora_" not in k)
+    assert all(p is not fake[k] for k, p in target.items() if "lora_" in k)
 
 
 def test_disback_resumed_run_continues_with_same_target_and_weights(tmp_path, tiny_teacher_dir):

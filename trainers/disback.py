@@ -34,6 +34,7 @@ from torch import nn
 from onestep.config import config_field
 from onestep.errors import ConfigError
 from onestep.files import write_file, write_text
+from onestep.triad import weight_sharing_copy
 from onestep.weights import load_trainable, save_tensors, save_trainable
 
 from .sharding import gather_trainable, load_whole
@@ -141,7 +142,10 @@ class DisBackMixin:
     def extra_networks(self) -> dict[str, nn.Module]:
         # The network that holds a node as the real score: a frozen copy of the fake score, built
         # now, whole (under FSDP it is sharded with the triad; a sharded network cannot be copied later).
-        return {**super().extra_networks(), "node_target": copy.deepcopy(self.fake).requires_grad_(False).eval()}
+        # A LoRA fake score's copy shares the frozen base (one backbone in memory) and copies the adapters.
+        shares = self.config.fake_score == "lora" and not self.fsdp
+        node = weight_sharing_copy(self.fake, frozen_only=True) if shares else copy.deepcopy(self.fake)
+        return {**super().extra_networks(), "node_target": node.requires_grad_(False).eval()}
 
     def saved_extra_networks(self) -> dict[str, nn.Module]:
         # The node target is read back from its node file on resume (set_target), not checkpointed.
