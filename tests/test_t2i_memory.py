@@ -151,7 +151,7 @@ def test_frozen_bf16_weights_train_dmd2(fake_score, sd_dir, prompt_file, image_d
 
     config = tiny_config(
         "dmd2", tmp_path, sd_dir, prompts=str(prompt_file), real_images=str(image_dir), batch_size=2, max_steps=2,
-        fake_updates_per_generator=1, fake_score=fake_score, lora_rank=2, frozen_dtype="bf16", gan_weight_generator=1e-2,
+        fake_updates_per_generator=1, fake_score=fake_score, lora_rank=2, frozen_dtype="bf16", frozen_compute="storage", gan_weight_generator=1e-2,
     )
     trainer = make_trainer(config)
     fp32_teacher = load_teacher(sd_dir)
@@ -220,7 +220,7 @@ def test_a_lora_generator_keeps_its_base_in_bf16_and_exports_the_adapters_merged
 
     config = tiny_config(
         "dmd2", tmp_path, sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=2, fake_updates_per_generator=1,
-        fake_score="lora", lora_rank=2, generator_lora_rank=2, generator_lora_alpha=2.0, frozen_dtype="bf16", lr_generator=1e-2,
+        fake_score="lora", lora_rank=2, generator_lora_rank=2, generator_lora_alpha=2.0, frozen_dtype="bf16", frozen_compute="storage", lr_generator=1e-2,
     )
     trainer = make_trainer(config)
     gen = trainer.generator.backbone
@@ -307,7 +307,7 @@ def test_with_every_copy_frozen_the_teacher_and_its_text_encoders_load_in_the_fr
     from onestep.trainers import make_trainer
 
     config = tiny_config("dmd2", tmp_path / "lora", sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=1, export=False,
-                         fake_score="lora", lora_rank=2, generator_lora_rank=2, frozen_dtype="bf16")
+                         fake_score="lora", lora_rank=2, generator_lora_rank=2, frozen_dtype="bf16", frozen_compute="storage")
     trainer = make_trainer(config)
     assert {p.dtype for p in trainer.triad.teacher_parameters().values()} == {torch.bfloat16}
     assert {p.dtype for n, p in trainer.generator.backbone.named_parameters() if "lora_" in n} == {torch.float32}
@@ -325,3 +325,61 @@ def test_with_every_copy_frozen_the_teacher_and_its_text_encoders_load_in_the_fr
     assert b.dtype == torch.float32 and not torch.equal(a, b)
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
     assert half.cache_identity()["encoder_dtype"] == "bfloat16" and "encoder_dtype" not in full.cache_identity()
+
+
+def test_float32_compute_keeps_bf16_storage_and_gives_the_rounded_weights_output_and_input_gradient(sd_dir):
+    """frozen_compute float32: Linear / Conv2d weights stored in bf16, norms and the rest float32; the
+    output and the gradient reaching the input are those of a float32 network holding the bf16-rounded
+    weights (the custom backward keeps the stored weight, no float32 copy)."""
+    import copy
+
+    from torch import nn
+
+    from onestep.trainers.memory import cast_frozen_backbone
+
+    unet = load_teacher(sd_dir).backbone.requires_grad_(False)
+    reference = copy.deepcopy(unet)
+    for m in reference.modules():
+        if type(m) in (nn.Linear, nn.Conv2d):
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16).float()
+    cast_frozen_backbone(unet, torch.bfloat16, compute="float32")
+    dtypes = {type(m): {p.dtype for p in m.parameters(recurse=False)} for m in unet.modules() if list(m.parameters(recurse=False))}
+    assert dtypes[nn.Linear] == dtypes[nn.Conv2d] == {torch.bfloat16}
+    assert dtypes[nn.GroupNorm] == {torch.float32}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    cond = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([10, 500])
+    outs = []
+    for net in (unet, reference):
+        xi = x.clone().requires_grad_(True)
+        out = net(xi, t, encoder_hidden_states=cond).sample
+        out.square().sum().backward()
+        outs.append((out.detach(), xi.grad))
+    assert outs[0][0].dtype == torch.float32
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_compute_auto_follows_the_cpu_and_a_run_trains_with_it(sd_dir, prompt_file, tmp_path):
+    from onestep.trainers import make_trainer
+    from onestep.trainers.memory import resolve_frozen_compute
+
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_frozen_compute("auto", torch.bfloat16, "cpu") == ("storage" if native else "float32")
+    assert resolve_frozen_compute("auto", torch.float32, "cpu") == "storage"
+    assert resolve_frozen_compute("storage", torch.bfloat16, "cpu") == "storage"
+    with pytest.raises(ConfigError, match="frozen_compute"):
+        tiny_config("dmd2", tmp_path, sd_dir, frozen_compute="fp64")
+    config = tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=2, fake_updates_per_generator=1,
+                         export=False, fake_score="lora", lora_rank=2, generator_lora_rank=2, frozen_dtype="bf16",
+                         frozen_compute="float32", lr_generator=1e-2, lr_fake=1e-2)
+    trainer = make_trainer(config)
+    teacher = trainer.triad.teacher.backbone
+    assert {p.dtype for n, p in teacher.named_parameters() if n.endswith("to_q.base_layer.weight")} == {torch.bfloat16}
+    assert {p.dtype for n, p in teacher.named_parameters() if "norm" in n} == {torch.float32}
+    lora = {n: p.detach().clone() for n, p in trainer.generator.backbone.named_parameters() if "lora_B" in n}
+    trainer.train()
+    after = dict(trainer.generator.backbone.named_parameters())
+    assert any(not torch.equal(lora[n], after[n]) for n in lora)

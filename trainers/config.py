@@ -20,6 +20,7 @@ from onestep.lora import LORA_TARGET_SETS
 from onestep.teachers import Teacher, load_teacher
 from onestep.weights import weights_file
 
+from .memory import FROZEN_COMPUTE
 from .tracking import check_log_with, eval_clip_folder, eval_metric_of
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -216,6 +217,13 @@ class DistillConfig:
         "(bf16 / fp16 as mixed_precision, else float32), 'float32', 'bf16' or 'fp16'; trainable weights stay float32",
         "auto",
     )
+    frozen_compute: str = config_field(
+        "what frozen weights stored in bf16 / fp16 compute in: 'storage' (their own dtype; inputs are cast to it), "
+        "'float32' (each layer's weight upcast as it runs: the memory of bf16 storage at float32 speed, for CPUs "
+        "without bf16 / fp16 units, where a bf16 convolution can be 100x slower) or 'auto' (float32 on such CPUs, "
+        "else storage)",
+        "auto",
+    )
 
     def __post_init__(self):
         positive = (
@@ -274,6 +282,8 @@ class DistillConfig:
             raise ConfigError(f"fake_loss_weighting must be one of {FAKE_LOSS_WEIGHTINGS} (got {self.fake_loss_weighting!r})")
         if self.attention not in ("sdpa", "xformers"):
             raise ConfigError(f"attention must be 'sdpa' or 'xformers' (got {self.attention!r})")
+        if self.frozen_compute not in FROZEN_COMPUTE:
+            raise ConfigError(f"frozen_compute must be one of {FROZEN_COMPUTE} (got {self.frozen_compute!r})")
         if self.frozen_dtype not in ("auto", "float32", "bf16", "fp16"):
             raise ConfigError(f"frozen_dtype must be 'auto', 'float32', 'bf16' or 'fp16' (got {self.frozen_dtype!r})")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import types
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from onestep.errors import ConfigError
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 FROZEN_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: what frozen weights compute in (DistillConfig.frozen_compute; resolve_frozen_compute)
+FROZEN_COMPUTE = ("auto", "storage", "float32")
 #: Inputs a frozen backbone keeps in float32: timesteps (bf16 cannot hold 999) and SDXL's pixel
 #: sizes; diffusers embeds them in float32 and casts the embedding itself.
 KEEP_FLOAT32 = ("timestep", "time_ids")
@@ -99,17 +102,117 @@ def _output_to_float32(module: nn.Module, args: tuple, kwargs: dict, output: Any
     return output
 
 
-def cast_frozen_backbone(backbone: nn.Module, dtype: torch.dtype) -> None:
+def resolve_frozen_compute(frozen_compute: str, dtype: torch.dtype, device: torch.device | str) -> str:
+    """``"storage"`` or ``"float32"``: what frozen weights stored in ``dtype`` compute in on ``device``.
+    ``"auto"`` is float32 on a CPU whose oneDNN has no ``dtype`` kernels (no AVX512-BF16 / AMX: there a
+    bf16 convolution was 141x slower than float32 on this project's 2-core EPYC), storage elsewhere."""
+    if frozen_compute not in FROZEN_COMPUTE:
+        raise ConfigError(f"frozen_compute must be one of {FROZEN_COMPUTE} (got {frozen_compute!r})")
+    if frozen_compute != "auto":
+        return frozen_compute
+    if dtype == torch.float32 or torch.device(device).type != "cpu":
+        return "storage"
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        native = bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "storage" if native else "float32"
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """``linear(x, w, b)`` computed in float32 from a weight stored in a smaller dtype; the backward
+    keeps the stored weight, not a float32 copy (gradients reach ``x`` only: the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return nn.functional.linear(x, weight.float(), None if bias is None else bias.float())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.float(), None, None
+
+
+class _UpcastConv2d(torch.autograd.Function):
+    """:class:`_UpcastLinear` for a 2D convolution."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight)
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        return nn.functional.conv2d(x, weight.float(), None if bias is None else bias.float(), stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conf
+        gx = torch.nn.grad.conv2d_input(shape, weight.float(), grad, stride, padding, dilation, groups)
+        return gx, None, None, None, None, None, None
+
+
+def _upcast_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return _UpcastLinear.apply(x.float(), self.weight, self.bias)
+
+
+def _upcast_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return _UpcastConv2d.apply(x.float(), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _upcastable(name: str, m: nn.Module) -> bool:
+    """The frozen layers float32 compute stores small: plain Linear and zero-padded Conv2d, not adapters."""
+    if "lora_" in name:
+        return False
+    return type(m) is nn.Linear or (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+
+
+def _store_small_compute_float32(backbone: nn.Module, dtype: torch.dtype) -> None:
+    """Linear / Conv2d weights (the bulk of a UNet or transformer) stored in ``dtype`` and upcast layer by
+    layer as they run; every other frozen tensor (norms, embeddings, buffers) float32, inputs untouched."""
+    small = {id(p) for name, m in backbone.named_modules() if _upcastable(name, m) for p in m.parameters(recurse=False)}
+    for name, p in backbone.named_parameters():
+        if "lora_" not in name and p.is_floating_point():
+            p.data = p.data.to(dtype if id(p) in small else torch.float32)
+    for name, b in backbone.named_buffers():
+        if "lora_" not in name and b.is_floating_point():
+            b.data = b.data.float()
+    for name, m in backbone.named_modules():
+        if _upcastable(name, m):
+            forward = _upcast_linear_forward if type(m) is nn.Linear else _upcast_conv_forward
+            m.forward = types.MethodType(forward, m)
+    backbone._onestep_frozen_dtype = torch.float32  # the input / output hooks (if any) cast nothing
+
+
+def frozen_bytes(backbone: nn.Module, dtype: torch.dtype, compute: str = "storage") -> int:
+    """Bytes :func:`cast_frozen_backbone` leaves ``backbone``'s frozen (non-adapter) parameters holding
+    (works on the meta device: for the memory plan)."""
+    params = [(n, p) for n, p in backbone.named_parameters() if "lora_" not in n]
+    if compute != "float32" or dtype == torch.float32:
+        return storage_bytes(p.to(dtype) if p.is_floating_point() else p for _, p in params)
+    small = {id(p) for name, m in backbone.named_modules() if _upcastable(name, m) for p in m.parameters(recurse=False)}
+    size = torch.finfo(dtype).bits // 8
+    return sum(p.numel() * (size if id(p) in small else 4) for _, p in params)
+
+
+def cast_frozen_backbone(backbone: nn.Module, dtype: torch.dtype, compute: str = "storage") -> None:
     """Store the frozen weights of ``backbone`` in ``dtype`` and make it take and give float32.
 
     Parameters with ``requires_grad`` and peft adapters (``lora_`` in the name) stay float32; a
-    backbone holding trainable weights other than adapters is refused. Floating inputs (except
-    timesteps and SDXL ``time_ids``) are cast to ``dtype`` by a forward pre-hook, the prediction
-    back to float32 by a forward hook, so callers need not know.
+    backbone holding trainable weights other than adapters is refused. ``compute="storage"``:
+    floating inputs (except timesteps and SDXL ``time_ids``) are cast to ``dtype`` by a forward
+    pre-hook, the prediction back to float32 by a forward hook, so callers need not know.
+    ``compute="float32"``: the Linear and Conv2d weights are stored in ``dtype`` and upcast one layer
+    at a time as they run (the rest stays float32); the backbone computes in float32.
     """
     trainable = [n for n, p in backbone.named_parameters() if p.requires_grad and "lora_" not in n]
     if trainable:
         raise ValueError(f"cast_frozen_backbone: {type(backbone).__name__} has trainable weights ({trainable[0]}, ...)")
+    if compute == "float32" and dtype != torch.float32:
+        _store_small_compute_float32(backbone, dtype)
+        return
     for name, p in backbone.named_parameters():
         if "lora_" not in name and p.is_floating_point():
             p.data = p.data.to(dtype)
@@ -143,7 +246,7 @@ def float32_copy(backbone: nn.Module) -> nn.Module:
     return to_float32(copy.deepcopy(backbone, memo))
 
 
-def cast_frozen(triad, vae: nn.Module | None, dtype: torch.dtype) -> None:
+def cast_frozen(triad, vae: nn.Module | None, dtype: torch.dtype, compute: str = "storage") -> None:
     """Cast what is frozen in ``triad`` (and the teacher's ``vae``) to ``dtype``.
 
     The teacher's backbone is cast: with a full-copy fake score it is the teacher's alone; with a
@@ -152,15 +255,16 @@ def cast_frozen(triad, vae: nn.Module | None, dtype: torch.dtype) -> None:
     it a copy; its adapters stay float32; the export merges them into a float32 copy), as diffusers'
     LoRA training scripts keep the base in ``weight_dtype``.
     A full generator and a full-copy fake score are not touched. The VAE stays float32 under fp16 when
-    its config asks for it (``force_upcast``: the SDXL VAE overflows in fp16).
+    its config asks for it (``force_upcast``: the SDXL VAE overflows in fp16), and with ``compute``
+    float32 (:func:`cast_frozen_backbone`; it is small, and its inputs follow its dtype).
     """
     if dtype == torch.float32 or triad.teacher_spec.analytic:  # an exact score has no weights to shrink
         return
-    cast_frozen_backbone(triad.teacher.backbone, dtype)
+    cast_frozen_backbone(triad.teacher.backbone, dtype, compute)
     generator = triad.generator.backbone
     if any("lora_" in n for n, _ in generator.named_parameters()):
-        cast_frozen_backbone(generator, dtype)
-    if vae is not None:
+        cast_frozen_backbone(generator, dtype, compute)
+    if vae is not None and compute != "float32":
         inner = getattr(vae, "vae", vae)
         if not (dtype == torch.float16 and getattr(getattr(inner, "config", None), "force_upcast", False)):
             vae.to(dtype)  # LatentVAE casts its inputs to the VAE's dtype and returns float32
@@ -178,4 +282,5 @@ def apply_memory_switches(trainer) -> None:
     device = trainer.accelerator.device
     fake = triad.fake.backbone if triad.fake is not None else None
     set_attention([triad.teacher.backbone, fake, triad.generator.backbone, getattr(vae, "vae", None)], c.attention, device)
-    cast_frozen(triad, vae, resolve_frozen_dtype(c.frozen_dtype, c.mixed_precision))
+    dtype = resolve_frozen_dtype(c.frozen_dtype, c.mixed_precision)
+    cast_frozen(triad, vae, dtype, resolve_frozen_compute(c.frozen_compute, dtype, device))

@@ -22,7 +22,7 @@ from torch import nn
 from onestep.lora import add_lora
 
 from .config import DistillConfig, resolve_mixed_precision
-from .memory import resolve_frozen_dtype
+from .memory import frozen_bytes, resolve_frozen_compute, resolve_frozen_dtype
 
 GIB = 1024**3
 #: Backbone components of a pipeline folder, in the order looked for.
@@ -109,16 +109,20 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
     frozen = resolve_frozen_dtype(c.frozen_dtype, mixed)
     fb = torch.finfo(frozen).bits // 8
     frozen_name = str(frozen).removeprefix("torch.")
+    # what frozen weights compute in on this machine (float32 keeps norms and embeddings float32)
+    compute = resolve_frozen_compute(c.frozen_compute, frozen, "cuda" if torch.cuda.is_available() else "cpu")
+    held = f"{frozen_name}, float32 compute" if compute == "float32" and frozen != torch.float32 else frozen_name
     parts = meta_parts(c.teacher)
     backbone = parts["backbone"]
     n, m = _count(backbone.parameters()), _count(parts["trainable"].parameters())
+    base_bytes = frozen_bytes(backbone, frozen, compute)
     rows: list[Row] = []
     lora_fake = c.fake_score == "lora"
     # a LoRA generator shares the teacher's base (onestep.triad), except under FSDP
     shared_generator = bool(c.generator_lora_rank) and not c.fsdp
     sharing = (["fake-score base"] if lora_fake else []) + (["generator base"] if shared_generator else [])
     teacher_role = f"teacher + {' + '.join(sharing)} (shared)" if sharing else "teacher"
-    rows.append(Row(teacher_role, f"frozen weights ({frozen_name})", n, fb * n))
+    rows.append(Row(teacher_role, f"frozen weights ({held})", n, base_bytes))
     if c.fake_score == "copy":
         rows += _trained("fake score (full copy)", m, ema=False)
     elif lora_fake:
@@ -126,14 +130,15 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
     ema = c.ema_decay > 0
     if c.generator_lora_rank:
         if not shared_generator:
-            rows.append(Row("generator (LoRA) base", f"own frozen copy of the base ({frozen_name})", n, fb * n))
+            rows.append(Row("generator (LoRA) base", f"own frozen copy of the base ({held})", n, base_bytes))
         a = _lora_count(backbone, c.generator_lora_rank, c.generator_lora_alpha, c.generator_lora_targets)
         rows += _trained("generator (LoRA adapters)", a, ema)
     else:
         rows += _trained("generator", m, ema)
     if "vae" in parts:
         v = _count(parts["vae"].parameters())
-        rows.append(Row("VAE", f"frozen weights ({frozen_name})", v, fb * v))
+        vae_fb = 4 if compute == "float32" else fb  # float32 compute leaves the VAE float32
+        rows.append(Row("VAE", f"frozen weights ({'float32' if vae_fb == 4 else frozen_name})", v, vae_fb * v))
     text = [k for k in TEXT_ENCODERS if k in parts]
     if text:
         t = sum(_count(parts[k].parameters()) for k in text)
