@@ -31,7 +31,11 @@ SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, 
                   joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
                   pos_embed_max_size=192)
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+             "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
+             "steps_offset": 1}
+FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+#: the pipeline class each architecture's folder declares
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3-medium": "StableDiffusion3Pipeline"}
 
 
 def write_architecture(folder: Path, name: str) -> Path:
@@ -42,7 +46,7 @@ def write_architecture(folder: Path, name: str) -> Path:
     from sd_speed import SD15_UNET, SD_VAE, SDXL_UNET
 
     folder.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "StableDiffusionPipeline"}
+    index = {"_class_name": PIPELINES[name]}
     with torch.device("meta"):
         if name == "sd3-medium":
             backbone, part = SD3Transformer2DModel(**SD3_MEDIUM), "transformer"
@@ -63,7 +67,9 @@ def write_architecture(folder: Path, name: str) -> Path:
         config.save_pretrained(folder / part_name)
         index[part_name] = ["transformers", cls]
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    scheduler = FLOW_SCHEDULER if name == "sd3-medium" else SCHEDULER
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 

@@ -80,3 +80,22 @@ def test_cli_plan_prints_the_table_and_trains_nothing(sd_dir, prompt_file, tmp_p
     out = capsys.readouterr().out
     assert "fake score (full copy)" in out and "AdamW moments" in out and "text encoders" in out
     assert not any(tmp_path.iterdir())  # no run folder, nothing written
+
+
+def test_the_plan_counts_a_consistency_student_s_guidance_embedding(sd_dir, prompt_file, tmp_path):
+    """LCM with guidance_scale_range: the student carries a guidance embedding the teacher lacks; the plan
+    counts the student's weights and AdamW moments exactly."""
+    from t2i_fixtures import write_image_folder
+
+    images = write_image_folder(tmp_path / "images", n=3)
+    config = tiny_config("consistency", tmp_path, sd_dir, prompts=str(prompt_file), real_images=str(images), resolution=16,
+                         batch_size=1, max_steps=1, warmup_steps=0, export=False, checkpoint_every=0, preview_every=0,
+                         guidance_scale_range=[2.0, 8.0], fake_score="none")
+    rows, _ = memory_plan(config)
+    tr = make_trainer(config)
+    tr.train()
+    g = [p for p in tr.generator.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in g) > sum(p.numel() for p in tr.teacher.backbone.parameters())  # the embedding
+    assert _bytes(rows, "generator", "weights") == sum(4 * p.numel() for p in g)
+    assert _bytes(rows, "generator", "AdamW") == sum(
+        sum(v.numel() * v.element_size() for k, v in s.items() if k != "step") for s in tr.opt_g.state.values())

@@ -86,6 +86,19 @@ def meta_parts(teacher: str) -> dict[str, nn.Module]:
     return parts
 
 
+def _with_guidance_input(c, backbone: nn.Module) -> nn.Module:
+    """The student network of a consistency run with ``guidance_scale_range`` (its guidance embedding or
+    extra class rows: :func:`onestep.consistency.with_guidance_input`), built on the meta device."""
+    from types import SimpleNamespace
+
+    from onestep.consistency import GuidanceInput, with_guidance_input
+
+    like = SimpleNamespace(backbone=backbone, conditioning=SimpleNamespace(guidable=True), name=str(c.teacher))
+    g = GuidanceInput.for_teacher(like, c.guidance_scale_range, c.guidance_scale, c.guidance_embedding_dim, c.guidance_levels)
+    with torch.device("meta"):
+        return with_guidance_input(backbone, g)
+
+
 def _count(params) -> int:
     return sum(p.numel() for p in params)
 
@@ -114,7 +127,10 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
     held = f"{frozen_name}, float32 compute" if compute == "float32" and frozen != torch.float32 else frozen_name
     parts = meta_parts(c.teacher)
     backbone = parts["backbone"]
-    n, m = _count(backbone.parameters()), _count(parts["trainable"].parameters())
+    trainable = parts["trainable"]
+    if getattr(c, "guidance_scale_range", None) is not None:  # a consistency student that takes the scale
+        trainable = _with_guidance_input(c, backbone)
+    n, m = _count(backbone.parameters()), _count(trainable.parameters())
     base_bytes = frozen_bytes(backbone, frozen, compute)
     rows: list[Row] = []
     lora_fake = c.fake_score == "lora"
