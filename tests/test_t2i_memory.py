@@ -325,6 +325,14 @@ def test_with_every_copy_frozen_the_teacher_and_its_text_encoders_load_in_the_fr
     assert b.dtype == torch.float32 and not torch.equal(a, b)
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
     assert half.cache_identity()["encoder_dtype"] == "bfloat16" and "encoder_dtype" not in full.cache_identity()
+    # float32 compute from bf16 storage: the Linear weights stay bf16, the embeddings are the float32
+    # encoder's run on the rounded weights (closer to the float32 ones than bf16 compute), with their own cache key
+    upcast = PromptEncoder(sd_dir, xl=False, size=(16, 16), dtype=torch.bfloat16, compute="float32")
+    (_, enc), = upcast._load()
+    assert {p.dtype for n, p in enc.named_parameters() if n.endswith("q_proj.weight")} == {torch.bfloat16}
+    c = upcast.encode(prompts)["encoder_hidden_states"]
+    assert (c - a).abs().max() < (b - a).abs().max()
+    assert upcast.cache_identity()["encoder_compute"] == "float32" and "encoder_compute" not in half.cache_identity()
 
 
 def test_float32_compute_keeps_bf16_storage_and_gives_the_rounded_weights_output_and_input_gradient(sd_dir):

@@ -94,7 +94,7 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         if c.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        from .memory import apply_memory_switches, resolve_frozen_dtype
+        from .memory import apply_memory_switches, resolve_frozen_compute, resolve_frozen_dtype
 
         # text embeddings are frozen outputs too: the prompt cache stores them in the frozen dtype
         frozen = resolve_frozen_dtype(c.frozen_dtype, acc.mixed_precision)
@@ -102,7 +102,8 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         # straight into the frozen dtype: the float32 backbone never sits in memory whole.
         all_frozen = c.fake_score != "copy" and c.generator_lora_rank > 0
         self.teacher_spec = teacher if teacher is not None else load_teacher_for(
-            c, acc.device, text_cache_dtype=frozen, weights_dtype=frozen if all_frozen else None
+            c, acc.device, text_cache_dtype=frozen, weights_dtype=frozen if all_frozen else None,
+            text_compute=resolve_frozen_compute(c.frozen_compute, frozen, acc.device),
         )
         T = self.teacher_spec.schedule.num_train_timesteps
         if max(c.generator_timesteps) >= T or min(c.generator_timesteps) < 0:

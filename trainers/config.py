@@ -322,11 +322,12 @@ def method_of(config_class: type[DistillConfig]) -> str:
 
 def load_teacher_for(
     config: DistillConfig, device: torch.device | str = "cpu", text_cache_dtype: torch.dtype | None = None,
-    weights_dtype: torch.dtype | None = None,
+    weights_dtype: torch.dtype | None = None, text_compute: str = "storage",
 ) -> Teacher:
     """The teacher of ``config``, with its text-to-image options (ignored by other teachers);
     ``text_cache_dtype``: the storage dtype of the prompt cache and of the text encoders' weights
-    (None: float32); ``weights_dtype``: what a text-to-image teacher's denoiser loads in (None: float32)."""
+    (None: float32); ``weights_dtype``: what a text-to-image teacher's denoiser loads in (None: float32);
+    ``text_compute``: what text encoders in bf16 / fp16 compute in (``"storage"`` or ``"float32"``)."""
     return load_teacher(
         config.teacher,
         allow_hub=config.allow_hub,
@@ -340,6 +341,7 @@ def load_teacher_for(
         text_cache_dtype=text_cache_dtype,
         device=device,
         **({"weights_dtype": weights_dtype} if weights_dtype not in (None, torch.float32) else {}),
+        **({"text_compute": text_compute} if text_compute != "storage" else {}),
     )
 
 

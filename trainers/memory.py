@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import types
 from typing import Any
 
 import torch
 from torch import nn
 
 from onestep.errors import ConfigError
+from onestep.precision import store_small_compute_float32, upcastable
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 FROZEN_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,79 +120,13 @@ def resolve_frozen_compute(frozen_compute: str, dtype: torch.dtype, device: torc
     return "storage" if native else "float32"
 
 
-class _UpcastLinear(torch.autograd.Function):
-    """``linear(x, w, b)`` computed in float32 from a weight stored in a smaller dtype; the backward
-    keeps the stored weight, not a float32 copy (gradients reach ``x`` only: the weight is frozen)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)
-        return nn.functional.linear(x, weight.float(), None if bias is None else bias.float())
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return grad @ weight.float(), None, None
-
-
-class _UpcastConv2d(torch.autograd.Function):
-    """:class:`_UpcastLinear` for a 2D convolution."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(weight)
-        ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return nn.functional.conv2d(x, weight.float(), None if bias is None else bias.float(), stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        shape, stride, padding, dilation, groups = ctx.conf
-        gx = torch.nn.grad.conv2d_input(shape, weight.float(), grad, stride, padding, dilation, groups)
-        return gx, None, None, None, None, None, None
-
-
-def _upcast_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(x.device.type, enabled=False):
-        return _UpcastLinear.apply(x.float(), self.weight, self.bias)
-
-
-def _upcast_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(x.device.type, enabled=False):
-        return _UpcastConv2d.apply(x.float(), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-def _upcastable(name: str, m: nn.Module) -> bool:
-    """The frozen layers float32 compute stores small: plain Linear and zero-padded Conv2d, not adapters."""
-    if "lora_" in name:
-        return False
-    return type(m) is nn.Linear or (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str))
-
-
-def _store_small_compute_float32(backbone: nn.Module, dtype: torch.dtype) -> None:
-    """Linear / Conv2d weights (the bulk of a UNet or transformer) stored in ``dtype`` and upcast layer by
-    layer as they run; every other frozen tensor (norms, embeddings, buffers) float32, inputs untouched."""
-    small = {id(p) for name, m in backbone.named_modules() if _upcastable(name, m) for p in m.parameters(recurse=False)}
-    for name, p in backbone.named_parameters():
-        if "lora_" not in name and p.is_floating_point():
-            p.data = p.data.to(dtype if id(p) in small else torch.float32)
-    for name, b in backbone.named_buffers():
-        if "lora_" not in name and b.is_floating_point():
-            b.data = b.data.float()
-    for name, m in backbone.named_modules():
-        if _upcastable(name, m):
-            forward = _upcast_linear_forward if type(m) is nn.Linear else _upcast_conv_forward
-            m.forward = types.MethodType(forward, m)
-    backbone._onestep_frozen_dtype = torch.float32  # the input / output hooks (if any) cast nothing
-
-
 def frozen_bytes(backbone: nn.Module, dtype: torch.dtype, compute: str = "storage") -> int:
     """Bytes :func:`cast_frozen_backbone` leaves ``backbone``'s frozen (non-adapter) parameters holding
     (works on the meta device: for the memory plan)."""
     params = [(n, p) for n, p in backbone.named_parameters() if "lora_" not in n]
     if compute != "float32" or dtype == torch.float32:
         return storage_bytes(p.to(dtype) if p.is_floating_point() else p for _, p in params)
-    small = {id(p) for name, m in backbone.named_modules() if _upcastable(name, m) for p in m.parameters(recurse=False)}
+    small = {id(p) for name, m in backbone.named_modules() if upcastable(name, m) for p in m.parameters(recurse=False)}
     size = torch.finfo(dtype).bits // 8
     return sum(p.numel() * (size if id(p) in small else 4) for _, p in params)
 
@@ -211,7 +145,8 @@ def cast_frozen_backbone(backbone: nn.Module, dtype: torch.dtype, compute: str =
     if trainable:
         raise ValueError(f"cast_frozen_backbone: {type(backbone).__name__} has trainable weights ({trainable[0]}, ...)")
     if compute == "float32" and dtype != torch.float32:
-        _store_small_compute_float32(backbone, dtype)
+        store_small_compute_float32(backbone, dtype)
+        backbone._onestep_frozen_dtype = torch.float32  # the input / output hooks (if any) cast nothing
         return
     for name, p in backbone.named_parameters():
         if "lora_" not in name and p.is_floating_point():

@@ -60,7 +60,7 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
     flow-matching SD3 folders (an ``SD3Transformer2DModel``) through
     :func:`onestep.teachers.sd3.load_sd3_teacher`; both take ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``,
     ``resolution``, ``real_images``, ``cache_text_embeddings``, ``text_cache_dtype``, ``device``, ``prompt_column``,
-    ``weights_dtype``);
+    ``weights_dtype``, ``text_compute``);
     other teachers ignore them."""
     s = str(spec)
     if s.startswith("gmm-"):

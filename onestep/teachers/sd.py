@@ -89,6 +89,7 @@ def load_text_to_image_teacher(
     device: torch.device | str = "cpu",
     prompt_column: str | None = None,
     weights_dtype: torch.dtype | None = None,
+    text_compute: str = "storage",
 ):
     """Load a Stable Diffusion / SDXL pipeline folder as a latent :class:`~onestep.teachers.Teacher`.
 
@@ -110,6 +111,8 @@ def load_text_to_image_teacher(
         weights_dtype: what the UNet's weights load in (None: float32). A run whose every copy of the
             UNet is frozen (LoRA fake score and LoRA generator) loads it in its frozen dtype, so the
             float32 weights are never all in memory (SDXL: 10.3 GB).
+        text_compute: what text encoders loaded in bf16 / fp16 compute in: ``"storage"`` or ``"float32"``
+            (:mod:`onestep.precision`).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -131,7 +134,7 @@ def load_text_to_image_teacher(
     if side % f:
         raise ConfigError(f"resolution {side} is not a multiple of the VAE's factor {f}")
     conditioning, real_data = text_teacher_data(
-        PromptEncoder(path, xl, (side, side), device=device, dtype=cache_dtype(text_cache_dtype)), latent_vae, side, device, prompts=prompts,
+        PromptEncoder(path, xl, (side, side), device=device, dtype=cache_dtype(text_cache_dtype), compute=text_compute), latent_vae, side, device, prompts=prompts,
         validation_prompts=validation_prompts, negative_prompt=negative_prompt, real_images=real_images,
         cache_text_embeddings=cache_text_embeddings, zero_empty_prompt=bool(xl and index.get("force_zeros_for_empty_prompt", False)),
         text_cache_dtype=text_cache_dtype, prompt_column=prompt_column,

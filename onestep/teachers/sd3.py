@@ -71,7 +71,7 @@ class SD3PromptEncoder(PromptEncoder):
         t5: whether the folder has a T5 encoder.
         max_sequence_length: T5 tokens per prompt (the pipeline's default 256).
         device: where the encoders run.
-        dtype: what the encoders' weights load in (:class:`~onestep.teachers.text.PromptEncoder`).
+        dtype, compute: what the encoders' weights load in and compute in (:class:`~onestep.teachers.text.PromptEncoder`).
     """
 
     family = "sd3"
@@ -85,8 +85,9 @@ class SD3PromptEncoder(PromptEncoder):
         max_sequence_length: int = T5_MAX_LENGTH,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        compute: str = "storage",
     ):
-        super().__init__(folder, xl=False, size=size, device=device, dtype=dtype)
+        super().__init__(folder, xl=False, size=size, device=device, dtype=dtype, compute=compute)
         self.joint_attention_dim = int(joint_attention_dim)
         self.t5 = bool(t5)
         self.max_sequence_length = int(max_sequence_length)
@@ -145,13 +146,14 @@ class SD3PromptEncoder(PromptEncoder):
 
 def load_sd3_teacher(
     path: Path, name: str, resolution: int | None = None, device: torch.device | str = "cpu",
-    weights_dtype: torch.dtype | None = None, **text_options,
+    weights_dtype: torch.dtype | None = None, text_compute: str = "storage", **text_options,
 ):
     """Load an SD3 pipeline folder as a latent flow-matching :class:`~onestep.teachers.Teacher`.
 
     The arguments are those of :func:`onestep.teachers.sd.load_text_to_image_teacher` (``text_options``:
     ``prompts``, ``validation_prompts``, ``negative_prompt``, ``real_images``, ``cache_text_embeddings``,
-    ``text_cache_dtype``; the text encoders load in that dtype), and ``weights_dtype``, the transformer's.
+    ``text_cache_dtype``; the text encoders load in that dtype and compute as ``text_compute`` says), and
+    ``weights_dtype``, the transformer's.
     ``resolution`` defaults to the transformer's ``sample_size`` times the VAE factor and must be
     a multiple of the VAE factor times the patch size.
     """
@@ -175,7 +177,7 @@ def load_sd3_teacher(
         raise ConfigError(f"resolution {side} is not a multiple of the VAE factor times the patch size ({f} x {patch})")
     encoder = SD3PromptEncoder(
         path, (side, side), int(transformer.config.joint_attention_dim), t5="text_encoder_3" in parts, device=device,
-        dtype=cache_dtype(text_options.get("text_cache_dtype")),
+        dtype=cache_dtype(text_options.get("text_cache_dtype")), compute=text_compute,
     )
     conditioning, real_data = text_teacher_data(encoder, latent_vae, side, device, **text_options)
     return Teacher(

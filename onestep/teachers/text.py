@@ -25,6 +25,7 @@ from torch import nn
 
 from ..conditioning import Cond, Conditioning, cond_to
 from ..errors import ConfigError, TeacherError
+from ..precision import store_small_compute_float32
 from ..prompts import CAPTION_COLUMNS, jsonl_records, prompt_set, read_prompts
 from .prompt_cache import PROMPT_SHARD_SIZE, cached_prompt_table
 
@@ -53,16 +54,20 @@ class PromptEncoder:
         device: where the encoders run.
         dtype: what the encoders' weights load in (a run's frozen dtype: SD3's T5-XXL is 19 GB in
             float32, 9.5 in bf16); embeddings are returned in float32 whatever it is.
+        compute: ``"storage"`` (compute in ``dtype``) or ``"float32"`` (Linear weights kept in ``dtype``,
+            upcast as they run: :mod:`onestep.precision`, for CPUs without bf16 units).
     """
 
     def __init__(
-        self, folder: str | Path, xl: bool, size: tuple[int, int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+        self, folder: str | Path, xl: bool, size: tuple[int, int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        compute: str = "storage",
     ):
         self.folder = Path(folder)
         self.xl = xl
         self.size = (int(size[0]), int(size[1]))
         self.device = torch.device(device)
         self.dtype = dtype
+        self.compute = compute if dtype != torch.float32 else "storage"
         self._parts: list[tuple[Any, nn.Module]] | None = None
 
     def _components(self) -> list[tuple[str, str, type, type]]:
@@ -84,6 +89,8 @@ class PromptEncoder:
                     enc = enc_cls.from_pretrained(self.folder / enc_name, use_safetensors=True, **dtype)
                 except (OSError, ValueError) as e:
                     raise TeacherError(f"{self.folder}: cannot load {enc_name}/ and {tok_name}/ ({e})") from e
+                if self.compute == "float32":
+                    store_small_compute_float32(enc, self.dtype)
                 parts.append((tok, enc.to(self.device).eval().requires_grad_(False)))
             self._parts = parts
         return self._parts
@@ -116,6 +123,8 @@ class PromptEncoder:
         identity = {"class": type(self).__name__, **self.describe(), "size": list(self.size), "files": files}
         if self.dtype != torch.float32:  # (float32 encoders keep the keys caches had before this field)
             identity["encoder_dtype"] = str(self.dtype).removeprefix("torch.")
+            if self.compute == "float32":
+                identity["encoder_compute"] = "float32"
         return identity
 
     def release(self) -> None:
