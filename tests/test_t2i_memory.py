@@ -391,3 +391,15 @@ def test_frozen_compute_auto_follows_the_cpu_and_a_run_trains_with_it(sd_dir, pr
     trainer.train()
     after = dict(trainer.generator.backbone.named_parameters())
     assert any(not torch.equal(lora[n], after[n]) for n in lora)
+
+
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has bf16 units")
+def test_bf16_mixed_precision_on_a_cpu_without_bf16_units_is_warned_about(sd_dir, prompt_file, tmp_path, caplog):
+    import logging
+
+    from onestep.trainers import make_trainer
+
+    with caplog.at_level(logging.WARNING):
+        make_trainer(tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=1, export=False,
+                                 mixed_precision="bf16"))
+    assert any("emulates every half-precision operation" in r.getMessage() for r in caplog.records)
