@@ -59,6 +59,7 @@ from .files import read_json_object
 from .pipeline import pipeline_sigmas, student_text_parts, write_pipeline_parts
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .teachers import PICKLE_SUFFIXES, Teacher
+from .weights import save_model
 
 FORMAT_VERSION = 1
 META_FILE = "onestep.json"
@@ -108,7 +109,7 @@ def export_student(
     out.mkdir(parents=True, exist_ok=True)
     text_to_image = teacher.conditioning.kind == "text"
     subfolder = PIPELINE_SUBFOLDERS.get(cls_name, "unet") if text_to_image else "generator"  # where diffusers pipelines look
-    generator.save_pretrained(out / subfolder, safe_serialization=True)
+    save_model(generator, out / subfolder)
     meta = {
         "format_version": FORMAT_VERSION,
         "method": method,

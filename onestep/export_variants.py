@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import StudentFormatError
+from .weights import save_model
 
 #: ``export_variant`` -> the dtype of the variant's weights (diffusers' variant names).
 VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,20 +30,6 @@ LORA_SUBFOLDER = "lora"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-@contextmanager
-def _cast(net: nn.Module, dtype: torch.dtype):
-    """``net`` with its floating weights and buffers held in ``dtype`` meanwhile, restored after (the
-    float32 tensors are kept, not copied: memory for one half-precision copy, not a second network)."""
-    kept = [(t, t.data) for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()]
-    try:
-        for t, data in kept:
-            t.data = data.to(dtype)
-        yield net
-    finally:
-        for t, data in kept:
-            t.data = data
-
-
 def write_variant(net: nn.Module, folder: str | Path, variant: str) -> None:
     """Save ``net`` (a diffusers model, already saved in float32 to ``folder``) once more as the
     diffusers weight variant ``variant`` (``fp16`` or ``bf16``): its weights cast to that dtype in
@@ -51,8 +37,7 @@ def write_variant(net: nn.Module, folder: str | Path, variant: str) -> None:
     file, which stays the default."""
     if variant not in VARIANT_DTYPES:
         raise StudentFormatError(f"unknown weight variant {variant!r}: expected one of {sorted(VARIANT_DTYPES)}")
-    with _cast(net, VARIANT_DTYPES[variant]):
-        net.save_pretrained(folder, safe_serialization=True, variant=variant)
+    save_model(net, folder, variant=variant, dtype=VARIANT_DTYPES[variant])
 
 
 def diffusers_lora_blocker(

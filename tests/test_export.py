@@ -123,3 +123,31 @@ def test_every_student_folder_has_a_model_card_whose_snippet_loads_it(tmp_path, 
     exec(code, scope)
     ours = load_student(student).generator.backbone.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in scope["net"].state_dict().items())
+
+
+def test_write_safetensors_is_read_back_exactly_by_safetensors(tmp_path):
+    """The streaming writer (one tensor at a time, no bytes copy of the whole state) writes files the
+    safetensors reader validates and returns bit for bit: every stored dtype, 0-d, empty and
+    non-contiguous tensors, metadata, and a cast as written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from onestep.weights import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(3, 5, generator=g), "b16": torch.randn(7, generator=g).bfloat16(), "h": torch.randn(4, generator=g).half(),
+        "step": torch.tensor(3), "empty": torch.zeros(0, 4), "mask": torch.tensor([True, False]), "t": torch.randn(4, 6, generator=g).t(),
+        "i8": torch.arange(5, dtype=torch.int8),
+    }
+    write_safetensors(tensors, tmp_path / "a.safetensors", {"format": "pt", "step": 3})
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "step": "3"}
+    write_safetensors(tensors, tmp_path / "h.safetensors", dtype=torch.float16)
+    half = load_file(str(tmp_path / "h.safetensors"))
+    assert half["w"].dtype == torch.float16 and torch.equal(half["w"], tensors["w"].half())
+    assert half["step"].dtype == torch.int64 and half["mask"].dtype == torch.bool

@@ -397,9 +397,15 @@ def test_frozen_compute_auto_follows_the_cpu_and_a_run_trains_with_it(sd_dir, pr
 def test_bf16_mixed_precision_on_a_cpu_without_bf16_units_is_warned_about(sd_dir, prompt_file, tmp_path, caplog):
     import logging
 
+    from accelerate.state import AcceleratorState
+
     from onestep.trainers import make_trainer
 
-    with caplog.at_level(logging.WARNING):
-        make_trainer(tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=1, export=False,
-                                 mixed_precision="bf16"))
+    AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision state per process
+    try:
+        with caplog.at_level(logging.WARNING):
+            make_trainer(tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=1, export=False,
+                                     mixed_precision="bf16"))
+    finally:
+        AcceleratorState._reset_state(True)
     assert any("emulates every half-precision operation" in r.getMessage() for r in caplog.records)
