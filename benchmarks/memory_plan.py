@@ -89,6 +89,9 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write every plan's rows here")
+    p.add_argument("--frozen-compute", default="storage", choices=("storage", "float32", "auto"),
+                   help="what bf16 frozen weights compute in (default storage: a GPU's; float32 keeps norms and "
+                        "embeddings float32, as on a CPU without bf16 units; auto: this machine's)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="arch-"))
     out, full = [], []
@@ -97,7 +100,8 @@ def main() -> int:
         if not folder.exists():
             write_architecture(folder, arch)
         for frozen in ("float32", "bf16"):
-            config = load_config(preset, {**overrides, "teacher": str(folder), "frozen_dtype": frozen}, output_dir=str(work / "run"))
+            config = load_config(preset, {**overrides, "teacher": str(folder), "frozen_dtype": frozen,
+                                           "frozen_compute": args.frozen_compute}, output_dir=str(work / "run"))
             rows, assumptions = memory_plan(config)
             held = resident_bytes(rows)
             gen = "LoRA" if config.generator_lora_rank else "full"
