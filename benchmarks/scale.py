@@ -397,6 +397,11 @@ def run_row(row: str, args, workdir: Path, prompts: Path) -> dict:
         rec["load"]["peak_rss_gib"] = lrss / GIB
     else:
         rec["load"] = {"ok": False, "error": "no student exported"}
+    run_dir = workdir / "runs" / row
+    if run_dir.is_dir():  # the final checkpoint and the student: SD1.5's are 17 + 3.6 GB, SDXL's more
+        rec["run_folder_gib"] = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / GIB
+        if not args.keep_runs:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return rec
 
 
@@ -410,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="weights, runs, prompts, images and child logs (default /tmp/onestep-scale; tiny: <workdir>/tiny)")
     p.add_argument("--out", type=Path, default=HERE / "scale-out" / "table.md", help="the markdown table (default benchmarks/scale-out/table.md)")
     p.add_argument("--json", type=Path, help="write the rows (and run_meta, date, command) here")
+    p.add_argument("--keep-runs", action="store_true", help="keep each row's run folder (checkpoint and student); default: removed once measured")
     p.add_argument("--cpu-overrides", default=CPU_OVERRIDES,
                    help=f"config overrides every row gets (default {CPU_OVERRIDES!r}; '' for the presets' own settings)")
     # the children (fresh interpreters started by the parent)
