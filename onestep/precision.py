@@ -8,13 +8,11 @@ backward that keeps the stored weight rather than a float32 copy.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 
-class _UpcastLinear(torch.autograd.Function):
+class _LinearFn(torch.autograd.Function):
     """``linear(x, w, b)`` computed in float32 from a weight stored in a smaller dtype; the backward
     keeps the stored weight, not a float32 copy (gradients reach ``x`` only: the weight is frozen)."""
 
@@ -29,8 +27,8 @@ class _UpcastLinear(torch.autograd.Function):
         return grad @ weight.float(), None, None
 
 
-class _UpcastConv2d(torch.autograd.Function):
-    """:class:`_UpcastLinear` for a 2D convolution."""
+class _Conv2dFn(torch.autograd.Function):
+    """:class:`_LinearFn` for a 2D convolution."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
@@ -46,14 +44,22 @@ class _UpcastConv2d(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
-def _upcast_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(x.device.type, enabled=False):
-        return _UpcastLinear.apply(x.float(), self.weight, self.bias)
+class UpcastLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is stored small and computed in float32 (the class is swapped
+    in place, not a bound method set on the instance: that would make every layer a reference cycle, and
+    a network copied for export would then outlive its last use until the garbage collector ran)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return _LinearFn.apply(x.float(), self.weight, self.bias)
 
 
-def _upcast_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(x.device.type, enabled=False):
-        return _UpcastConv2d.apply(x.float(), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+class UpcastConv2d(nn.Conv2d):
+    """:class:`UpcastLinear` for a zero-padded 2D convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return _Conv2dFn.apply(x.float(), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def upcastable(name: str, m: nn.Module) -> bool:
@@ -75,9 +81,8 @@ def store_small_compute_float32(backbone: nn.Module, dtype: torch.dtype) -> nn.M
             b.data = b.data.float()
     for name, m in backbone.named_modules():
         if upcastable(name, m):
-            forward = _upcast_linear_forward if type(m) is nn.Linear else _upcast_conv_forward
-            m.forward = types.MethodType(forward, m)
+            m.__class__ = UpcastLinear if type(m) is nn.Linear else UpcastConv2d
     return backbone
 
 
-__all__ = ["store_small_compute_float32", "upcastable"]
+__all__ = ["UpcastConv2d", "UpcastLinear", "store_small_compute_float32", "upcastable"]

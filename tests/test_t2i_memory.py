@@ -343,6 +343,7 @@ def test_float32_compute_keeps_bf16_storage_and_gives_the_rounded_weights_output
 
     from torch import nn
 
+    from onestep.precision import UpcastConv2d, UpcastLinear
     from onestep.trainers.memory import cast_frozen_backbone
 
     unet = load_teacher(sd_dir).backbone.requires_grad_(False)
@@ -353,8 +354,16 @@ def test_float32_compute_keeps_bf16_storage_and_gives_the_rounded_weights_output
                 p.data = p.data.to(torch.bfloat16).float()
     cast_frozen_backbone(unet, torch.bfloat16, compute="float32")
     dtypes = {type(m): {p.dtype for p in m.parameters(recurse=False)} for m in unet.modules() if list(m.parameters(recurse=False))}
-    assert dtypes[nn.Linear] == dtypes[nn.Conv2d] == {torch.bfloat16}
+    assert dtypes[UpcastLinear] == dtypes[UpcastConv2d] == {torch.bfloat16}
+    assert nn.Linear not in dtypes and nn.Conv2d not in dtypes  # every one swapped
     assert dtypes[nn.GroupNorm] == {torch.float32}
+    # no layer is a reference cycle: a copy (an export) is freed as soon as it is dropped, not at the next gc
+    import weakref
+
+    exported = copy.deepcopy(unet)
+    ref = weakref.ref(next(m for m in exported.modules() if isinstance(m, UpcastLinear)))
+    del exported
+    assert ref() is None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
     cond = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
