@@ -249,10 +249,13 @@ def child_train(row: str, teacher: Path, prompts: Path, out_dir: Path, resolutio
     step_s: list[float] = []
     step = tr.train_step
 
+    hwm: list[int] = []
+
     def timed_step():
         t = time.perf_counter()
         logs = step()
         step_s.append(time.perf_counter() - t)
+        hwm.append(_peak_rss())  # the peak so far: after the last step, the peak of loading and training
         return logs
 
     tr.train_step = timed_step  # the loop calls self.train_step(): each iteration timed, loading and export not
@@ -278,8 +281,17 @@ def child_train(row: str, teacher: Path, prompts: Path, out_dir: Path, resolutio
             "s_per_iteration": sum(step_s) / len(step_s) if step_s else None,
             "train_loop_s": getattr(tr, "train_seconds", None), "after_loop_s": train_s - sum(step_s),
             "steps_run": getattr(tr, "steps_run", len(step_s)), "measured": measured, "plan": planned,
+            "train_peak_rss_gib": hwm[-1] / GIB if hwm else None,
             "frozen_dtype": assumptions["frozen_dtype"], "networks": networks,
             "student": str(student) if student else None, "torch_threads": torch.get_num_threads()}
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS so far in bytes (``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def child_load(folder: Path, resolution: int) -> dict:
@@ -344,8 +356,8 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| row | networks | load s | s/iteration | peak RSS GiB | plan/measured trained weights | plan/measured AdamW "
-            "| frozen weights GiB (plan / measured) | student loads in diffusers |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
+    head = ("| row | networks | load s | s/iteration | peak RSS GiB: training / with checkpoint + export | plan/measured trained weights "
+            "| plan/measured AdamW | frozen weights GiB (plan / measured) | student loads in diffusers |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
     lines = [head]
     for r in rows:
         if r.get("error"):
@@ -356,7 +368,7 @@ def table(rows: list[dict]) -> str:
         loads = ("yes" if load.get("finite") else "loads, sample not finite") if load.get("ok") else f"no ({load.get('error', '?')})"
         lines.append(
             f"| {r['row']} | {r['networks_text']} | {_fmt(r['load_s'], '.1f')} | {_fmt(r['s_per_iteration'], '.2f')} "
-            f"| {_fmt(r['peak_rss_gib'])} | {_fmt(r['ratio_trained'], '.3f')} | {_fmt(r['ratio_adamw'], '.3f')} "
+            f"| {_fmt(r.get('train_peak_rss_gib'))} / {_fmt(r['peak_rss_gib'])} | {_fmt(r['ratio_trained'], '.3f')} | {_fmt(r['ratio_adamw'], '.3f')} "
             f"| {r['plan']['frozen'] / GIB:.2f} / {r['measured']['frozen'] / GIB:.2f} | {loads} |")
     return "\n".join(lines) + "\n"
 
