@@ -8,7 +8,7 @@ import copy
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -98,6 +98,11 @@ class Teacher:
         return net
 
 
+def dtype_option(dtype: torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained``'s keyword for loading weights in ``dtype`` (none for None / float32)."""
+    return {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
+
+
 def _sha256_of(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
@@ -117,4 +122,4 @@ def refuse_pickles(folder: Path) -> None:
         )
 
 
-__all__ = ["RealSampler", "Teacher", "refuse_pickles"]
+__all__ = ["RealSampler", "Teacher", "dtype_option", "refuse_pickles"]

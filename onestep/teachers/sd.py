@@ -23,7 +23,7 @@ import torch
 from .. import files
 from ..errors import ConfigError, TeacherError
 from ..schedule import NoiseSchedule
-from .base import RealSampler, Teacher, _sha256_of, refuse_pickles
+from .base import RealSampler, Teacher, _sha256_of, dtype_option, refuse_pickles
 from .latents import LatentVAE, image_folder_data
 from .prompt_cache import cache_dtype
 from .text import PromptEncoder, TextConditioning, text_conditioning
@@ -155,11 +155,6 @@ def load_text_to_image_teacher(
     )
 
 
-def dtype_option(dtype: torch.dtype | None) -> dict[str, Any]:
-    """``from_pretrained``'s keyword for loading weights in ``dtype`` (none for None / float32)."""
-    return {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
-
-
 def read_scheduler_config(path: Path) -> dict[str, Any]:
     """``scheduler/scheduler_config.json`` of a pipeline folder; a :class:`TeacherError` when missing."""
     sched_file = path / "scheduler" / "scheduler_config.json"
@@ -193,7 +188,6 @@ __all__ = [
     "SD_PARTS",
     "check_parts",
     "component_class",
-    "dtype_option",
     "is_sdxl",
     "load_text_to_image_teacher",
     "read_json_object",

@@ -33,10 +33,10 @@ from torch import nn
 
 from ..errors import ConfigError, TeacherError
 from ..schedule import FlowMatchSchedule, NoiseSchedule
-from .base import Teacher, _sha256_of
+from .base import Teacher, _sha256_of, dtype_option
 from .latents import LatentVAE
 from .prompt_cache import cache_dtype
-from .sd import component_class, dtype_option, read_model_index, read_scheduler_config, require_parts, text_teacher_data
+from .sd import component_class, read_model_index, read_scheduler_config, require_parts, text_teacher_data
 from .text import PromptEncoder
 
 SD3_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")

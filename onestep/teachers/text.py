@@ -27,6 +27,7 @@ from ..conditioning import Cond, Conditioning, cond_to
 from ..errors import ConfigError, TeacherError
 from ..precision import store_small_compute_float32
 from ..prompts import CAPTION_COLUMNS, jsonl_records, prompt_set, read_prompts
+from .base import dtype_option
 from .prompt_cache import PROMPT_SHARD_SIZE, cached_prompt_table
 
 #: Previews of text-to-image runs use these prompts unless ``validation_prompts`` names a file.
@@ -85,8 +86,7 @@ class PromptEncoder:
             for tok_name, enc_name, tok_cls, enc_cls in self._components():
                 try:
                     tok = tok_cls.from_pretrained(self.folder / tok_name)
-                    dtype = {} if self.dtype == torch.float32 else {"torch_dtype": self.dtype}
-                    enc = enc_cls.from_pretrained(self.folder / enc_name, use_safetensors=True, **dtype)
+                    enc = enc_cls.from_pretrained(self.folder / enc_name, use_safetensors=True, **dtype_option(self.dtype))
                 except (OSError, ValueError) as e:
                     raise TeacherError(f"{self.folder}: cannot load {enc_name}/ and {tok_name}/ ({e})") from e
                 if self.compute == "float32":
