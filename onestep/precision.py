@@ -69,10 +69,16 @@ def upcastable(name: str, m: nn.Module) -> bool:
     return type(m) is nn.Linear or (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
+def small_parameter_ids(backbone: nn.Module) -> set[int]:
+    """``id``s of the parameters :func:`store_small_compute_float32` stores small (those of the
+    :func:`upcastable` layers); works on the meta device (the memory plan counts them)."""
+    return {id(p) for name, m in backbone.named_modules() if upcastable(name, m) for p in m.parameters(recurse=False)}
+
+
 def store_small_compute_float32(backbone: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Linear / Conv2d weights (the bulk of a UNet or transformer) stored in ``dtype`` and upcast layer by
     layer as they run; every other frozen tensor (norms, embeddings, buffers) float32, inputs untouched."""
-    small = {id(p) for name, m in backbone.named_modules() if upcastable(name, m) for p in m.parameters(recurse=False)}
+    small = small_parameter_ids(backbone)
     for name, p in backbone.named_parameters():
         if "lora_" not in name and p.is_floating_point():
             p.data = p.data.to(dtype if id(p) in small else torch.float32)
@@ -85,4 +91,4 @@ def store_small_compute_float32(backbone: nn.Module, dtype: torch.dtype) -> nn.M
     return backbone
 
 
-__all__ = ["UpcastConv2d", "UpcastLinear", "store_small_compute_float32", "upcastable"]
+__all__ = ["UpcastConv2d", "UpcastLinear", "small_parameter_ids", "store_small_compute_float32", "upcastable"]

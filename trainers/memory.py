@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from onestep.errors import ConfigError
-from onestep.precision import store_small_compute_float32, upcastable
+from onestep.precision import small_parameter_ids, store_small_compute_float32
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 FROZEN_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,7 +126,7 @@ def frozen_bytes(backbone: nn.Module, dtype: torch.dtype, compute: str = "storag
     params = [(n, p) for n, p in backbone.named_parameters() if "lora_" not in n]
     if compute != "float32" or dtype == torch.float32:
         return storage_bytes(p.to(dtype) if p.is_floating_point() else p for _, p in params)
-    small = {id(p) for name, m in backbone.named_modules() if upcastable(name, m) for p in m.parameters(recurse=False)}
+    small = small_parameter_ids(backbone)
     size = torch.finfo(dtype).bits // 8
     return sum(p.numel() * (size if id(p) in small else 4) for _, p in params)
 
