@@ -413,8 +413,9 @@ def test_bf16_mixed_precision_on_a_cpu_without_bf16_units_is_warned_about(sd_dir
     AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision state per process
     try:
         with caplog.at_level(logging.WARNING):
+            # frozen_dtype float32: autocast alone is emulated, and that is warned about too
             make_trainer(tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), batch_size=1, max_steps=1, export=False,
-                                     mixed_precision="bf16"))
+                                     mixed_precision="bf16", frozen_dtype="float32"))
     finally:
         AcceleratorState._reset_state(True)
     assert any("emulates every half-precision operation" in r.getMessage() for r in caplog.records)

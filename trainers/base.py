@@ -98,15 +98,16 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
 
         # text embeddings are frozen outputs too: the prompt cache stores them in the frozen dtype
         frozen = resolve_frozen_dtype(c.frozen_dtype, acc.mixed_precision)
-        if acc.device.type == "cpu" and frozen != torch.float32 and resolve_frozen_compute("auto", frozen, "cpu") == "float32":
-            if acc.mixed_precision != "no":
-                from accelerate.logging import get_logger
+        # autocast's dtype on a CPU without units for it (whatever frozen_dtype says): every op is emulated
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+        if acc.device.type == "cpu" and half is not None and resolve_frozen_compute("auto", half, "cpu") == "float32":
+            from accelerate.logging import get_logger
 
-                get_logger(__name__).warning(
-                    f"mixed_precision {acc.mixed_precision} on a CPU without {acc.mixed_precision} units emulates every "
-                    "half-precision operation (a bf16 convolution ran 141x slower than float32 here); "
-                    "mixed_precision: no with frozen_dtype: bf16 keeps the memory saving at float32 speed"
-                )
+            get_logger(__name__).warning(
+                f"mixed_precision {acc.mixed_precision} on a CPU without {acc.mixed_precision} units emulates every "
+                "half-precision operation (a bf16 convolution ran 141x slower than float32 here); "
+                "mixed_precision: no with frozen_dtype: bf16 keeps the memory saving at float32 speed"
+            )
         # With no full copy of the teacher to train (LoRA fake score, LoRA generator), its weights load
         # straight into the frozen dtype: the float32 backbone never sits in memory whole.
         all_frozen = c.fake_score != "copy" and c.generator_lora_rank > 0
