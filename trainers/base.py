@@ -94,7 +94,7 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         if c.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        from .memory import apply_memory_switches, resolve_frozen_compute, resolve_frozen_dtype
+        from .memory import apply_memory_switches, apply_speed_switches, resolve_frozen_compute, resolve_frozen_dtype
 
         # text embeddings are frozen outputs too: the prompt cache stores them in the frozen dtype
         frozen = resolve_frozen_dtype(c.frozen_dtype, acc.mixed_precision)
@@ -178,6 +178,7 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         # networks are already sharded (and placed), since accelerate's FSDP2 prepare takes one
         # model per call. Checkpoints are written by trainers/checkpoint_files.py either way.
         self._place_networks()
+        apply_speed_switches(self)  # channels_last, torch_compile (trainers/memory.py)
         self.warm_start = RegressionWarmStart(self)
         self.nonfinite_updates, self.nonfinite_in_a_row = 0, {}  # updates skipped for non-finite gradients
         self.run_metrics: dict[str, Any] = {}  # the latest periodic evaluation (eval_every), for the student's card

@@ -221,6 +221,14 @@ class DistillConfig:
         "(bf16 / fp16 as mixed_precision, else float32), 'float32', 'bf16' or 'fp16'; trainable weights stay float32",
         "auto",
     )
+    channels_last: bool = config_field(
+        "store the backbones' 4-D weights channels-last (NHWC): convolutions then run in that layout "
+        "(benchmarks/speed_features.py: measure before turning it on)", False
+    )
+    torch_compile: bool = config_field(
+        "torch.compile every backbone (generator, fake score, teacher) in place: the first steps compile (minutes on a "
+        "CPU), later steps run faster; pays off on long runs (benchmarks/speed_features.py). Not with fsdp", False
+    )
     frozen_compute: str = config_field(
         "what frozen weights stored in bf16 / fp16 compute in: 'storage' (their own dtype; inputs are cast to it), "
         "'float32' (each layer's weight upcast as it runs: the memory of bf16 storage at float32 speed, for CPUs "

@@ -1,5 +1,5 @@
-"""Memory and speed switches of a training run: the attention kernels of the diffusers backbones
-and the dtype of the frozen weights.
+"""Memory and speed switches of a training run: the attention kernels of the diffusers backbones,
+the dtype of the frozen weights, their memory layout and torch.compile.
 
 - ``attention``: ``"sdpa"`` keeps diffusers' default processors (torch's
   ``scaled_dot_product_attention``, which picks flash / memory-efficient kernels on GPU by itself);
@@ -11,6 +11,9 @@ and the dtype of the frozen weights.
   generator, a full fake score, LoRA adapters, heads) stay float32: their optimizer needs float32
   masters. A frozen backbone gets its floating inputs cast to its dtype and its output cast back
   to float32, so it runs with mixed precision off too.
+- ``channels_last`` and ``torch_compile`` (:func:`apply_speed_switches`): every distinct backbone
+  of the triad gets its 4-D weights in channels-last layout, and is compiled in place
+  (``nn.Module.compile``: the state dict keeps its keys, so checkpoints and exports are unchanged).
 """
 
 from __future__ import annotations
@@ -219,3 +222,25 @@ def apply_memory_switches(trainer) -> None:
     set_attention([triad.teacher.backbone, fake, triad.generator.backbone, getattr(vae, "vae", None)], c.attention, device)
     dtype = resolve_frozen_dtype(c.frozen_dtype, c.mixed_precision)
     cast_frozen(triad, vae, dtype, resolve_frozen_compute(c.frozen_compute, dtype, device))
+
+
+def triad_backbones(triad) -> list[nn.Module]:
+    """The triad's distinct backbones (a LoRA fake score shares the teacher's)."""
+    found: dict[int, nn.Module] = {}
+    for den in (triad.generator, triad.fake, triad.teacher):
+        if den is not None:
+            found.setdefault(id(den.backbone), den.backbone)
+    return list(found.values())
+
+
+def apply_speed_switches(trainer) -> None:
+    """``channels_last`` and ``torch_compile`` on every distinct backbone of the trainer's triad (called once,
+    after the networks are placed)."""
+    c = trainer.config
+    if c.torch_compile and trainer.fsdp:
+        raise ConfigError("torch_compile: not with fsdp (the sharded networks are not compiled); set one of them false")
+    for net in triad_backbones(trainer.triad):
+        if c.channels_last:
+            net.to(memory_format=torch.channels_last)
+        if c.torch_compile:
+            net.compile()
