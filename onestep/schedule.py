@@ -36,6 +36,22 @@ def expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
 
 
+def x0_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, a, s, prediction_type: str) -> torch.Tensor:
+    """An x0 prediction (float32) from a backbone output of ``prediction_type`` at ``x_t = a x0 + s eps``
+    (``a``, ``s`` broadcastable to ``x_t``: the schedule's values at an integer label, or any others)."""
+    pred, x_t = pred.float(), x_t.float()
+    if prediction_type == "epsilon":
+        return (x_t - s * pred) / a
+    if prediction_type == "v_prediction":
+        return a * x_t - s * pred
+    if prediction_type == "sample":
+        return pred
+    if prediction_type == "flow":
+        # x_t = a x0 + s eps and v = eps - x0 give x_t = (a + s) x0 + s v (a + s = 1 for flow schedules).
+        return (x_t - s * pred) / (a + s)
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
 class NoiseSchedule:
     """Variance-preserving schedule ``x_t = a_t x_0 + s_t eps`` on integer timesteps.
 
@@ -102,17 +118,7 @@ class NoiseSchedule:
     def to_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
         """Convert a backbone output of ``prediction_type`` into an x0 prediction (float32)."""
         a, s = (expand_like(v, x_t) for v in self.alpha_sigma(t.to(x_t.device)))
-        pred, x_t = pred.float(), x_t.float()
-        if prediction_type == "epsilon":
-            return (x_t - s * pred) / a
-        if prediction_type == "v_prediction":
-            return a * x_t - s * pred
-        if prediction_type == "sample":
-            return pred
-        if prediction_type == "flow":
-            # x_t = a x0 + s eps and v = eps - x0 give x_t = (a + s) x0 + s v (a + s = 1 for flow schedules).
-            return (x_t - s * pred) / (a + s)
-        raise ConfigError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        return x0_from_prediction(pred, x_t, a, s, prediction_type)
 
     def eps_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, s = (expand_like(v, x_t) for v in self.alpha_sigma(t.to(x_t.device)))

@@ -38,6 +38,7 @@ from .disback import (
 )
 from .dmd2 import DMD2Config, DMD2Trainer
 from .fdistill import FDistillConfig, FDistillTrainer
+from .scm import SCMConfig, SCMTrainer
 from .sid import SiDConfig, SiDTrainer
 from .vsd import VSDConfig, VSDTrainer
 
@@ -47,6 +48,7 @@ TRAINERS: tuple[type[DistillTrainer], ...] = (
     VSDTrainer,
     FDistillTrainer,
     SiDTrainer,
+    SCMTrainer,
     DisBackDMD2Trainer,
     DisBackVSDTrainer,
     DisBackFDistillTrainer,
@@ -103,6 +105,8 @@ __all__ = [
     "DMD2Trainer",
     "FDistillConfig",
     "FDistillTrainer",
+    "SCMConfig",
+    "SCMTrainer",
     "SiDConfig",
     "SiDTrainer",
     "VSDConfig",
