@@ -156,3 +156,22 @@ def test_the_student_exports_and_samples_in_one_and_two_steps(tiny_teacher_dir, 
 def test_bad_settings_are_config_errors(tiny_teacher_dir, tmp_path, field, value, match):
     with pytest.raises(ConfigError, match=match):
         scm_config(tmp_path, tiny_teacher_dir, **{field: value})
+
+
+def test_scm_on_a_text_to_image_pipeline_runs_with_jvp_and_exports_a_diffusers_pipeline(tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+    from t2i_fixtures import make_tiny_sd, write_image_folder, write_prompts
+
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    sd = make_tiny_sd(tmp_path / "sd")
+    prompts = write_prompts(tmp_path / "prompts.txt")
+    images = write_image_folder(tmp_path / "images", n=4)
+    trainer = make_trainer(scm_config(tmp_path, sd, prompts=str(prompts), real_images=str(images), batch_size=2, max_steps=2,
+                                      max_timestep=900, sampling_steps=1))
+    g0 = state_of(trainer.generator.backbone)
+    folder = trainer.train()
+    assert trainer.tangent_mode_used == "jvp"  # cross-attention in plain math has a forward-mode rule
+    assert changed(g0, trainer.generator.backbone) > 0
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    out = pipe("a red cube", num_inference_steps=1, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 16, 16, 3) and load_student(folder).timesteps == [900]
