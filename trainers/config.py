@@ -357,4 +357,16 @@ def load_teacher_for(
     )
 
 
-__all__ = ["MIXED_PRECISION", "ALIASES", "RENAMED_FIELDS", "DistillConfig", "check_interval", "load_teacher_for", "method_of", "resolve_mixed_precision"]
+__all__ = ["MIXED_PRECISION", "ALIASES", "RENAMED_FIELDS", "DistillConfig", "check_interval", "load_teacher_for", "load_teacher_with_data", "method_of", "resolve_mixed_precision"]
+
+
+def load_teacher_with_data(config: DistillConfig, teacher: Teacher | None, what: str) -> Teacher:
+    """``teacher``, or :func:`load_teacher_for` ``config`` when None, refusing one without real samples: ``what``
+    (e.g. "consistency distillation") noises real samples."""
+    teacher = teacher if teacher is not None else load_teacher_for(config)
+    if teacher.real_data is None:
+        raise ConfigError(
+            f"{what} noises real samples, and teacher {teacher.name} brings no data (built-in digits and gmm-* teachers "
+            "do; a text-to-image teacher takes real_images; another diffusers folder names its data in onestep_teacher.json)"
+        )
+    return teacher

@@ -61,7 +61,7 @@ from onestep.errors import ConfigError
 from onestep.teachers import Teacher
 
 from .base import DistillTrainer
-from .config import DistillConfig, check_interval, load_teacher_for
+from .config import DistillConfig, check_interval, load_teacher_with_data
 from .dmd2 import GANHead
 from .sharding import resharded
 
@@ -174,12 +174,7 @@ class ConsistencyTrainer(DistillTrainer):
     config: ConsistencyConfig
 
     def __init__(self, config: ConsistencyConfig, teacher: Teacher | None = None):
-        teacher = teacher if teacher is not None else load_teacher_for(config)
-        if teacher.real_data is None:
-            raise ConfigError(
-                f"consistency distillation noises real samples, and teacher {teacher.name} brings no data "
-                "(built-in digits and gmm-* teachers do; for a diffusers folder set 'data' in onestep_teacher.json)"
-            )
+        teacher = load_teacher_with_data(config, teacher, "consistency distillation")
         self.guidance_input = None
         if config.guidance_scale_range is not None:
             self.guidance_input = GuidanceInput.for_teacher(

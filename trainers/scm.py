@@ -44,7 +44,7 @@ from onestep.schedule import FlowMatchSchedule, expand_like
 from onestep.teachers import Teacher
 
 from .base import DistillTrainer
-from .config import DistillConfig, load_teacher_for
+from .config import DistillConfig, load_teacher_with_data
 
 
 @dataclass
@@ -117,12 +117,7 @@ class SCMTrainer(DistillTrainer):
     config: SCMConfig
 
     def __init__(self, config: SCMConfig, teacher: Teacher | None = None):
-        teacher = teacher if teacher is not None else load_teacher_for(config)
-        if teacher.real_data is None:
-            raise ConfigError(
-                f"sCM distillation noises real samples, and teacher {teacher.name} brings no data (built-in digits and "
-                "gmm-* teachers do; for a text-to-image teacher set real_images)"
-            )
+        teacher = load_teacher_with_data(config, teacher, "sCM distillation")
         if isinstance(teacher.schedule, FlowMatchSchedule):
             raise ConfigError("sCM here maps variance-preserving teachers to TrigFlow; flow-matching teachers (SD3) are not supported")
         super().__init__(config, teacher)
