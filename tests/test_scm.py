@@ -151,7 +151,6 @@ def test_the_student_exports_and_samples_in_one_and_two_steps(tiny_teacher_dir, 
     ("tangent", "autograd", "tangent must be one of"),
     ("sampling_steps", 3, "sampling_steps must be 1 or 2"),
     ("max_timestep", 5, "min_timestep < max_timestep"),
-    ("fake_score", "copy", "fake_score"),
 ])
 def test_bad_settings_are_config_errors(tiny_teacher_dir, tmp_path, field, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -175,3 +174,46 @@ def test_scm_on_a_text_to_image_pipeline_runs_with_jvp_and_exports_a_diffusers_p
     pipe = DiffusionPipeline.from_pretrained(folder)
     out = pipe("a red cube", num_inference_steps=1, output_type="np", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 16, 16, 3) and load_student(folder).timesteps == [900]
+
+
+@pytest.mark.parametrize("fake_score", ["copy", "lora"])
+def test_rcm_adds_the_dmd_regulariser_and_trains_its_fake_score(tiny_teacher_dir, tmp_path, fake_score):
+    trainer = make_trainer(scm_config(tmp_path, tiny_teacher_dir, dmd_weight=1.0, fake_score=fake_score))
+    assert trainer.fake is not None
+    fake = trainer.triad.trainable_fake_parameters()
+    f0 = [p.detach().clone() for p in fake]
+    g0, t0 = state_of(trainer.generator.backbone), state_of(trainer.teacher.backbone)
+    logs = trainer.train_step()
+    assert {"loss/scm", "loss/dmd", "loss/fake", "loss/weighting"} <= set(logs) and all(math.isfinite(v) for v in logs.values())
+    assert changed(g0, trainer.generator.backbone) > 0 and any(not torch.equal(a, b) for a, b in zip(f0, fake))
+    if fake_score == "copy":
+        assert changed(t0, trainer.teacher.backbone) == 0
+
+
+def test_the_dmd_regulariser_pushes_the_one_step_sample_along_the_dm_gradient(tiny_teacher_dir, tmp_path, monkeypatch):
+    # the regulariser alone: its gradient on the one-step sample x is the normalised DM gradient / numel
+    import onestep.trainers.scm as scm_module
+
+    trainer = make_trainer(scm_config(tmp_path, tiny_teacher_dir, dmd_weight=1.0, fake_score="copy"))
+    batch = trainer.make_batch()
+    with torch.no_grad():  # make the fake score differ from the teacher, so that the gradient is not zero
+        for p in trainer.fake.backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    captured, inject = {}, scm_module.inject_gradient
+
+    def spy(x, grad):
+        captured["x"], captured["grad"] = x, grad
+        return inject(x, grad)
+
+    monkeypatch.setattr(scm_module, "inject_gradient", spy)
+    loss = trainer.dmd_regulariser(batch)
+    (g,) = torch.autograd.grad(loss, captured["x"])
+    torch.testing.assert_close(g, captured["grad"] / captured["x"].numel())
+    assert float(captured["grad"].abs().mean()) > 0 and torch.equal(batch["x_gen"], captured["x"].detach())
+
+
+def test_rcm_settings_go_together(tiny_teacher_dir, tmp_path):
+    with pytest.raises(ConfigError, match="dmd_weight > 0 needs fake_score"):
+        scm_config(tmp_path, tiny_teacher_dir, dmd_weight=0.5)
+    with pytest.raises(ConfigError, match="needs dmd_weight 0"):
+        scm_config(tmp_path, tiny_teacher_dir, fake_score="lora")

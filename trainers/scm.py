@@ -1,4 +1,6 @@
-"""sCM: continuous-time consistency distillation in TrigFlow (Lu & Song, 2024, arXiv:2410.11081).
+"""sCM: continuous-time consistency distillation in TrigFlow (Lu & Song, 2024, arXiv:2410.11081), and
+rCM, sCM with a DMD score regulariser (Zheng et al., 2025, "Large Scale Diffusion Distillation via
+Score-Regularized Continuous-Time Consistency"), with ``dmd_weight > 0``.
 
 TrigFlow and its link to this project's VP teachers are in :mod:`onestep.trigflow`: ``x_t = cos(t) x0 +
 sin(t) z``, ``z ~ N(0, sigma_d^2 I)``, the network's velocity ``V = sigma_d F(x_t / sigma_d, t)`` and the
@@ -23,10 +25,19 @@ Per iteration (sCM Algorithm 1, "sCD", in this project's notation):
    (sec. 4.4), a small network of ``t`` trained on the same per-sample errors (the loop's second
    optimizer: it is the method's only "head"; ``adaptive_weighting: false`` keeps ``w = 0``).
 
+rCM (``dmd_weight > 0``, a fake score ``copy`` or ``lora``): 7. the student's one-step sample ``x = f(z, t_max)``
+from pure noise gets DMD's distribution-matching gradient (the teacher's guided x0 against the fake score's
+at ``t ~ U(loss_t_range)``, normalised as in DMD2, :func:`~onestep.trainers.dmd2.dm_gradient`), times
+``dmd_weight``, beside the sCM loss; 8. the fake score learns the student's samples with the plain
+denoising loss, on the loop's second optimizer with the weighting network. The regulariser pulls the
+one-step samples onto the teacher's distribution (sharpness, diversity) where the consistency loss alone
+converges slowly.
+
 Choices where the paper leaves one: the student takes no guidance input (it distils one CFG scale, as the
 paper's ImageNet models have no CFG input); ``w`` reads Fourier features of ``t`` instead of the network's
 own time embedding (one network for every backbone); the 2-step sampler's middle time is the paper's
-``t = 1.1``, rounded to the nearest label. rCM's DMD regulariser is not part of this file.
+``t = 1.1``, rounded to the nearest label; rCM's regulariser reads the one-step sample only (not each
+step of a few-step student).
 """
 
 from __future__ import annotations
@@ -45,6 +56,8 @@ from onestep.teachers import Teacher
 
 from .base import DistillTrainer
 from .config import DistillConfig, load_teacher_with_data
+from .dmd2 import dm_gradient
+from .helpers import inject_gradient
 
 
 @dataclass
@@ -55,10 +68,11 @@ class SCMConfig(DistillConfig):
     iteration and samples at ``max_timestep`` (and the middle time for 2 steps).
     """
 
-    FAKE_SCORES = ("none",)
+    FAKE_SCORES = ("none", "copy", "lora")
 
     method: str = config_field("training method", "scm")
-    fake_score: str = config_field("sCM trains no fake score: 'none'", "none")
+    fake_score: str = config_field("'none' (sCM); rCM's regulariser (dmd_weight > 0) needs a fake score: 'copy' or 'lora'", "none")
+    dmd_weight: float = config_field("rCM: weight of the DMD regulariser on the one-step sample (0: plain sCM)", 0.0)
     sigma_data: float = config_field("sigma_d of TrigFlow (the data's std; the paper: 0.5)", 0.5)
     p_mean: float = config_field("P_mean of the proposal tan(t) = exp(tau) / sigma_d, tau ~ N(P_mean, P_std^2)", -1.0)
     p_std: float = config_field("P_std of that proposal", 1.4)
@@ -93,6 +107,11 @@ class SCMConfig(DistillConfig):
             raise ConfigError(f"need 0 <= min_timestep < max_timestep (got {self.min_timestep}, {self.max_timestep})")
         if self.sampling_steps not in (1, 2):
             raise ConfigError(f"sampling_steps must be 1 or 2 (got {self.sampling_steps})")
+        if self.dmd_weight < 0:
+            raise ConfigError(f"dmd_weight must be >= 0 (got {self.dmd_weight})")
+        if (self.dmd_weight > 0) != (self.fake_score != "none"):
+            raise ConfigError("rCM's regulariser and a fake score go together: dmd_weight > 0 needs fake_score 'copy' or "
+                              f"'lora', and fake_score 'none' needs dmd_weight 0 (got {self.dmd_weight}, {self.fake_score!r})")
         if self.weighting_features < 1:
             raise ConfigError(f"weighting_features must be at least 1 (got {self.weighting_features})")
 
@@ -137,8 +156,8 @@ class SCMTrainer(DistillTrainer):
         return True
 
     def is_fake_step(self, step: int) -> bool:
-        """The weighting network learns beside the student, on the student step's errors."""
-        return self.config.adaptive_weighting
+        """The weighting network (on the student step's errors) and rCM's fake score learn beside the student."""
+        return self.config.adaptive_weighting or self.config.dmd_weight > 0
 
     # ------------------------------------------------------------ the loss
     def student_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -175,14 +194,39 @@ class SCMTrainer(DistillTrainer):
         w = self.heads["weight"](t).detach() if c.adaptive_weighting else torch.zeros_like(t)
         loss = (torch.exp(w) * err).mean()
         batch["scm_t"], batch["scm_err"] = t, err.detach()
-        return loss, {"loss/scm": loss.item(), "scm/err": err.mean().item(), "scm/tangent_r": r}
+        logs = {"loss/scm": loss.item(), "scm/err": err.mean().item(), "scm/tangent_r": r}
+        if c.dmd_weight > 0:
+            loss_dmd = self.dmd_regulariser(batch)
+            loss = loss + c.dmd_weight * loss_dmd
+            logs["loss/dmd"] = loss_dmd.item()
+        return loss, logs
+
+    def dmd_regulariser(self, batch: dict[str, Any]) -> torch.Tensor:
+        """rCM 7.: DMD's gradient on the one-step sample ``x = f(z, t_max)`` (kept in ``batch["x_gen"]``)."""
+        c = self.config
+        z, cond = batch["noise"], batch["cond"]
+        t_max = torch.full((z.shape[0],), c.max_timestep, dtype=torch.long, device=self.device)
+        x = self.generator(z, t_max, cond)
+        batch["x_gen"] = x.detach()
+        t = self.sample_t(x.shape[0], *c.loss_t_range)
+        with torch.no_grad():
+            x_t = self.schedule.add_noise(x.detach(), self.randn(tuple(x.shape)), t)
+            x0_real = self.teacher.guided(x_t, t, cond, batch["uncond"], c.guidance_scale)
+            grad = dm_gradient(x.detach(), x0_real, self.fake(x_t, t, cond))
+        return inject_gradient(x, grad)
 
     def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """The adaptive weighting's loss ``mean(exp(w) err - w)`` on the student step's errors (its minimum:
-        ``w = -log err``, which evens out the loss over ``t``)."""
-        w = self.heads["weight"](batch["scm_t"])
-        loss = (torch.exp(w) * batch["scm_err"] - w).mean()
-        return loss, {"loss/weighting": loss.item()}
+        ``w = -log err``, which evens out the loss over ``t``); rCM 8.: the fake score's denoising loss."""
+        loss, logs = torch.zeros((), device=self.device), {}
+        if self.config.adaptive_weighting:
+            w = self.heads["weight"](batch["scm_t"])
+            loss_w = (torch.exp(w) * batch["scm_err"] - w).mean()
+            loss, logs["loss/weighting"] = loss + loss_w, loss_w.item()
+        if self.config.dmd_weight > 0:
+            loss_f = self.denoising_loss(self.fake, self.detached_sample(batch), batch["cond"])
+            loss, logs["loss/fake"] = loss + loss_f, loss_f.item()
+        return loss, logs
 
     # ------------------------------------------------------ export
     def export_timesteps(self) -> list[int]:
