@@ -44,20 +44,44 @@ PRESET = "digits_dmd2"
 #: label -> (what it changes, the fields it sets on the preset). Every field that differs between
 #: the preset before and after issue 13 is set in every row, so the rows do not move with the preset.
 BEFORE = {"loss_t_range": [0.02, 0.98], "fake_loss_weighting": "native", "generator_timesteps": [800]}
+AFTER = {**BEFORE, "loss_t_range": [0.02, 0.5], "fake_loss_weighting": "snr+1", "generator_timesteps": [600]}
 VARIANTS = {
     "before": ("the quickstart preset before issue 13", BEFORE),
     "t<=0.5": ("DM loss only at t <= 0.5 T", {**BEFORE, "loss_t_range": [0.02, 0.5]}),
     "snr+1": ("fake-score loss weighted SNR + 1", {**BEFORE, "fake_loss_weighting": "snr+1"}),
     "t<=0.5 & snr+1": ("both", {**BEFORE, "loss_t_range": [0.02, 0.5], "fake_loss_weighting": "snr+1"}),
     "t<=0.5 @600": ("DM loss at t <= 0.5 T, generator at t = 600", {**BEFORE, "loss_t_range": [0.02, 0.5], "generator_timesteps": [600]}),
-    "after": ("both, generator at t = 600 (the preset after issue 13)", {**BEFORE, "loss_t_range": [0.02, 0.5], "fake_loss_weighting": "snr+1", "generator_timesteps": [600]}),
+    "after": ("both, generator at t = 600 (the preset after issue 13)", AFTER),
+    # DMD2 with its GAN head on the real digits (the paper's claim: the student beats its teacher)
+    "after + GAN": ("`after` with the GAN head on the real digits (weights 1e-3 G, 1e-2 D)", {**AFTER, "gan_weight_generator": 1e-3, "gan_weight_discriminator": 1e-2}),
+    "after + GAN x10": ("`after` with the GAN head, generator weight 1e-2", {**AFTER, "gan_weight_generator": 1e-2, "gan_weight_discriminator": 1e-2}),
     # The other one-step methods' digits presets after issue 13 (the same three fields; VSD keeps its own fake loss).
     "fdistill-js": ("digits_fdistill_js preset", {}),
     "fdistill-fkl": ("digits_fdistill_js preset, divergence forward_kl", {"divergence": "forward_kl"}),
     "vsd": ("digits_vsd preset (PG-SB)", {}),
+    # The one-step methods whose presets were left unchanged by the first half of issue 13, with and without the fields above.
+    "sid": ("digits_sid preset", {}),
+    "sid @600": ("digits_sid preset, generator at t = 600", {"generator_timesteps": [600]}),
+    "disback": ("digits_disback preset before issue 13", BEFORE),
+    "disback-after": ("digits_disback preset with the three fields of `after` (the preset since)", AFTER),
+    "lcm 1-step": ("digits_lcm preset, sampled in 1 step", {}),
+    # sCM (issue 17): one run, sampled in 1 and in 2 steps
+    "scm 1-step": ("digits_scm preset, sampled in 1 step", {}),
+    "scm 2-step": ("digits_scm preset, sampled in 2 steps", {}),
+    "rcm 1-step": ("digits_rcm preset (sCM + DMD regulariser), sampled in 1 step", {}),
+    "rcm 2-step": ("digits_rcm preset, sampled in 2 steps", {}),
 }
 #: variants that train another preset than PRESET
-VARIANT_PRESETS = {"fdistill-js": "digits_fdistill_js", "fdistill-fkl": "digits_fdistill_js", "vsd": "digits_vsd"}
+VARIANT_PRESETS = {
+    "fdistill-js": "digits_fdistill_js", "fdistill-fkl": "digits_fdistill_js", "vsd": "digits_vsd",
+    "sid": "digits_sid", "sid @600": "digits_sid", "disback": "digits_disback", "disback-after": "digits_disback",
+    "lcm 1-step": "digits_lcm", "scm 1-step": "digits_scm", "scm 2-step": "digits_scm",
+    "rcm 1-step": "digits_rcm", "rcm 2-step": "digits_rcm",
+}
+#: variants sampled in another number of steps than their student's own
+VARIANT_STEPS = {"lcm 1-step": 1, "scm 1-step": 1, "scm 2-step": 2, "rcm 1-step": 1, "rcm 2-step": 2}
+#: variants that sample another variant's student (trained once, by whichever of them runs first)
+SAME_RUN = {"scm 2-step": "scm 1-step", "rcm 2-step": "rcm 1-step"}
 
 
 def slug(label: str) -> str:
@@ -101,24 +125,40 @@ def references() -> dict:
 
 def run_variant(label: str, out: Path) -> dict:
     """Train one variant, sample its student on the quickstart's seeds, measure it."""
-    from onestep.eval import digits_fid
     from onestep.export import load_student
     from onestep.samplers.student import sample_student_from_seeds
     from onestep.trainers import load_config, make_trainer
 
     _, fields = VARIANTS[label]
-    run_dir = out / "runs" / slug(label)
+    run_dir = out / "runs" / slug(SAME_RUN.get(label, label))
     config = load_config(VARIANT_PRESETS.get(label, PRESET), {**fields, "overwrite": True, "checkpoint_every": 0, "preview_every": 0, "log_with": "none"}, output_dir=str(run_dir))
     seeds, labels = quickstart_seeds()
+    shared = run_dir / "shared-run.json"  # a variant of SAME_RUN finds the student trained by the other
+    if label in SAME_RUN.values() or label in SAME_RUN:
+        if shared.is_file():
+            done = json.loads(shared.read_text())
+            return _measure(label, fields, load_student(done["student"]), seeds, labels, out, done["grain_at_init"], done["train_seconds"])
     trainer = make_trainer(config)
-    x_init, _ = sample_student_from_seeds(trainer.generator, trainer.teacher_spec, config.generator_timesteps, seeds, labels, batch_size=100)
+    # Consistency students start as the teacher too; their first step is at the grid's top.
+    t_init = [config.max_timestep] if getattr(config, "max_timestep", None) is not None else config.generator_timesteps
+    x_init, _ = sample_student_from_seeds(trainer.generator, trainer.teacher_spec, t_init, seeds, labels, batch_size=100)
     start = time.perf_counter()
     student_dir = trainer.train()
     wall = time.perf_counter() - start
-    student = load_student(student_dir)
-    xs, _ = sample_student_from_seeds(student.generator, student, student.timesteps, seeds, labels, batch_size=100)
-    torch.save(xs[:80], run_dir / "grid.pt")
-    return {"label": label, "fields": fields, "digits_fid": digits_fid(xs), "grain": grain(xs), "grain_at_init": grain(x_init), "train_seconds": wall}
+    shared.write_text(json.dumps({"student": str(student_dir), "grain_at_init": grain(x_init), "train_seconds": wall}))
+    return _measure(label, fields, load_student(student_dir), seeds, labels, out, grain(x_init), wall)
+
+
+def _measure(label: str, fields: dict, student, seeds: list[int], labels: list[int], out: Path, grain_init: float, wall: float) -> dict:
+    from onestep.eval import digits_fid
+    from onestep.samplers.student import sample_student_from_seeds
+
+    steps = VARIANT_STEPS.get(label)
+    timesteps = student.timesteps_for(steps) if steps else student.timesteps
+    xs, _ = sample_student_from_seeds(student.generator, student, timesteps, seeds, labels, batch_size=100)
+    (out / "runs" / slug(label)).mkdir(parents=True, exist_ok=True)
+    torch.save(xs[:80], out / "runs" / slug(label) / "grid.pt")
+    return {"label": label, "fields": fields, "digits_fid": digits_fid(xs), "grain": grain(xs), "grain_at_init": grain_init, "train_seconds": wall}
 
 
 @torch.no_grad()
