@@ -55,6 +55,8 @@ VARIANTS = {
     # DMD2 with its GAN head on the real digits (the paper's claim: the student beats its teacher)
     "after + GAN": ("`after` with the GAN head on the real digits (weights 1e-3 G, 1e-2 D)", {**AFTER, "gan_weight_generator": 1e-3, "gan_weight_discriminator": 1e-2}),
     "after + GAN x10": ("`after` with the GAN head, generator weight 1e-2", {**AFTER, "gan_weight_generator": 1e-2, "gan_weight_discriminator": 1e-2}),
+    "after (seed 1)": ("`after`, training seed 1", {**AFTER, "seed": 1}),
+    "after + GAN x10 (seed 1)": ("`after + GAN x10`, training seed 1", {**AFTER, "gan_weight_generator": 1e-2, "gan_weight_discriminator": 1e-2, "seed": 1}),
     # The other one-step methods' digits presets after issue 13 (the same three fields; VSD keeps its own fake loss).
     "fdistill-js": ("digits_fdistill_js preset", {}),
     "fdistill-fkl": ("digits_fdistill_js preset, divergence forward_kl", {"divergence": "forward_kl"}),
