@@ -36,22 +36,6 @@ def expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
 
 
-def x0_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, a, s, prediction_type: str) -> torch.Tensor:
-    """An x0 prediction (float32) from a backbone output of ``prediction_type`` at ``x_t = a x0 + s eps``
-    (``a``, ``s`` broadcastable to ``x_t``: the schedule's values at an integer label, or any others)."""
-    pred, x_t = pred.float(), x_t.float()
-    if prediction_type == "epsilon":
-        return (x_t - s * pred) / a
-    if prediction_type == "v_prediction":
-        return a * x_t - s * pred
-    if prediction_type == "sample":
-        return pred
-    if prediction_type == "flow":
-        # x_t = a x0 + s eps and v = eps - x0 give x_t = (a + s) x0 + s v (a + s = 1 for flow schedules).
-        return (x_t - s * pred) / (a + s)
-    raise ConfigError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-
-
 class NoiseSchedule:
     """Variance-preserving schedule ``x_t = a_t x_0 + s_t eps`` on integer timesteps.
 
@@ -99,11 +83,34 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    @property
+    def log_snr(self) -> torch.Tensor:
+        """``log(abar / (1 - abar))`` per integer timestep (float64, decreasing)."""
+        return (self.alphas_cumprod / (1 - self.alphas_cumprod)).log()
+
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(a_t, s_t)`` as float32 tensors shaped like ``t``."""
+        """``(a_t, s_t)`` as float32 tensors shaped like ``t``. Integer ``t`` reads the table; a floating ``t``
+        is a fractional timestep, its log-SNR linear between its two integer neighbours (differentiable in
+        ``t``, forward mode too: continuous-time methods, :mod:`onestep.trigflow`)."""
         t = torch.as_tensor(t)
+        if t.is_floating_point():
+            ls = self.log_snr.to(t.device)
+            lo = t.detach().floor().clamp(0, len(ls) - 2).long()
+            lam = ls[lo] + (t.double() - lo) * (ls[lo + 1] - ls[lo])
+            return torch.sigmoid(lam).sqrt().float(), torch.sigmoid(-lam).sqrt().float()
         ac = self.alphas_cumprod.to(t.device)[t.long()]
         return ac.sqrt().float(), (1 - ac).sqrt().float()
+
+    def timestep_for_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        """The fractional timestep with that log-SNR (the inverse of :meth:`alpha_sigma` on floats; clamped
+        to ``[0, T-1]``), differentiable in ``log_snr``."""
+        asc = self.log_snr.to(log_snr.device).flip(0)  # increasing: timestep T-1 first
+        ls = log_snr.detach().double().clamp(asc[0], asc[-1])
+        j = torch.searchsorted(asc, ls).clamp(1, len(asc) - 1)
+        lo, hi = asc[j - 1], asc[j]
+        frac = ((log_snr.double() - lo) / (hi - lo)).clamp(0, 1)
+        # asc index j-1 is timestep T - j; one index up lowers the timestep by one
+        return ((len(asc) - j).double() - frac).to(log_snr.dtype)
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep value the backbone is fed for integer timesteps ``t``: ``t`` itself here
@@ -118,7 +125,17 @@ class NoiseSchedule:
     def to_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
         """Convert a backbone output of ``prediction_type`` into an x0 prediction (float32)."""
         a, s = (expand_like(v, x_t) for v in self.alpha_sigma(t.to(x_t.device)))
-        return x0_from_prediction(pred, x_t, a, s, prediction_type)
+        pred, x_t = pred.float(), x_t.float()
+        if prediction_type == "epsilon":
+            return (x_t - s * pred) / a
+        if prediction_type == "v_prediction":
+            return a * x_t - s * pred
+        if prediction_type == "sample":
+            return pred
+        if prediction_type == "flow":
+            # x_t = a x0 + s eps and v = eps - x0 give x_t = (a + s) x0 + s v (a + s = 1 for flow schedules).
+            return (x_t - s * pred) / (a + s)
+        raise ConfigError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
     def eps_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, s = (expand_like(v, x_t) for v in self.alpha_sigma(t.to(x_t.device)))

@@ -9,8 +9,9 @@ A VP teacher (``x = a x0 + s eps``, ``a^2 + s^2 = 1``) sees the same point resca
 
     a = cos(t) / r,   s = sigma_d sin(t) / r,   x_vp = x_t / r,
 
-at the (fractional) timestep label whose ``abar`` is ``a^2``, found by interpolating the teacher's
-log-SNR table. From any x0 prediction ``x0_hat`` at ``(x_vp, label)`` (the project's :class:`Denoiser`),
+at the (fractional) timestep label whose ``abar`` is ``a^2`` (:meth:`NoiseSchedule.timestep_for_log_snr`;
+the schedule and so the :class:`Denoiser` take fractional labels). From any x0 prediction ``x0_hat`` at
+``(x_vp, label)``,
 ``eps_hat = (x_vp - a x0_hat) / s`` and the velocity is ``cos(t) sigma_d eps_hat - sin(t) x0_hat``.
 With that ``F``, ``f(x_t, t) = x0_hat`` exactly: an sCM student is an ordinary x0-predicting network,
 sampled like any one- or few-step student (x0, re-noise, x0 ...) at integer labels.
@@ -27,29 +28,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .conditioning import cat_cond, cfg
-from .denoiser import Denoiser, adapters, call_backbone
-from .schedule import NoiseSchedule, expand_like, x0_from_prediction
-
-
-def log_snr_table(schedule: NoiseSchedule) -> torch.Tensor:
-    """``log(abar / (1 - abar))`` per integer label (float64, decreasing)."""
-    ac = schedule.alphas_cumprod
-    return (ac / (1 - ac)).log()
-
-
-def label_for_log_snr(table: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
-    """The fractional timestep label with that log-SNR: linear in log-SNR between the table's entries
-    (clamped to ``[0, T-1]``), differentiable in ``log_snr``."""
-    desc = table.to(log_snr.device, torch.float64)
-    asc = desc.flip(0)  # increasing: label T-1 first
-    ls = log_snr.detach().double().clamp(asc[0], asc[-1])
-    j = torch.searchsorted(asc, ls).clamp(1, len(asc) - 1)
-    lo, hi = asc[j - 1], asc[j]
-    frac = ((log_snr.double() - lo) / (hi - lo)).clamp(0, 1)
-    # asc index j-1 is label T - j; going up one index lowers the label by one
-    label = (len(asc) - j).double() - frac
-    return label.to(log_snr.dtype)
+from .denoiser import Denoiser
+from .schedule import NoiseSchedule, expand_like
 
 
 def t_for_label(schedule: NoiseSchedule, label: int | torch.Tensor, sigma_d: float) -> torch.Tensor:
@@ -65,31 +45,19 @@ def vp_coordinates(t: torch.Tensor, sigma_d: float):
     return c / r, sigma_d * sn / r, r
 
 
-def x0_at(den: Denoiser, x_vp: torch.Tensor, label: torch.Tensor, a: torch.Tensor, s: torch.Tensor, cond,
-          uncond=None, scale=1.0) -> torch.Tensor:
-    """``den``'s x0 prediction at a fractional ``label`` whose scalings are ``(a, s)`` (the schedule's table
-    only knows integer labels), with classifier-free guidance ``scale`` when ``uncond`` is given (one
-    batched pass, as :meth:`Denoiser.guided`)."""
-    guided = uncond is not None and (isinstance(scale, torch.Tensor) or scale != 1)
-    x, lab, c = (torch.cat([x_vp, x_vp]), torch.cat([label, label]), cat_cond(cond, uncond)) if guided else (x_vp, label, cond)
-    with adapters(den.backbone, den.use_adapters):
-        pred = call_backbone(den.backbone, x, den.schedule.model_timestep(lab), c)
-    a2, s2 = (torch.cat([v, v]) if guided else v for v in (a, s))
-    x0 = x0_from_prediction(pred, x, expand_like(a2, x), expand_like(s2, x), den.prediction_type)
-    if not guided:
-        return x0
-    n = x_vp.shape[0]
-    return cfg(x0[n:], x0[:n], scale)
+def label_for_t(schedule: NoiseSchedule, t: torch.Tensor, sigma_d: float) -> torch.Tensor:
+    """The fractional timestep label of TrigFlow time ``t``: ``log SNR = 2 log(a / s) = -2 log(sigma_d tan t)``."""
+    a, s, _ = vp_coordinates(t, sigma_d)
+    return schedule.timestep_for_log_snr(2 * (torch.log(a) - torch.log(s)))
 
 
-def velocity(den: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond, sigma_d: float, table: torch.Tensor,
-             uncond=None, scale=1.0) -> torch.Tensor:
+def velocity(den: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond, sigma_d: float, uncond=None, scale=1.0) -> torch.Tensor:
     """``sigma_d F(x_t / sigma_d, t)``: the velocity ``dx_t/dt`` that ``den`` (guided when ``uncond`` is given)
     implies at TrigFlow time ``t``."""
     a, s, r = vp_coordinates(t, sigma_d)
-    label = label_for_log_snr(table, 2 * (torch.log(a) - torch.log(s)))
+    label = label_for_t(den.schedule, t, sigma_d)
     x_vp = x_t / expand_like(r, x_t)
-    x0 = x0_at(den, x_vp, label, a, s, cond, uncond, scale)
+    x0 = den(x_vp, label, cond) if uncond is None else den.guided(x_vp, label, cond, uncond, scale)
     eps = (x_vp - expand_like(a, x_t) * x0) / expand_like(s, x_t)
     return expand_like(torch.cos(t), x_t) * sigma_d * eps - expand_like(torch.sin(t), x_t) * x0
 

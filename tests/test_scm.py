@@ -32,15 +32,26 @@ def point(teacher, labels, sd=0.5, seed=0):
     return expand_like(torch.cos(t), x0) * x0 + expand_like(torch.sin(t), x0) * z, t
 
 
-def test_labels_invert_the_log_snr_table_and_interpolate_between(tiny_teacher_dir):
+def test_fractional_timesteps_interpolate_the_log_snr_and_invert_exactly(tiny_teacher_dir):
     schedule = load_teacher(tiny_teacher_dir).schedule
-    table = trigflow.log_snr_table(schedule)
+    table = schedule.log_snr
     labels = torch.tensor([0, 10, 500, 959, 999])
-    assert torch.allclose(trigflow.label_for_log_snr(table, table[labels].float()), labels.float(), atol=1e-3)
-    mid = trigflow.label_for_log_snr(table, ((table[500] + table[501]) / 2).float().reshape(1))
+    assert torch.allclose(schedule.timestep_for_log_snr(table[labels].float()), labels.float(), atol=1e-3)
+    mid = schedule.timestep_for_log_snr(((table[500] + table[501]) / 2).float().reshape(1))
     assert 500 < float(mid) < 501
-    # t_for_label and vp_coordinates agree with the table: a^2 = abar
+    # a floating timestep: the table's values at integers, log-SNR halfway between neighbours at .5
+    a_int, s_int = schedule.alpha_sigma(labels)
+    a_f, s_f = schedule.alpha_sigma(labels.float())
+    torch.testing.assert_close(a_f, a_int, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s_f, s_int, rtol=1e-5, atol=1e-6)
+    a_h, s_h = schedule.alpha_sigma(torch.tensor([500.5]))
+    assert float(2 * (a_h.double().log() - s_h.double().log())) == pytest.approx(float((table[500] + table[501]) / 2), rel=1e-5)
+    t = torch.tensor([123.25, 640.8])
+    torch.testing.assert_close(schedule.timestep_for_log_snr(2 * (torch.log(schedule.alpha_sigma(t)[0]) - torch.log(schedule.alpha_sigma(t)[1]))), t,
+                               rtol=1e-4, atol=1e-3)
+    # t_for_label, label_for_t and vp_coordinates agree with the table: a^2 = abar
     t = trigflow.t_for_label(schedule, labels[1:4], 0.5)
+    torch.testing.assert_close(trigflow.label_for_t(schedule, t, 0.5), labels[1:4].float(), rtol=1e-4, atol=1e-2)
     a, s, _ = trigflow.vp_coordinates(t, 0.5)
     torch.testing.assert_close(a * a, schedule.alphas_cumprod[labels[1:4]].float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(a * a + s * s, torch.ones(3), rtol=1e-5, atol=1e-6)
@@ -52,7 +63,7 @@ def test_the_consistency_function_of_a_velocity_is_the_denoisers_x0(tiny_teacher
     x_t, t = point(teacher, [300, 600, 900])
     y = torch.tensor([1, 2, 3])
     with torch.no_grad():
-        v = trigflow.velocity(den, x_t, t, y, sd, trigflow.log_snr_table(den.schedule))
+        v = trigflow.velocity(den, x_t, t, y, sd)
         f = expand_like(torch.cos(t), x_t) * x_t - expand_like(torch.sin(t), x_t) * v
         _, _, r = trigflow.vp_coordinates(t, sd)
         x0 = den(x_t / expand_like(r, x_t), torch.tensor([300, 600, 900]), y)
@@ -64,14 +75,13 @@ def test_the_jvp_tangent_matches_finite_differences_and_keeps_the_attention(tiny
 
     teacher = load_teacher(tiny_teacher_dir)
     den, sd = teacher.denoiser(), 0.5
-    table = trigflow.log_snr_table(den.schedule)
     x_t, t = point(teacher, [250, 700])
     t = t + 3e-4  # off the integer labels, where the interpolated label has kinks
     y = torch.tensor([4, 5])
     v_x = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
 
     def fn(x, tt):
-        return trigflow.velocity(den, x, tt, y, sd, table)
+        return trigflow.velocity(den, x, tt, y, sd)
 
     out, d_jvp, mode = trigflow.tangent(fn, (x_t, t), (v_x, torch.ones_like(t)), "auto", den.backbone)
     assert mode == "jvp"  # the fused attention kernel has no forward-mode rule: math attention makes it work

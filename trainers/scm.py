@@ -144,7 +144,6 @@ class SCMTrainer(DistillTrainer):
         T = self.schedule.num_train_timesteps
         if c.max_timestep >= T:
             raise ConfigError(f"max_timestep must be below {T} for this teacher (got {c.max_timestep})")
-        self.table = trigflow.log_snr_table(self.schedule)
         self.t_min = float(trigflow.t_for_label(self.schedule, c.min_timestep, c.sigma_data))
         self.t_max = float(trigflow.t_for_label(self.schedule, c.max_timestep, c.sigma_data))
         self.tangent_mode_used: str | None = None
@@ -161,7 +160,7 @@ class SCMTrainer(DistillTrainer):
 
     # ------------------------------------------------------------ the loss
     def student_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        return trigflow.velocity(self.generator, x_t, t, cond, self.config.sigma_data, self.table)
+        return trigflow.velocity(self.generator, x_t, t, cond, self.config.sigma_data)
 
     def generator_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
@@ -177,7 +176,7 @@ class SCMTrainer(DistillTrainer):
             # 3. The teacher's ODE velocity, guided.
             guided = c.guidance_scale if self.conditioning.guidable else 1.0
             uncond = self.conditioning.null(n, device=self.device) if guided != 1.0 else None
-            dxdt = trigflow.velocity(self.teacher, x_t, t, cond, sd, self.table, uncond=uncond, scale=guided)
+            dxdt = trigflow.velocity(self.teacher, x_t, t, cond, sd, uncond=uncond, scale=guided)
         # 4. The student's velocity with theta- and its derivative along (dx_t/dt, 1).
         v_minus, dv_dt, self.tangent_mode_used = trigflow.tangent(
             lambda x, tt: self.student_velocity(x, tt, cond), (x_t, t), (dxdt, torch.ones_like(t)), c.tangent,
@@ -234,8 +233,7 @@ class SCMTrainer(DistillTrainer):
         c = self.config
         if c.sampling_steps == 1:
             return [c.max_timestep]
-        a, s, _ = trigflow.vp_coordinates(torch.tensor([1.1]), c.sigma_data)
-        mid = int(round(float(trigflow.label_for_log_snr(self.table, 2 * (a.log() - s.log())))))
+        mid = int(round(float(trigflow.label_for_t(self.schedule, torch.tensor([1.1]), c.sigma_data))))
         return [c.max_timestep, min(mid, c.max_timestep - 1)]
 
 
