@@ -357,8 +357,6 @@ def load_teacher_for(
     )
 
 
-__all__ = ["MIXED_PRECISION", "ALIASES", "RENAMED_FIELDS", "DistillConfig", "check_interval", "load_teacher_for", "load_teacher_with_data", "method_of", "resolve_mixed_precision"]
-
 
 def load_teacher_with_data(config: DistillConfig, teacher: Teacher | None, what: str) -> Teacher:
     """``teacher``, or :func:`load_teacher_for` ``config`` when None, refusing one without real samples: ``what``
@@ -370,3 +368,6 @@ def load_teacher_with_data(config: DistillConfig, teacher: Teacher | None, what:
             "do; a text-to-image teacher takes real_images; another diffusers folder names its data in onestep_teacher.json)"
         )
     return teacher
+
+
+__all__ = ["MIXED_PRECISION", "ALIASES", "RENAMED_FIELDS", "DistillConfig", "check_interval", "load_teacher_for", "load_teacher_with_data", "method_of", "resolve_mixed_precision"]
