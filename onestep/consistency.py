@@ -292,31 +292,38 @@ def ict_pair_weight(schedule: NoiseSchedule, t_hi: torch.Tensor, t_lo: torch.Ten
 
 
 def with_guidance_input(backbone: nn.Module, guidance: GuidanceInput) -> nn.Module:
-    """A trainable copy of ``backbone`` that also takes the guidance scale, equal to it at start.
+    """A trainable copy of ``backbone`` that also takes the guidance scale, equal to it at start
+    (:func:`with_scalar_input` with the guidance input's kind, embedding size, levels and stride)."""
+    return with_scalar_input(backbone, guidance.kind, guidance.embedding_dim, len(guidance.scales), guidance.stride)
 
-    ``timestep_cond``: the same class with ``time_cond_proj_dim`` set and the new projection
-    zero-initialised. ``class_table``: ``num_class_embeds`` times the number of levels, each
-    level a copy of the original table.
+
+def with_scalar_input(backbone: nn.Module, kind: str, embedding_dim: int = 0, levels: int = 0, stride: int = 0) -> nn.Module:
+    """A trainable copy of ``backbone`` that also takes one scalar per sample (a guidance scale, CTM's jump
+    target ``s``), equal to ``backbone`` at start whatever the scalar.
+
+    ``timestep_cond``: the same class with ``time_cond_proj_dim = embedding_dim`` and the new projection
+    zero-initialised. ``class_table``: ``num_class_embeds = stride * levels``, each level a copy of the
+    original table (label ``y + level * stride``).
     """
     cfg = {k: v for k, v in dict(backbone.config).items() if not k.startswith("_")}
     state = backbone.state_dict()
-    if guidance.kind == "timestep_cond":
-        if cfg.get("time_cond_proj_dim") == guidance.embedding_dim:
+    if kind == "timestep_cond":
+        if cfg.get("time_cond_proj_dim") == embedding_dim:
             net = copy.deepcopy(backbone)
         else:
-            cfg["time_cond_proj_dim"] = guidance.embedding_dim
+            cfg["time_cond_proj_dim"] = embedding_dim
             net = type(backbone).from_config(cfg)
             missing, unexpected = net.load_state_dict(state, strict=False)
             if unexpected or any("cond_proj" not in k for k in missing):
-                raise ConfigError(f"cannot add a guidance embedding to this {type(backbone).__name__}: {missing + unexpected}")
+                raise ConfigError(f"cannot add a timestep_cond embedding to this {type(backbone).__name__}: {missing + unexpected}")
             nn.init.zeros_(net.time_embedding.cond_proj.weight)
     else:
         if getattr(backbone, "class_embedding", None) is None or not isinstance(backbone.class_embedding, nn.Embedding):
-            raise ConfigError(f"{type(backbone).__name__} has no class-embedding table to carry the guidance scale")
-        cfg["num_class_embeds"] = guidance.stride * len(guidance.scales)
+            raise ConfigError(f"{type(backbone).__name__} has no class-embedding table to carry an extra input")
+        cfg["num_class_embeds"] = stride * levels
         net = type(backbone).from_config(cfg)
         state = dict(state)
-        state["class_embedding.weight"] = state["class_embedding.weight"].repeat(len(guidance.scales), 1)
+        state["class_embedding.weight"] = state["class_embedding.weight"].repeat(levels, 1)
         net.load_state_dict(state)
     net.requires_grad_(True)
     net.train()
@@ -337,4 +344,5 @@ __all__ = [
     "lcm_timesteps",
     "segment_edges",
     "with_guidance_input",
+    "with_scalar_input",
 ]

@@ -63,7 +63,7 @@ from onestep.teachers import Teacher
 from .base import DistillTrainer
 from .config import DistillConfig, check_interval, load_teacher_with_data
 from .dmd2 import GANHead
-from .sharding import resharded
+from .helpers import ema_into
 
 
 @dataclass
@@ -357,13 +357,8 @@ class ConsistencyTrainer(DistillTrainer):
     @torch.no_grad()
     def update_target(self) -> None:
         """``theta_target <- mu theta_target + (1 - mu) theta_student`` (no-op when the target is the student)."""
-        mu = self.config.target_ema_decay
-        if mu <= 0:
-            return
-        target = self.extras["target"]
-        resharded(target, self.generator.backbone)  # FSDP: both as shards, alike
-        for p_t, p_s in zip(target.parameters(), self.generator.backbone.parameters()):
-            p_t.lerp_(p_s.detach().to(p_t.dtype), 1 - mu)
+        if self.config.target_ema_decay > 0:
+            ema_into(self.extras["target"], self.generator.backbone, self.config.target_ema_decay)
 
     def after_generator_step(self) -> None:
         """The target follows the student: exactly during the teacher fit, by EMA after it (then the

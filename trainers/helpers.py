@@ -15,6 +15,8 @@ from torch import nn
 from onestep.conditioning import Cond, cond_to
 from onestep.schedule import expand_like
 
+from .sharding import resharded
+
 
 class MethodHelpers:
     """Noise, timesteps, batches and denoising losses on the trainer's triad and random stream."""
@@ -129,6 +131,15 @@ class MethodHelpers:
         return self.denoising_loss_of(net(x_t, t, cond), x0, x_t, t, noise)
 
 
+@torch.no_grad()
+def ema_into(target: nn.Module, source: nn.Module, mu: float) -> None:
+    """``theta_target <- mu theta_target + (1 - mu) theta_source``, parameter by parameter (FSDP: both as
+    shards, alike). The target of consistency-style methods."""
+    resharded(target, source)
+    for p_t, p_s in zip(target.parameters(), source.parameters()):
+        p_t.lerp_(p_s.detach().to(p_t.dtype), 1 - mu)
+
+
 def inject_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Loss whose gradient with respect to ``x`` is ``grad / x.numel()``:
     ``0.5 * mean((x - sg(x - grad))^2)`` (computed in float32, non-finite values zeroed)."""
@@ -137,4 +148,4 @@ def inject_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x.float(), target, reduction="mean")
 
 
-__all__ = ["MethodHelpers", "inject_gradient"]
+__all__ = ["MethodHelpers", "ema_into", "inject_gradient"]
