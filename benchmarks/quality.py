@@ -43,8 +43,16 @@ METHODS = {
     "fdistill-fkl": ("fdistill_js", {"divergence": "forward_kl"}),
     "sid": ("sid", {}),
     "disback-dmd2": ("disback", {}),
+    # consistency-style students (digits only: no gmm presets), sampled in their presets' own steps
+    "lcm": ("lcm", {}),
+    "scm": ("scm", {}),
+    "ctm": ("ctm", {}),
 }
-DIGITS_METHODS = ("dmd2", "vsd", "fdistill-js", "sid", "disback-dmd2")
+DIGITS_METHODS = ("dmd2", "vsd", "fdistill-js", "sid", "disback-dmd2", "lcm", "scm", "ctm")
+
+
+def has_preset(name: str) -> bool:
+    return (Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml").is_file()
 
 
 def _load(preset: str, teacher: str, out: Path, overrides: dict):
@@ -266,7 +274,7 @@ def main() -> None:
     results = {}
     for teacher in args.teachers:
         gmm = teacher.startswith("gmm")
-        methods = args.methods if gmm else [m for m in args.methods if m in DIGITS_METHODS]
+        methods = [m for m in args.methods if has_preset(f"gmm_{METHODS[m][0]}")] if gmm else [m for m in args.methods if m in DIGITS_METHODS]
         iters = args.gmm_iterations if gmm else args.digits_iterations
         n = args.gmm_samples if gmm else args.digits_samples
         results[teacher] = run_teacher(teacher, methods, iters, max(1, iters // args.evals), n, args.warm_steps, out)

@@ -38,7 +38,8 @@ the folder's ``README.md`` model card.
 Consistency students also record ``consistency`` (parameterisation, grid, timesteps for 1, 2, 4
 and 8 steps) and ``guidance`` (how the student takes its guidance scale); see
 :mod:`onestep.consistency`. ``UNet2DConditionModel`` ones on LCM's grid get
-``scheduler/``, an ``LCMScheduler`` config.
+``scheduler/``, an ``LCMScheduler`` config. CTM students record ``ctm`` (grid, jump input, nu, gamma,
+timesteps by number of steps); see :mod:`onestep.ctm`.
 """
 
 from __future__ import annotations
@@ -218,11 +219,11 @@ class Student:
         """The sampling timesteps for ``steps`` model calls (default: the trained ones)."""
         if steps is None or steps == len(self.timesteps):
             return list(self.timesteps)
-        cm = self.meta.get("consistency")
+        cm = self.meta.get("consistency") or self.meta.get("ctm")
         if cm:
             from onestep.consistency import lcm_timesteps
 
-            if cm["parameterisation"] == "segments":
+            if cm.get("parameterisation") == "segments":
                 raise StudentFormatError(f"this multistep consistency student samples in exactly {len(self.timesteps)} steps")
             return lcm_timesteps(cm["grid"], steps)
         if steps < 1:
@@ -237,7 +238,14 @@ class Student:
 
 
 def _generator_from_meta(backbone: nn.Module, schedule: NoiseSchedule, meta: dict[str, Any]) -> Denoiser:
-    """The x0 view of a student: a plain :class:`Denoiser`, or a consistency student's ``f``."""
+    """The x0 view of a student: a plain :class:`Denoiser`, a consistency student's ``f`` or a CTM student."""
+    if meta.get("ctm"):
+        from onestep.ctm import CTMDenoiser, JumpInput
+
+        ctm = meta["ctm"]
+        return CTMDenoiser(
+            backbone, schedule, meta["prediction_type"], JumpInput(**ctm["jump_input"]), ctm["nu"], ctm["gamma"], clip=meta.get("clip")
+        )
     cm = meta.get("consistency")
     if not cm:
         return Denoiser(backbone, schedule, meta["prediction_type"])
@@ -289,7 +297,7 @@ def read_student_meta(path: str | Path) -> dict[str, Any]:
         if value is ... or not ok(value):
             got = "it is missing" if value is ... else f"got {value!r}"
             raise StudentFormatError(f"{meta_file}: {name} must be {expected} ({got})")
-    for name in ("teacher", "config", "consistency", "guidance"):
+    for name in ("teacher", "config", "consistency", "guidance", "ctm"):
         if meta.get(name) is not None and not isinstance(meta[name], dict):
             raise StudentFormatError(f"{meta_file}: {name} must be an object or null (got {meta[name]!r})")
     return meta
@@ -365,6 +373,8 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
     vae = None
     if conditioning is None:
         conditioning, vae = student_text_parts(path, meta, device)
+    if hasattr(generator, "null_cond"):  # CTM's nu-sampling runs the unconditional student too
+        generator.null_cond = conditioning.null
     return Student(
         path=path,
         generator=generator,

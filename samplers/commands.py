@@ -29,6 +29,8 @@ def sample_to_folder(
     negative_prompt: str | None = None,
     nasa_alpha: float = 0.0,
     device: str | None = None,
+    gamma: float | None = None,
+    nu: float | None = None,
 ) -> Path:
     """Sample ``num_samples`` images (or 2D points) from a student; sample ``i`` uses seed ``seed + i``.
 
@@ -37,12 +39,20 @@ def sample_to_folder(
     decoded with the student folder's VAE, and ``samples.npz`` holds the images.
 
     Writes ``samples.npz`` (``samples``: raw float32, ``labels``, ``seeds``), one PNG per image
-    (``sample_00000.png``, ...) and ``grid.png`` (a scatter plot for 2D students).
+    (``sample_00000.png``, ...) and ``grid.png`` (a scatter plot for 2D students). ``gamma`` and ``nu``
+    override a CTM student's gamma- and nu-sampling (:mod:`onestep.ctm`).
     """
     device = torch.device(device) if device else default_device()
     student = load_student(student_dir, device=device)
     timesteps = student.timesteps_for(steps)
     cond = student.conditioning
+    if gamma is not None or nu is not None:
+        if not hasattr(student.generator, "trajectory_sample"):
+            raise OnestepError("--gamma and --nu are for CTM students (method ctm)")
+        if gamma is not None and not 0 <= gamma <= 1:
+            raise OnestepError(f"--gamma must lie in [0, 1] (got {gamma})")
+        student.generator.gamma = student.generator.gamma if gamma is None else float(gamma)
+        student.generator.nu = student.generator.nu if nu is None else float(nu)
     if cond.kind != "text" and (prompts or negative_prompt or nasa_alpha):
         raise OnestepError("--prompt, --negative-prompt and --nasa-alpha are for text-to-image students")
     if cond.kind == "text":

@@ -34,6 +34,8 @@ def student_sample(
     steps ``x = a_next x0 + s_next e`` with fresh ``e = renoise(shape)``. Returns the last
     x0 prediction. ``len(timesteps)`` model calls, no more.
     """
+    if hasattr(generator, "trajectory_sample"):  # students with their own rule between steps (CTM's gamma-sampling)
+        return generator.trajectory_sample(timesteps, noise, cond, renoise=renoise, clip=clip)
     x = noise
     n = x.shape[0]
     schedule = generator.schedule if hasattr(generator, "schedule") else generator.module.schedule

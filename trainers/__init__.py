@@ -9,7 +9,7 @@
 | ``interrupt.py`` | SIGINT / SIGTERM: checkpoint and leave |
 | ``sharding.py``, ``memory.py`` | FSDP2 sharding and its checkpoints; attention kernels and frozen dtypes |
 | ``warmstart.py`` | DMD's regression warm start |
-| ``dmd2.py``, ``vsd.py``, ``fdistill.py``, ``sid.py``, ``disback.py``, ``consistency.py`` | one method each: its config and trainer side by side |
+| ``dmd2.py``, ``vsd.py``, ``fdistill.py``, ``sid.py``, ``disback.py``, ``consistency.py``, ``scm.py``, ``ctm.py`` | one method each: its config and trainer side by side |
 
 ``METHODS`` maps a method name (each config's ``method`` default, written once) to its
 (config dataclass, trainer class); that dict is the whole registry.
@@ -26,6 +26,7 @@ from onestep.errors import ConfigError
 from .base import DistillTrainer
 from .config import ALIASES, RENAMED_FIELDS, DistillConfig
 from .consistency import ConsistencyConfig, ConsistencyTrainer
+from .ctm import CTMConfig, CTMTrainer
 from .disback import (
     DisBackDMD2Config,
     DisBackDMD2Trainer,
@@ -49,6 +50,7 @@ TRAINERS: tuple[type[DistillTrainer], ...] = (
     FDistillTrainer,
     SiDTrainer,
     SCMTrainer,
+    CTMTrainer,
     DisBackDMD2Trainer,
     DisBackVSDTrainer,
     DisBackFDistillTrainer,
@@ -91,6 +93,8 @@ __all__ = [
     "TRAINERS",
     "ConsistencyConfig",
     "ConsistencyTrainer",
+    "CTMConfig",
+    "CTMTrainer",
     "DisBackDMD2Config",
     "DisBackDMD2Trainer",
     "DisBackFDistillConfig",
