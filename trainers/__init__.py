@@ -10,6 +10,7 @@
 | ``sharding.py``, ``memory.py`` | FSDP2 sharding and its checkpoints; attention kernels and frozen dtypes |
 | ``warmstart.py`` | DMD's regression warm start |
 | ``dmd2.py``, ``vsd.py``, ``fdistill.py``, ``sid.py``, ``disback.py``, ``consistency.py``, ``scm.py``, ``ctm.py`` | one method each: its config and trainer side by side |
+| ``pso.py`` | PSO: tuning a distilled student toward new images (a style, a concept, preference pairs) |
 
 ``METHODS`` maps a method name (each config's ``method`` default, written once) to its
 (config dataclass, trainer class); that dict is the whole registry.
@@ -39,6 +40,7 @@ from .disback import (
 )
 from .dmd2 import DMD2Config, DMD2Trainer
 from .fdistill import FDistillConfig, FDistillTrainer
+from .pso import PSOConfig, PSOTrainer
 from .scm import SCMConfig, SCMTrainer
 from .sid import SiDConfig, SiDTrainer
 from .vsd import VSDConfig, VSDTrainer
@@ -50,6 +52,7 @@ TRAINERS: tuple[type[DistillTrainer], ...] = (
     FDistillTrainer,
     SiDTrainer,
     SCMTrainer,
+    PSOTrainer,
     CTMTrainer,
     DisBackDMD2Trainer,
     DisBackVSDTrainer,
@@ -109,6 +112,8 @@ __all__ = [
     "DMD2Trainer",
     "FDistillConfig",
     "FDistillTrainer",
+    "PSOConfig",
+    "PSOTrainer",
     "SCMConfig",
     "SCMTrainer",
     "SiDConfig",
