@@ -72,13 +72,15 @@ VARIANTS = {
     "scm 2-step": ("digits_scm preset, sampled in 2 steps", {}),
     "rcm 1-step": ("digits_rcm preset (sCM + DMD regulariser), sampled in 1 step", {}),
     "rcm 2-step": ("digits_rcm preset, sampled in 2 steps", {}),
+    # BOOT: data-free (noise and class labels only)
+    "boot 1-step": ("digits_boot preset (data-free bootstrapping)", {}),
 }
 #: variants that train another preset than PRESET
 VARIANT_PRESETS = {
     "fdistill-js": "digits_fdistill_js", "fdistill-fkl": "digits_fdistill_js", "vsd": "digits_vsd",
     "sid": "digits_sid", "sid @600": "digits_sid", "disback": "digits_disback", "disback-after": "digits_disback",
     "lcm 1-step": "digits_lcm", "scm 1-step": "digits_scm", "scm 2-step": "digits_scm",
-    "rcm 1-step": "digits_rcm", "rcm 2-step": "digits_rcm",
+    "rcm 1-step": "digits_rcm", "rcm 2-step": "digits_rcm", "boot 1-step": "digits_boot",
 }
 #: variants sampled in another number of steps than their student's own
 VARIANT_STEPS = {"lcm 1-step": 1, "scm 1-step": 1, "scm 2-step": 2, "rcm 1-step": 1, "rcm 2-step": 2}

@@ -47,8 +47,9 @@ METHODS = {
     "lcm": ("lcm", {}),
     "scm": ("scm", {}),
     "ctm": ("ctm", {}),
+    "boot": ("boot", {}),
 }
-DIGITS_METHODS = ("dmd2", "vsd", "fdistill-js", "sid", "disback-dmd2", "lcm", "scm", "ctm")
+DIGITS_METHODS = ("dmd2", "vsd", "fdistill-js", "sid", "disback-dmd2", "lcm", "scm", "ctm", "boot")
 
 
 def has_preset(name: str) -> bool:

@@ -39,7 +39,8 @@ Consistency students also record ``consistency`` (parameterisation, grid, timest
 and 8 steps) and ``guidance`` (how the student takes its guidance scale); see
 :mod:`onestep.consistency`. ``UNet2DConditionModel`` ones on LCM's grid get
 ``scheduler/``, an ``LCMScheduler`` config. CTM students record ``ctm`` (grid, jump input, nu, gamma,
-timesteps by number of steps); see :mod:`onestep.ctm`.
+timesteps by number of steps); see :mod:`onestep.ctm`. BOOT students record ``boot`` (the label at which
+the network's output becomes the sample, the training grid); see :mod:`onestep.boot`.
 """
 
 from __future__ import annotations
@@ -133,6 +134,10 @@ def export_student(
         meta.update(extra)
     if meta.get("consistency") and cls_name == "UNet2DConditionModel":
         write_lcm_scheduler(out / "scheduler", meta)
+    if meta.get("boot") and text_to_image and teacher.schedule.kind != "flow":  # its one step in a diffusers pipeline
+        from .boot import write_boot_scheduler
+
+        write_boot_scheduler(out / "scheduler", meta)
     if text_to_image:
         write_pipeline_parts(out, teacher, meta, subfolder)
     if variant:  # after the pipeline parts: student_unet.safetensors is the float32 file alone
@@ -219,6 +224,8 @@ class Student:
         """The sampling timesteps for ``steps`` model calls (default: the trained ones)."""
         if steps is None or steps == len(self.timesteps):
             return list(self.timesteps)
+        if self.meta.get("boot"):
+            raise StudentFormatError("a BOOT student samples in exactly one step (its signal at the lowest time)")
         cm = self.meta.get("consistency") or self.meta.get("ctm")
         if cm:
             from onestep.consistency import lcm_timesteps
@@ -238,7 +245,12 @@ class Student:
 
 
 def _generator_from_meta(backbone: nn.Module, schedule: NoiseSchedule, meta: dict[str, Any]) -> Denoiser:
-    """The x0 view of a student: a plain :class:`Denoiser`, a consistency student's ``f`` or a CTM student."""
+    """The x0 view of a student: a plain :class:`Denoiser`, a consistency student's ``f``, a CTM student or a
+    BOOT student's signal (the network's output converted at ``boot.signal_timestep``, :mod:`onestep.boot`)."""
+    if meta.get("boot"):
+        from .boot import BOOTDenoiser
+
+        return BOOTDenoiser(backbone, schedule, meta["prediction_type"], meta["boot"]["signal_timestep"])
     if meta.get("ctm"):
         from onestep.ctm import CTMDenoiser, JumpInput
 
@@ -297,7 +309,7 @@ def read_student_meta(path: str | Path) -> dict[str, Any]:
         if value is ... or not ok(value):
             got = "it is missing" if value is ... else f"got {value!r}"
             raise StudentFormatError(f"{meta_file}: {name} must be {expected} ({got})")
-    for name in ("teacher", "config", "consistency", "guidance", "ctm"):
+    for name in ("teacher", "config", "consistency", "guidance", "ctm", "boot"):
         if meta.get(name) is not None and not isinstance(meta[name], dict):
             raise StudentFormatError(f"{meta_file}: {name} must be an object or null (got {meta[name]!r})")
     return meta

@@ -9,7 +9,7 @@
 | ``interrupt.py`` | SIGINT / SIGTERM: checkpoint and leave |
 | ``sharding.py``, ``memory.py`` | FSDP2 sharding and its checkpoints; attention kernels and frozen dtypes |
 | ``warmstart.py`` | DMD's regression warm start |
-| ``dmd2.py``, ``vsd.py``, ``fdistill.py``, ``sid.py``, ``disback.py``, ``consistency.py``, ``scm.py``, ``ctm.py`` | one method each: its config and trainer side by side |
+| ``dmd2.py``, ``vsd.py``, ``fdistill.py``, ``sid.py``, ``disback.py``, ``consistency.py``, ``scm.py``, ``ctm.py``, ``boot.py`` | one method each: its config and trainer side by side |
 | ``pso.py`` | PSO: tuning a distilled student toward new images (a style, a concept, preference pairs) |
 
 ``METHODS`` maps a method name (each config's ``method`` default, written once) to its
@@ -25,6 +25,7 @@ from onestep.config import apply_aliases, build_config, read_yaml, resolve_confi
 from onestep.errors import ConfigError
 
 from .base import DistillTrainer
+from .boot import BOOTConfig, BOOTTrainer
 from .config import ALIASES, RENAMED_FIELDS, DistillConfig
 from .consistency import ConsistencyConfig, ConsistencyTrainer
 from .ctm import CTMConfig, CTMTrainer
@@ -54,6 +55,7 @@ TRAINERS: tuple[type[DistillTrainer], ...] = (
     SCMTrainer,
     PSOTrainer,
     CTMTrainer,
+    BOOTTrainer,
     DisBackDMD2Trainer,
     DisBackVSDTrainer,
     DisBackFDistillTrainer,
@@ -94,6 +96,8 @@ def make_trainer(config: DistillConfig, **kwargs) -> DistillTrainer:
 __all__ = [
     "METHODS",
     "TRAINERS",
+    "BOOTConfig",
+    "BOOTTrainer",
     "ConsistencyConfig",
     "ConsistencyTrainer",
     "CTMConfig",
