@@ -90,7 +90,10 @@ def test_a_pso_step_trains_the_student_and_leaves_the_reference(tiny_teacher_dir
     g0, r0, t0 = state_of(trainer.generator.backbone), state_of(trainer.extras["reference"]), state_of(trainer.teacher.backbone)
     batch = trainer.make_batch()
     loss, logs = trainer.generator_loss(batch)
-    assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-6)  # the tuned model is still the reference: margin 0
+    # the tuned model is still the reference: margin 0 up to float32 rounding (the two run in different batches,
+    # ~1e-7 of errors near 1; beta = 500 scales that into the loss)
+    assert abs(logs["pso/margin"]) < 1e-6
+    assert float(loss.detach()) == pytest.approx(math.log(2), abs=500 * 1e-6)
     logs = trainer.train_step()
     assert math.isfinite(logs["loss/pso"]) and "grad_norm/fake" not in logs
     assert changed(g0, trainer.generator.backbone) > 0
