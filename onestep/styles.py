@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .files import IMAGE_SUFFIXES
 
 #: the built-in style sets (names accepted wherever a set of target images is asked for)
 STYLE_SETS = ("thick-digits",)
 #: the built-in sets the style sets are made from (index-aligned with them)
 SOURCE_SETS = ("digits",)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def thicken(x: torch.Tensor) -> torch.Tensor:
@@ -116,4 +116,4 @@ def paired_sets(targets: str, losers: str | None, teacher) -> tuple[torch.Tensor
     return x, y, x_l
 
 
-__all__ = ["IMAGE_SUFFIXES", "SOURCE_SETS", "STYLE_SETS", "builtin_set", "image_set", "load_image_folder", "paired_sets", "thick_digits", "thicken"]
+__all__ = ["SOURCE_SETS", "STYLE_SETS", "builtin_set", "image_set", "load_image_folder", "paired_sets", "thick_digits", "thicken"]
