@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .conditioning import Cond, cat_cond, cfg
-from .consistency import guidance_scale_embedding
+from .consistency import ddim_step, guidance_scale_embedding
 from .denoiser import Denoiser, feature_map, is_transformer
 from .errors import ConfigError
 from .schedule import NoiseSchedule, expand_like
@@ -106,14 +106,12 @@ class JumpInput:
 
 
 def jump(schedule: NoiseSchedule, x_t: torch.Tensor, g: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``G(x_t, t, s)`` from the x0 estimate ``g``: the DDIM step ``a_s g + s_s (x_t - a_t g) / s_t``;
-    ``x_t`` itself where ``s >= t`` and ``g`` where ``s == 0`` (the end), float32."""
+    """``G(x_t, t, s)`` from the x0 estimate ``g``: the DDIM step ``a_s g + s_s (x_t - a_t g) / s_t``
+    (:func:`~onestep.consistency.ddim_step`); ``x_t`` itself where ``s >= t`` and ``g`` where ``s == 0`` (the
+    end), float32."""
     t, s = t.to(x_t.device), s.to(x_t.device)
-    a, sg = (expand_like(v, x_t) for v in schedule.alpha_sigma(t))
-    an, sn = (expand_like(v, x_t) for v in schedule.alpha_sigma(s))
     g, x = g.float(), x_t.float()
-    out = an * g + sn * (x - a * g) / sg.clamp(min=1e-12)
-    out = torch.where(expand_like(s == 0, x), g, out)
+    out = torch.where(expand_like(s == 0, x), g, ddim_step(schedule, x, g, t, s))
     return torch.where(expand_like(s >= t, x), x, out)
 
 
