@@ -61,7 +61,7 @@ from .files import read_json_object
 from .pipeline import pipeline_sigmas, student_text_parts, write_pipeline_parts
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .teachers import PICKLE_SUFFIXES, Teacher
-from .weights import save_model
+from .weights import STUDENT_SUBFOLDERS, save_model
 
 FORMAT_VERSION = 1
 META_FILE = "onestep.json"
@@ -294,7 +294,7 @@ def read_student_meta(path: str | Path) -> dict[str, Any]:
         raise StudentFormatError(f"{meta_file}: unsupported format_version {version!r} (expected {FORMAT_VERSION}){newer}")
     classes = sorted(_model_classes())
     checks = {
-        "generator_subfolder": (lambda v: v in ("generator", "unet", "transformer"), "'generator', 'unet' or 'transformer'"),
+        "generator_subfolder": (lambda v: v in STUDENT_SUBFOLDERS, "'generator', 'unet' or 'transformer'"),
         "model_class": (lambda v: v in classes, f"one of {classes}"),
         "prediction_type": (lambda v: v in PREDICTION_TYPES, f"one of {PREDICTION_TYPES}"),
         "schedule": (lambda v: isinstance(v, dict), "a diffusers scheduler config (an object)"),

@@ -24,12 +24,18 @@ GENERATOR_WEIGHTS = "generator.safetensors"
 OLD_GENERATOR_WEIGHTS = "model.safetensors"
 
 
+#: where a student folder keeps its generator (``generator_subfolder`` of onestep.json)
+STUDENT_SUBFOLDERS = ("generator", "unet", "transformer")
+
+
 def weights_file(path: str | Path) -> Path:
     """A ``.safetensors`` file of a generator network: the file itself, or a student folder's
-    ``generator/diffusion_pytorch_model.safetensors``. Pickles are refused."""
+    ``<generator|unet|transformer>/diffusion_pytorch_model.safetensors`` (text-to-image students keep their
+    denoiser where diffusers pipelines do). Pickles are refused."""
     p = Path(path)
     if p.is_dir():
-        p = p / "generator" / "diffusion_pytorch_model.safetensors"
+        sub = next((d for d in STUDENT_SUBFOLDERS if (p / d).is_dir()), STUDENT_SUBFOLDERS[0])
+        p = p / sub / "diffusion_pytorch_model.safetensors"
     if p.suffix != ".safetensors":
         raise ConfigError(f"{path}: weights load only from .safetensors files (or a student folder), never from pickles")
     if not p.is_file():
@@ -243,6 +249,7 @@ __all__ = [
     "save_model",
     "save_state",
     "save_tensors",
+    "STUDENT_SUBFOLDERS",
     "write_safetensors",
     "save_trainable",
     "trainable_state",

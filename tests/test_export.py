@@ -151,3 +151,21 @@ def test_write_safetensors_is_read_back_exactly_by_safetensors(tmp_path):
     half = load_file(str(tmp_path / "h.safetensors"))
     assert half["w"].dtype == torch.float16 and torch.equal(half["w"], tensors["w"].half())
     assert half["step"].dtype == torch.int64 and half["mask"].dtype == torch.bool
+
+
+def test_weights_file_finds_the_generator_of_any_student_folder(tmp_path):
+    from onestep.errors import ConfigError
+    from onestep.weights import weights_file
+
+    for sub in ("generator", "unet", "transformer"):
+        f = tmp_path / sub / sub / "diffusion_pytorch_model.safetensors"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"")
+        assert weights_file(tmp_path / sub) == f
+    with pytest.raises(ConfigError, match="no such weights file"):
+        weights_file(tmp_path / "generator" / "generator" / "missing.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no such weights file"):
+        weights_file(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="never from pickles"):
+        weights_file(tmp_path / "model.bin")

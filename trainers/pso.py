@@ -73,6 +73,7 @@ from onestep.denoiser import Denoiser
 from onestep.errors import ConfigError, OnestepError
 from onestep.styles import STYLE_SETS, paired_sets
 from onestep.teachers import Teacher
+from onestep.weights import weights_file
 
 from .base import DistillTrainer
 from .config import DistillConfig, load_teacher_for
@@ -172,7 +173,7 @@ class PSOTrainer(DistillTrainer):
                               f"f-distill, SiD, DisBack, sCM); {other[0]} students are not supported")
         if c.generator_timesteps not in ([999], meta["timesteps"]):
             raise ConfigError(f"generator_timesteps: PSO keeps the student's own {meta['timesteps']}; leave it unset")
-        weights = folder / meta.get("generator_subfolder", "generator") / "diffusion_pytorch_model.safetensors"
+        weights = weights_file(folder)
         if c.init_generator not in (None, str(weights)):
             raise ConfigError("init_generator: PSO starts from the weights of `student`; leave init_generator unset")
         c.generator_timesteps, c.init_generator = list(meta["timesteps"]), str(weights)
