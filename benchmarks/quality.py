@@ -52,9 +52,6 @@ METHODS = {
 DIGITS_METHODS = ("dmd2", "vsd", "fdistill-js", "sid", "disback-dmd2", "lcm", "scm", "ctm", "boot")
 
 
-def has_preset(name: str) -> bool:
-    return (Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml").is_file()
-
 
 def _load(preset: str, teacher: str, out: Path, overrides: dict):
     from onestep.trainers import load_config, make_trainer
@@ -273,9 +270,12 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.time()
     results = {}
+    from onestep.config import list_presets
+
+    presets = set(list_presets())  # a gmm teacher runs the methods that have a gmm preset
     for teacher in args.teachers:
         gmm = teacher.startswith("gmm")
-        methods = [m for m in args.methods if has_preset(f"gmm_{METHODS[m][0]}")] if gmm else [m for m in args.methods if m in DIGITS_METHODS]
+        methods = [m for m in args.methods if f"gmm_{METHODS[m][0]}" in presets] if gmm else [m for m in args.methods if m in DIGITS_METHODS]
         iters = args.gmm_iterations if gmm else args.digits_iterations
         n = args.gmm_samples if gmm else args.digits_samples
         results[teacher] = run_teacher(teacher, methods, iters, max(1, iters // args.evals), n, args.warm_steps, out)
