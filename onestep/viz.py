@@ -18,7 +18,9 @@ def _plt():
 
 
 def _save(fig, path: Path, dpi: int) -> Path:
-    fig.tight_layout()
+    # tight_layout ignores a suptitle: keep a band of 0.45 inch free for it
+    top = 1.0 if not fig.get_suptitle() else 1.0 - 0.45 / fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=dpi)
     _plt().close(fig)
     return path

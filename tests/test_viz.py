@@ -28,3 +28,40 @@ def test_small_images_are_enlarged_by_a_whole_factor_and_scatter_stays_a_plot(tm
     pts = save_samples_picture(torch.randn(100, 2), tmp_path / "s.png")
     with Image.open(pts) as im:
         assert im.size == (500, 500)  # matplotlib's 5 x 5 in at 100 dpi
+
+
+def test_a_comparison_s_title_sits_above_the_panel_headings(tmp_path, monkeypatch):
+    """tight_layout alone ignores the suptitle and lays the panel headings over it."""
+    import matplotlib.pyplot as plt
+
+    from onestep import viz
+
+    figs = []
+    monkeypatch.setattr(viz, "_plt", lambda: _Keeping(plt, figs))
+    x = torch.zeros(80, 1, 16, 16)
+    panels = [("teacher: 50 DDIM steps", x), ("before: FID 3.82, grain 7.83e-3", x), ("after", x)]
+    viz.save_comparison(panels, tmp_path / "c.png", [str(c) for c in range(10)], 8, title="same classes, same seeds")
+    fig = figs[0]
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    headings = [ax.title.get_window_extent(renderer) for ax in fig.axes]
+    assert all(h.y1 <= title.y0 for h in headings), (title, headings)
+    assert Image.open(tmp_path / "c.png").size[0] > 0
+
+
+class _Keeping:
+    """matplotlib.pyplot, keeping each figure it makes open for inspection."""
+
+    def __init__(self, plt, figs):
+        self.plt, self.figs = plt, figs
+
+    def subplots(self, *args, **kwargs):
+        fig, axes = self.plt.subplots(*args, **kwargs)
+        self.figs.append(fig)
+        return fig, axes
+
+    def close(self, fig):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self.plt, name)
