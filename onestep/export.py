@@ -232,7 +232,9 @@ class Student:
 
             if cm.get("parameterisation") == "segments":
                 raise StudentFormatError(f"this multistep consistency student samples in exactly {len(self.timesteps)} steps")
-            return lcm_timesteps(cm["grid"], steps)
+            ts = lcm_timesteps(cm["grid"], steps)
+            first = cm.get("first_step_timestep")  # the label pure noise gets, if not the grid's top
+            return ts if first is None else [int(first), *ts[1:]]
         if steps < 1:
             raise StudentFormatError("steps must be at least 1")
         if steps < len(self.timesteps):

@@ -378,3 +378,38 @@ def test_ict_weights_each_pair_by_the_inverse_sigma_step(tmp_path, tiny_teacher_
     weight = ict_pair_weight(tr.schedule, *seen["t"])
     assert not torch.allclose(weight, weight.mean().expand_as(weight))  # the pairs do differ
     torch.testing.assert_close(loss, (weight * seen["d"]).mean())
+
+
+def test_first_step_timestep_is_the_label_of_the_top_point_in_training_and_sampling(tmp_path, tiny_teacher_dir):
+    """With ``first_step_timestep`` the student reads that label on the grid's top (pure noise when sampling)
+    and the grid's own labels elsewhere; the teacher's step still starts at the top; the student folder
+    records it, so 1, 2 and 4 steps start there."""
+    cfg = tiny_cd_config(tmp_path, tiny_teacher_dir, num_ddim_timesteps=4, first_step_timestep=600, max_steps=2)
+    tr = ConsistencyTrainer(cfg)
+    assert tr.grid == [239, 479, 719, 959] and tr.sampling_timesteps == [600, 719, 479, 239]
+    labels = []
+    hook = tr.generator.backbone.register_forward_hook(lambda m, i, o: labels.append(i[1].tolist()))
+    t_hi, t_lo = torch.tensor([959, 479, 959, 239]), torch.tensor([719, 239, 719, 0])
+    tr.draw_timesteps = lambda n: (t_hi, t_lo)
+    teacher_from = []
+    step = tr.teacher_step
+    tr.teacher_step = lambda x_hi, hi, lo, *a: teacher_from.append(hi.tolist()) or step(x_hi, hi, lo, *a)
+    tr.state.reseed()
+    tr.generator_loss(tr.make_batch())
+    hook.remove()
+    assert labels[0] == [600, 479, 600, 239]  # the student's pass (the target is a separate network)
+    assert teacher_from == [[959, 479, 959, 239]]
+    student = load_student(tr.train())
+    meta = json.loads((student.path / "onestep.json").read_text())["consistency"]
+    assert meta["first_step_timestep"] == 600
+    assert [student.timesteps_for(k) for k in (1, 2, 4)] == [[600], [600, 479], [600, 719, 479, 239]]
+    calls = []
+    student.generator.backbone.register_forward_hook(lambda m, i, o: calls.append(int(i[1][0])))
+    sample_student_from_seeds(student.generator, student, student.timesteps_for(2), seeds=[0], labels=[1])
+    assert calls == [600, 479]
+
+
+@pytest.mark.parametrize("bad", [dict(first_step_timestep=719), dict(first_step_timestep=1000), dict(first_step_timestep=600, num_segments=2)])
+def test_first_step_timestep_off_the_grid_and_for_one_segment_lcm_only(bad, tmp_path, tiny_teacher_dir):
+    with pytest.raises(ConfigError, match="first_step_timestep"):
+        ConsistencyTrainer(tiny_cd_config(tmp_path, tiny_teacher_dir, num_ddim_timesteps=4, **bad))

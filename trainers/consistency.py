@@ -85,6 +85,11 @@ class ConsistencyConfig(DistillConfig):
         "top of the grid, the label pure noise gets at sampling (default T-1; keep sqrt(abar) there "
         "above ~0.05 for eps-predicting students)"
     )
+    first_step_timestep: int | None = config_field(
+        "label the student reads on the grid's top point, the pure noise of its first sampling step, instead of the "
+        "top itself (off the grid; None: the top, plain LCM). An eps student's x0 there is its eps error times "
+        "s/a (16 at a top of sqrt(abar) 0.062): a lower label, as DMD2's generator timestep, keeps one-step samples clean"
+    )
     target_ema_decay: float | None = config_field(
         "EMA rate mu of the target network; 0: the target is the student itself. Default by mode: 0.95 (LCM), "
         "0 for MLCM (num_segments > 1), iCT (teacher_free) and LCM-LoRA (generator_lora_rank), which train without an EMA target"
@@ -157,6 +162,8 @@ class ConsistencyConfig(DistillConfig):
             raise ConfigError(f"teacher_fit_steps must be >= 0 (got {self.teacher_fit_steps})")
         if self.ict_final_steps < self.ict_initial_steps:
             raise ConfigError("ict_final_steps must be >= ict_initial_steps")
+        if self.first_step_timestep is not None and (self.num_segments > 1 or self.teacher_free):
+            raise ConfigError("first_step_timestep is for one-segment LCM students (not MLCM segments or iCT)")
         if self.regression_warmup_steps:
             raise ConfigError("regression_warmup_steps is a DMD warm start; consistency distillation does not use it (set 0)")
 
@@ -190,7 +197,15 @@ class ConsistencyTrainer(DistillTrainer):
         if c.num_segments > len(self.grid):
             raise ConfigError(f"num_segments ({c.num_segments}) exceeds the grid's {len(self.grid)} points")
         self.edges = segment_edges(self.grid, c.num_segments) if c.num_segments > 1 else [0]
-        self.sampling_timesteps = lcm_timesteps(self.grid, c.num_segments if c.num_segments > 1 else min(c.sampling_steps, len(self.grid)))
+        if c.first_step_timestep is not None:
+            if not 0 <= c.first_step_timestep < T or c.first_step_timestep in self.grid:
+                raise ConfigError(
+                    f"first_step_timestep must lie in [0, {T - 1}] and off the grid {self.grid} (the student reads "
+                    f"grid labels on noised data; got {c.first_step_timestep})"
+                )
+            if self.teacher_spec.conditioning.kind == "text":
+                raise ConfigError("first_step_timestep: a text-to-image student's diffusers LCMScheduler starts at the grid's top; leave it unset")
+        self.sampling_timesteps = self.timesteps_for(c.num_segments if c.num_segments > 1 else min(c.sampling_steps, len(self.grid)))
         self.student = self._consistency_view(self.generator.backbone)
         self.target = self._consistency_view(self.extras["target"]) if c.target_ema_decay > 0 else self.student
         if c.huber_c is not None:
@@ -262,6 +277,17 @@ class ConsistencyTrainer(DistillTrainer):
         edges = torch.tensor(self.edges, dtype=torch.long, device=t.device)
         return edges[torch.searchsorted(edges, t, right=False) - 1]
 
+    def timesteps_for(self, steps: int) -> list[int]:
+        """The student's K-step sampling labels: LCMScheduler's, the first one ``first_step_timestep`` if set."""
+        ts = lcm_timesteps(self.grid, steps)
+        first = self.config.first_step_timestep
+        return ts if first is None or self.config.num_segments > 1 else [first, *ts[1:]]
+
+    def student_label(self, t_hi: torch.Tensor) -> torch.Tensor:
+        """The label the student reads at ``t_hi``: ``first_step_timestep`` on the grid's top, ``t_hi`` elsewhere."""
+        first = self.config.first_step_timestep
+        return t_hi if first is None else torch.where(t_hi == max(self.grid), torch.full_like(t_hi, first), t_hi)
+
     # ------------------------------------------------------------ losses
     def consistency_output(self, net: ConsistencyDenoiser, x: torch.Tensor, t: torch.Tensor, cond, scale, edge) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f, x0)``: LCM's ``f(x, t)``, or for segments the DDIM projection of x0 to ``edge``."""
@@ -314,8 +340,8 @@ class ConsistencyTrainer(DistillTrainer):
         # 2. Forward process at t_hi.
         noise = self.randn(tuple(x0.shape))
         x_hi = self.schedule.add_noise(x0, noise, t_hi)
-        # 3. Student.
-        pred, pred_x0 = self.consistency_output(self.student, x_hi, t_hi, cond, scale, edge)
+        # 3. Student (on the grid's top it may read another label: first_step_timestep).
+        pred, pred_x0 = self.consistency_output(self.student, x_hi, self.student_label(t_hi), cond, scale, edge)
         with torch.no_grad():
             # 4. Teacher ODE step (or iCT's same-noise point), then the target's output there.
             x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, uncond, scale, x0, noise)
@@ -378,13 +404,14 @@ class ConsistencyTrainer(DistillTrainer):
         if c.num_segments > 1:
             by_steps = {str(c.num_segments): list(self.sampling_timesteps)}
         else:
-            by_steps = {str(k): lcm_timesteps(self.grid, k) for k in (1, 2, 4, 8) if k <= len(self.grid)}
+            by_steps = {str(k): self.timesteps_for(k) for k in (1, 2, 4, 8) if k <= len(self.grid)}
         return {
             "consistency": {
                 "parameterisation": c.parameterisation,
                 "sigma_data": c.sigma_data,
                 "timestep_scaling": c.timestep_scaling,
                 "grid": list(self.grid),
+                "first_step_timestep": c.first_step_timestep,
                 "segment_edges": list(self.edges) if c.num_segments > 1 else None,
                 "timesteps_by_steps": by_steps,
                 "between_steps": "ddim" if c.num_segments > 1 else "renoise",
