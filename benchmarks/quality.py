@@ -1,6 +1,6 @@
 """Quality benchmark: every score-distillation method on the exact gmm teachers and on digits.
 
-    python benchmarks/quality.py                       # the full benchmark (about 30 min on 2 CPU cores)
+    python benchmarks/quality.py                       # the full benchmark, two runs at a time (2 CPU cores)
     python benchmarks/quality.py --teachers gmm-ring8-unbalanced --methods dmd2 fdistill-js --iterations 600
 
 For each teacher and method, with fixed seeds, it trains a one-step student and evaluates
@@ -10,8 +10,10 @@ uses EMA):
 - gmm teachers: mode coverage, mode-weight TV, share within 3 std, sliced W2 (exact
   metrics, onestep.eval.mixture), against the teacher's own 50-step DDIM samples (the
   reference row);
-- digits: digits-FID (onestep.eval.digits_fid, against the bundled real digits) and
-  class accuracy of conditional samples, against the teacher's 50-step guided samples.
+- digits: digits-FID (onestep.eval.digits_fid, against the bundled real digits), k-NN
+  precision and recall (k = 3, onestep.eval.precision_recall) on the same features against the
+  same real digits (a mode-seeking student shows as a low recall), and class accuracy of
+  conditional samples, against the teacher's 50-step guided samples.
 
 gmm runs share one warm start per teacher (trained once, then given to every method with
 ``init_generator`` / ``init_fake_score``): the MLP generator regressed onto teacher ODE
@@ -21,7 +23,9 @@ Digits runs start from the teacher's weights.
 
 Writes into ``--out`` (default benchmarks/quality-out): results.json, table.md,
 convergence-<teacher>.png (metric against generator steps, DisBack beside its base),
-samples-<teacher>.png (scatter plots or digit grids of the final students).
+samples-<teacher>.png (scatter plots or digit grids of the final students). Each teacher's table
+names every student's sampling steps (consistency-style students sample in their presets'
+own), its metric as a ratio to the teacher's and the seconds of its run.
 """
 
 from __future__ import annotations
@@ -43,13 +47,16 @@ METHODS = {
     "fdistill-fkl": ("fdistill_js", {"divergence": "forward_kl"}),
     "sid": ("sid", {}),
     "disback-dmd2": ("disback", {}),
-    # consistency-style students (digits only: no gmm presets), sampled in their presets' own steps
+    # consistency-style students (digits rows only: the gmm rows share a generator + fake-score warm start),
+    # sampled in their presets' own steps
     "lcm": ("lcm", {}),
     "scm": ("scm", {}),
     "ctm": ("ctm", {}),
     "boot": ("boot", {}),
 }
 DIGITS_METHODS = ("dmd2", "vsd", "fdistill-js", "sid", "disback-dmd2", "lcm", "scm", "ctm", "boot")
+#: the gmm rows: score distillation from the shared warm start (generator and fake score), where a gmm preset exists
+GMM_METHODS = ("dmd2", "vsd", "fdistill-js", "fdistill-fkl", "sid", "disback-dmd2")
 
 
 
@@ -108,14 +115,21 @@ def gmm_evaluator(mixture, n: int):
     return evaluate
 
 
-def digits_evaluator(n: int):
-    from onestep.digits import classify_digits
-    from onestep.eval import digits_fid
+def digits_scores(x: torch.Tensor, labels: torch.Tensor) -> dict:
+    """digits-FID, k-NN precision and recall (k = 3) against the real digits, and class accuracy."""
+    from onestep.digits import classify_digits, digits_dataset
+    from onestep.eval import digits_features, digits_fid
+    from onestep.eval.precision_recall import precision_recall
 
+    pr = precision_recall(digits_features(x), digits_features(digits_dataset()[0]))
+    acc = float((torch.as_tensor(classify_digits(x)) == torch.as_tensor(labels)).float().mean())
+    return {"digits_fid": digits_fid(x), "precision": pr["precision"], "recall": pr["recall"], "class_accuracy": acc}
+
+
+def digits_evaluator(n: int):
     def evaluate(tr) -> dict:
         x, cond = _student_samples(tr, n)
-        acc = float((torch.as_tensor(classify_digits(x)) == cond).float().mean())
-        return {"digits_fid": digits_fid(x), "class_accuracy": acc}
+        return digits_scores(x, cond)
 
     return evaluate
 
@@ -136,40 +150,62 @@ def teacher_reference(teacher_name: str, n: int) -> tuple[dict, torch.Tensor]:
         m = mixture_metrics(x, gmm_mixture(teacher_name))
         m.pop("mode_weights")
         return m, x
-    from onestep.digits import classify_digits
-    from onestep.eval import digits_fid
-
-    acc = float((torch.as_tensor(classify_digits(x)) == torch.tensor(labels)).float().mean())
-    return {"digits_fid": digits_fid(x), "class_accuracy": acc}, x
+    return digits_scores(x, torch.tensor(labels)), x
 
 
-def run_teacher(teacher: str, methods: list[str], iterations: int, eval_every: int, n_eval: int, warm_steps: int, out: Path) -> dict:
-    is_gmm = teacher.startswith("gmm")
-    prefix = "gmm" if is_gmm else "digits"
+def prepare_teacher(teacher: str, n_eval: int, warm_steps: int, out: Path) -> tuple[dict, torch.Tensor, dict]:
+    """The teacher's reference scores and samples, and the overrides every method's run on it takes
+    (gmm: the shared warm start, trained once)."""
     ref, ref_x = teacher_reference(teacher, n_eval)
-    result = {"reference": ref, "methods": {}}
-    finals = {"teacher 50-step": ref_x}
-    overrides_all: dict = {}
-    if is_gmm:
+    if not teacher.startswith("gmm"):
+        return ref, ref_x, {}
+    g_path, f_path = gmm_warm_start(teacher, out / teacher, warm_steps)
+    return ref, ref_x, {"init_generator": str(g_path), "init_fake_score": str(f_path), "regression_warmup_steps": 0}
+
+
+def run_method(teacher: str, label: str, iterations: int, eval_every: int, n_eval: int, overrides_all: dict, out: Path, threads: int = 0):
+    """Train one method on one teacher (evaluated along the way); returns its result and final samples."""
+    if threads:
+        torch.set_num_threads(threads)
+    if teacher.startswith("gmm"):
         from onestep.teachers.gmm import gmm_mixture
 
-        g_path, f_path = gmm_warm_start(teacher, out / teacher, warm_steps)
-        overrides_all = {"init_generator": str(g_path), "init_fake_score": str(f_path), "regression_warmup_steps": 0}
         evaluate = gmm_evaluator(gmm_mixture(teacher), n_eval)
     else:
         evaluate = digits_evaluator(n_eval)
-    for label in methods:
-        stem, overrides = METHODS[label]
-        start = time.time()
-        tr = _load(f"{prefix}_{stem}", teacher, out / teacher / label, {**overrides_all, **overrides, "max_steps": iterations})
-        curve = _run(tr, iterations, f"{teacher} {label}", evaluate, eval_every)
-        seconds = time.time() - start
-        finals[label] = _student_samples(tr, n_eval)[0]
-        result["methods"][label] = {"final": curve[-1], "curve": curve, "seconds": round(seconds, 1)}
-        print(f"{teacher:22s} {label:14s} {json.dumps({k: _r(v) for k, v in curve[-1].items()})}  ({seconds:.0f} s)", flush=True)
-    _plot_convergence(teacher, result, out / f"convergence-{teacher}.png")
-    _plot_samples(teacher, finals, out / f"samples-{teacher}.png")
-    return result
+    stem, overrides = METHODS[label]
+    start = time.time()
+    prefix = "gmm" if teacher.startswith("gmm") else "digits"
+    tr = _load(f"{prefix}_{stem}", teacher, out / teacher / label, {**overrides_all, **overrides, "max_steps": iterations})
+    curve = _run(tr, iterations, f"{teacher} {label}", evaluate, eval_every)
+    seconds = time.time() - start
+    final = _student_samples(tr, n_eval)[0]
+    result = {"final": curve[-1], "curve": curve, "seconds": round(seconds, 1), "sampling_steps": len(tr.export_timesteps())}
+    print(f"{teacher:22s} {label:14s} {json.dumps({k: _r(v) for k, v in curve[-1].items()})}  ({seconds:.0f} s)", flush=True)
+    return result, final
+
+
+def run_all(runs: dict[str, list[str]], iterations: dict[str, int], n_eval: dict[str, int], evals: int, warm_steps: int, out: Path, jobs: int) -> dict:
+    """Every (teacher, method) run, ``jobs`` at a time (each in its own process on one thread when ``jobs > 1``);
+    then each teacher's convergence and samples pictures."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    prepared = {t: prepare_teacher(t, n_eval[t], warm_steps, out) for t in runs}
+    tasks = [(t, m, iterations[t], max(1, iterations[t] // evals), n_eval[t], prepared[t][2], out) for t, ms in runs.items() for m in ms]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            done = list(pool.map(run_method, *zip(*tasks), [1] * len(tasks)))
+    else:
+        done = [run_method(*task) for task in tasks]
+    results = {}
+    for t in runs:
+        ref, ref_x, _ = prepared[t]
+        mine = [(task[1], d) for task, d in zip(tasks, done) if task[0] == t]
+        results[t] = {"reference": ref, "methods": {label: r for label, (r, _) in mine}}
+        _plot_convergence(t, results[t], out / f"convergence-{t}.png")
+        _plot_samples(t, {"teacher 50-step": ref_x, **{label: x for label, (_, x) in mine}}, out / f"samples-{t}.png")
+    return results
 
 
 def _r(v):
@@ -222,16 +258,18 @@ def table(results: dict) -> str:
     lines = []
     for teacher, res in results.items():
         gmm = teacher.startswith("gmm")
-        cols = ("modes_covered", "tv", "within_3std", "sliced_w2") if gmm else ("digits_fid", "class_accuracy")
-        lines += [f"\n**{teacher}**\n", "| method | gen. steps | " + " | ".join(cols) + " | ratio to teacher | seconds |", "|---" * (len(cols) + 4) + "|"]
+        cols = ("modes_covered", "tv", "within_3std", "sliced_w2") if gmm else ("digits_fid", "precision", "recall", "class_accuracy")
         key = "sliced_w2" if gmm else "digits_fid"
+        head = ["method", "steps", f"{key} ratio", *cols, "gen. updates", "seconds"]
+        lines += [f"\n**{teacher}**\n", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         ref = res["reference"]
-        fmt = lambda m, c: f"{m[c]}/{m['num_modes']}" if c == "modes_covered" else f"{m[c]:.4g}"  # noqa: E731
-        lines.append("| teacher 50-step DDIM | - | " + " | ".join(fmt(ref, c) for c in cols) + " | 1 | - |")
+        fmt = lambda m, c: f"{m[c]}/{m['num_modes']}" if c == "modes_covered" else ("-" if c not in m else f"{m[c]:.4g}")  # noqa: E731
+        lines.append("| teacher, DDIM | 50 | 1 | " + " | ".join(fmt(ref, c) for c in cols) + " | - | - |")
         for label, r in res["methods"].items():
             m = r["final"]
             lines.append(
-                f"| {label} | {m['generator_steps']} | " + " | ".join(fmt(m, c) for c in cols) + f" | {m[key] / ref[key]:.2f} | {r['seconds']} |"
+                f"| {label} | {r.get('sampling_steps', 1)} | {m[key] / ref[key]:.2f} | " + " | ".join(fmt(m, c) for c in cols)
+                + f" | {m['generator_steps']} | {r['seconds']} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -263,24 +301,27 @@ def main() -> None:
     p.add_argument("--digits-samples", type=int, default=500)
     p.add_argument("--evals", type=int, default=5, help="evaluations along each run")
     p.add_argument("--out", default="benchmarks/quality-out")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once, each in its own process on one thread (1: in this process)")
     args = p.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.time()
-    results = {}
     from onestep.config import list_presets
 
     presets = set(list_presets())  # a gmm teacher runs the methods that have a gmm preset
+    runs, iterations, samples = {}, {}, {}
     for teacher in args.teachers:
         gmm = teacher.startswith("gmm")
-        methods = [m for m in args.methods if f"gmm_{METHODS[m][0]}" in presets] if gmm else [m for m in args.methods if m in DIGITS_METHODS]
-        iters = args.gmm_iterations if gmm else args.digits_iterations
-        n = args.gmm_samples if gmm else args.digits_samples
-        results[teacher] = run_teacher(teacher, methods, iters, max(1, iters // args.evals), n, args.warm_steps, out)
+        mine = [m for m in args.methods if m in GMM_METHODS and f"gmm_{METHODS[m][0]}" in presets] if gmm else None
+        runs[teacher] = mine if gmm else [m for m in args.methods if m in DIGITS_METHODS]
+        iterations[teacher] = args.gmm_iterations if gmm else args.digits_iterations
+        samples[teacher] = args.gmm_samples if gmm else args.digits_samples
+    results = run_all(runs, iterations, samples, args.evals, args.warm_steps, out, args.jobs)
     summary = {
-        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+        "machine": f"{platform.processor() or platform.machine()}, "
+        + (f"{args.jobs} runs at once, one thread each" if args.jobs > 1 else f"torch threads {torch.get_num_threads()}"),
         "seconds": round(time.time() - start, 1),
         "args": vars(args),
         "results": results,
