@@ -53,6 +53,11 @@ def _warmup_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
+def _regression_lambda(base, factor: float, steps: int):
+    """``base`` times ``factor`` for the first ``steps`` updates (the regression warm start's own rate)."""
+    return lambda step: base(step) * (factor if step < steps else 1.0)
+
+
 class DistillTrainer(MethodHelpers, CheckpointMixin):
     """Shared loop; methods override :meth:`generator_loss` and :meth:`fake_score_loss`.
 
@@ -160,7 +165,11 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
         if c.fused_adam and not self.fsdp:
             adam["fused"] = True
         self.opt_g = torch.optim.AdamW(g_params, lr=c.lr_generator, **adam)
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, _warmup_lambda(c.warmup_steps))
+        g_lambda = _warmup_lambda(c.warmup_steps)
+        if c.lr_regression is not None and c.regression_warmup_steps:
+            # Every warm-start iteration is a generator update, so the scheduler's step count is the iteration.
+            g_lambda = _regression_lambda(g_lambda, c.lr_regression / c.lr_generator, c.regression_warmup_steps)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, g_lambda)
         # No fake score and no heads (consistency distillation without a GAN term): no second optimizer.
         self.opt_f = torch.optim.AdamW(f_params, lr=c.lr_fake, **adam) if f_params else None
         self.sched_f = torch.optim.lr_scheduler.LambdaLR(self.opt_f, _warmup_lambda(c.warmup_steps)) if f_params else None

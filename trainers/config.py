@@ -142,6 +142,10 @@ class DistillConfig:
         "native",
     )
     regression_warmup_steps: int = config_field("iterations of warm start by regression onto teacher ODE samples (0 disables)", 0)
+    lr_regression: float | None = config_field(
+        "learning rate of the generator during the regression warm start (unset: lr_generator); plain regression "
+        "takes a larger step than distribution matching does", None
+    )
     regression_pairs: int = config_field("noise/sample pairs drawn from the teacher's ODE for the warm start", 2048)
     regression_ode_steps: int = config_field("DDIM steps of the teacher ODE for the warm-start pairs", 50)
     checkpoint_every: int = config_field("save a checkpoint-{step} folder every N iterations (0: only at the end)", 0)
@@ -258,6 +262,8 @@ class DistillConfig:
         for name in ("lr_generator", "lr_fake"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if self.lr_regression is not None and not self.lr_regression > 0:
+            raise ConfigError(f"lr_regression must be > 0 when set (got {self.lr_regression})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must lie in [0, 1) (got {self.ema_decay})")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

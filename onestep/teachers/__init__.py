@@ -165,7 +165,7 @@ def _digits_sampler() -> RealSampler:
 
 
 def _gmm_teacher(name: str) -> Teacher:
-    from .gmm import GMM_SCHEDULER_CONFIG, GaussianMixtureScore, MLPDenoiser, gmm_mixture
+    from .gmm import GMM_SCHEDULER_CONFIG, GaussianMixtureScore, gmm_mixture, gmm_student
 
     means, stds, weights = gmm_mixture(name)
     schedule = NoiseSchedule.from_scheduler_config(GMM_SCHEDULER_CONFIG)
@@ -186,7 +186,7 @@ def _gmm_teacher(name: str) -> Teacher:
         clip=None,
         sha256=hashlib.sha256(definition.encode()).hexdigest(),
         real_data=draw,
-        student_factory=lambda: MLPDenoiser(),
+        student_factory=lambda: gmm_student(name),
         student_prediction_type="v_prediction",
         analytic=True,
         meta={"mixture": name},
