@@ -45,6 +45,9 @@ PRESET = "digits_dmd2"
 #: the preset before and after issue 13 is set in every row, so the rows do not move with the preset.
 BEFORE = {"loss_t_range": [0.02, 0.98], "fake_loss_weighting": "native", "generator_timesteps": [800]}
 AFTER = {**BEFORE, "loss_t_range": [0.02, 0.5], "fake_loss_weighting": "snr+1", "generator_timesteps": [600]}
+#: digits_sid before issue 13 (its rows pin these, so they do not move with the preset)
+SID_BEFORE = {"generator_timesteps": [800], "max_steps": 1000, "fake_updates_per_generator": 1, "lr_generator": 5e-5, "loss_t_range": [0.02, 0.98],
+              "fake_loss_weighting": "native", "sid_t_sampling": "uniform"}
 VARIANTS = {
     "before": ("the quickstart preset before issue 13", BEFORE),
     "t<=0.5": ("DM loss only at t <= 0.5 T", {**BEFORE, "loss_t_range": [0.02, 0.5]}),
@@ -62,8 +65,24 @@ VARIANTS = {
     "fdistill-fkl": ("digits_fdistill_js preset, divergence forward_kl", {"divergence": "forward_kl"}),
     "vsd": ("digits_vsd preset (PG-SB)", {}),
     # The one-step methods whose presets were left unchanged by the first half of issue 13, with and without the fields above.
-    "sid": ("digits_sid preset", {}),
-    "sid @600": ("digits_sid preset, generator at t = 600", {"generator_timesteps": [600]}),
+    "sid": ("digits_sid preset before issue 13", SID_BEFORE),
+    "sid @600": ("digits_sid preset before issue 13, generator at t = 600", {**SID_BEFORE, "generator_timesteps": [600]}),
+    # SiD's screens (issue 13): generator at 600, 300 or 600 iterations
+    "sid @600 300it": ("`sid @600`, 300 iterations", {**SID_BEFORE, "generator_timesteps": [600], "max_steps": 300}),
+    "sid @600 karras 300it": ("`sid @600 300it`, noise levels as SiD's code draws them (sid_t_sampling karras, loss_t_range [0, 0.973])",
+                              {**SID_BEFORE, "generator_timesteps": [600], "max_steps": 300, "sid_t_sampling": "karras", "loss_t_range": [0.0, 0.973]}),
+    "sid @600 fu2 600it": ("`sid @600`, 2 fake-score updates per generator update, 600 iterations",
+                           {**SID_BEFORE, "generator_timesteps": [600], "max_steps": 600, "fake_updates_per_generator": 2}),
+    "sid @600 fu3 600it": ("`sid @600`, 3 fake-score updates per generator update, 600 iterations",
+                           {**SID_BEFORE, "generator_timesteps": [600], "max_steps": 600, "fake_updates_per_generator": 3}),
+    "sid @600 fu2 t<=0.5 600it": ("`sid @600 fu2 600it`, loss at t <= 0.5 T",
+                                  {**SID_BEFORE, "generator_timesteps": [600], "max_steps": 600, "fake_updates_per_generator": 2, "loss_t_range": [0.02, 0.5]}),
+    "sid @600 fu2 lr2e-5 600it": ("`sid @600 fu2 600it`, generator lr 2e-5",
+                                  {**SID_BEFORE, "generator_timesteps": [600], "max_steps": 600, "fake_updates_per_generator": 2, "lr_generator": 2e-5}),
+    "sid-after": ("digits_sid preset after issue 13", {}),
+    "sid-after (seed 1)": ("`sid-after`, training seed 1", {"seed": 1}),
+    "sid-after lr_fake 1e-4 300it": ("`sid-after`, fake-score lr 1e-4, 300 iterations", {"lr_fake": 1e-4, "max_steps": 300}),
+    "sid-after batch 32": ("`sid-after`, batch 32", {"batch_size": 32}),
     "disback": ("digits_disback preset before issue 13", BEFORE),
     "disback-after": ("digits_disback preset with the three fields of `after` (the preset since)", AFTER),
     "lcm 1-step": ("digits_lcm preset, sampled in 1 step", {}),
@@ -78,7 +97,11 @@ VARIANTS = {
 #: variants that train another preset than PRESET
 VARIANT_PRESETS = {
     "fdistill-js": "digits_fdistill_js", "fdistill-fkl": "digits_fdistill_js", "vsd": "digits_vsd",
-    "sid": "digits_sid", "sid @600": "digits_sid", "disback": "digits_disback", "disback-after": "digits_disback",
+    "sid": "digits_sid", "sid @600": "digits_sid", "sid @600 300it": "digits_sid", "sid @600 karras 300it": "digits_sid",
+    "sid @600 fu2 600it": "digits_sid", "sid @600 fu3 600it": "digits_sid", "sid @600 fu2 t<=0.5 600it": "digits_sid",
+    "sid @600 fu2 lr2e-5 600it": "digits_sid", "sid-after": "digits_sid", "sid-after (seed 1)": "digits_sid",
+    "sid-after lr_fake 1e-4 300it": "digits_sid", "sid-after batch 32": "digits_sid",
+    "disback": "digits_disback", "disback-after": "digits_disback",
     "lcm 1-step": "digits_lcm", "scm 1-step": "digits_scm", "scm 2-step": "digits_scm",
     "rcm 1-step": "digits_rcm", "rcm 2-step": "digits_rcm", "boot 1-step": "digits_boot",
 }
