@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nasa-alpha", type=float, default=0.0, help="NASA scale for the negative prompt (SNOOPI: 0.1 for SD1.5, 0.2 for SD2.1)")
     s.add_argument("--gamma", type=float, default=None, help="CTM students: gamma of gamma-sampling, 0 (deterministic jumps) to 1 (jump to the end, re-noise); default: the student's")
     s.add_argument("--nu", type=float, default=None, help="CTM students: nu-sampling, g(null) + nu (g(c) - g(null)); 1 is the conditional student; default: the student's")
+    s.add_argument("--image", default=None, help="super-resolution students: a folder of low-res images (or one file); sample i upscales image i mod n")
 
     q = sub.add_parser(
         "quickstart",
@@ -185,7 +186,7 @@ def _cmd_sample(args, extra: list[str]) -> int:
     out = sample_to_folder(
         args.student, args.out, args.num_samples, steps=args.steps, seed=args.seed, label=args.label, batch_size=args.batch_size,
         prompts=prompts or None, negative_prompt=args.negative_prompt, nasa_alpha=args.nasa_alpha, device=args.device,
-        gamma=args.gamma, nu=args.nu,
+        gamma=args.gamma, nu=args.nu, images=args.image,
     )
     print(f"wrote {args.num_samples} samples to {out}")
     return 0

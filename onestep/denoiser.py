@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from .conditioning import Cond, cat_cond, cfg
+from .conditioning import CONCAT_KEY, Cond, cat_cond, cfg
 from .schedule import NoiseSchedule
 
 
@@ -33,8 +33,13 @@ def call_backbone(backbone: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: C
     ``t`` is the backbone's own timestep input (:meth:`NoiseSchedule.model_timestep`). A dict
     condition is passed as keywords (``encoder_hidden_states``, ``timestep_cond``,
     ``pooled_projections``, ...); its SDXL keys ``text_embeds`` and ``time_ids`` go into
-    ``added_cond_kwargs``. Transformers take ``hidden_states`` and ``timestep`` as keywords too.
+    ``added_cond_kwargs``. Transformers take ``hidden_states`` and ``timestep`` as keywords too. An
+    ``"image"`` entry (:data:`~onestep.conditioning.CONCAT_KEY`, image-conditioned teachers such as the SD
+    x4 upscaler) is concatenated to ``x`` along the channels; the rest is passed as above.
     """
+    if isinstance(cond, dict) and CONCAT_KEY in cond:
+        x = torch.cat([x, cond[CONCAT_KEY].to(x.dtype)], dim=1)
+        cond = {k: v for k, v in cond.items() if k != CONCAT_KEY} or None
     if is_transformer(backbone):
         out = backbone(hidden_states=x, timestep=t, **(cond or {}))
     elif cond is None:

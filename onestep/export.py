@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .conditioning import Conditioning
+from .conditioning import Conditioning, conditioning_from_dict
 from .denoiser import Denoiser
 from .errors import OnestepError, StudentFormatError
 from .export_variants import model_card, write_diffusers_lora, write_variant
@@ -326,15 +326,17 @@ def check_fits(meta_file: Path, meta: dict[str, Any], backbone: nn.Module, condi
     an MLP, ``[channels, *sample_size]`` for a UNet2DModel, else its channels with H and W multiples of its patch
     size; class labels (and the null class) within its class embeddings, and none for a network without."""
     shape, cfg = list(meta["sample_shape"]), backbone.config
+    # an image condition is concatenated to the input: the samples have the channels left
+    channels = (cfg.get("in_channels") or 0) - (conditioning.image_channels if conditioning is not None and conditioning.kind == "image" else 0)
     if "sample_dim" in cfg:
         ok, expected = shape == [cfg.sample_dim], f"[{cfg.sample_dim}]"
     elif meta["model_class"] == "UNet2DModel":
         size = list(cfg.sample_size) if isinstance(cfg.sample_size, (list, tuple)) else [cfg.sample_size] * 2
-        ok, expected = shape == [cfg.in_channels, *size], str([cfg.in_channels, *size])
+        ok, expected = shape == [channels, *size], str([channels, *size])
     else:
         f = cfg.get("patch_size") or 1
-        ok = len(shape) == 3 and shape[0] == cfg.in_channels and shape[1] % f == 0 and shape[2] % f == 0
-        expected = f"[{cfg.in_channels}, H, W] with H and W multiples of {f}"
+        ok = len(shape) == 3 and shape[0] == channels and shape[1] % f == 0 and shape[2] % f == 0
+        expected = f"[{channels}, H, W] with H and W multiples of {f}"
     if not ok:
         raise StudentFormatError(f"{meta_file}: sample_shape {shape} does not fit the {meta['model_class']} generator (expected {expected})")
     if conditioning is None:  # text: the pipeline's own parts
@@ -380,7 +382,7 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
         if max(meta["timesteps"]) >= schedule.num_train_timesteps:
             raise StudentFormatError(f"timesteps {meta['timesteps']} must lie in [0, {schedule.num_train_timesteps - 1}]")
         generator = _generator_from_meta(backbone, schedule, meta).eval()
-        conditioning = None if meta["conditioning"].get("kind") == "text" else Conditioning(**meta["conditioning"])
+        conditioning = None if meta["conditioning"].get("kind") == "text" else conditioning_from_dict(meta["conditioning"])
     except (OnestepError, TypeError, ValueError, KeyError) as e:
         raise StudentFormatError(f"{meta_file}: {f'{e} is missing' if isinstance(e, KeyError) else e}") from e
     check_fits(meta_file, meta, backbone, conditioning)

@@ -3,6 +3,7 @@ into PNGs and ``samples.npz``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def sample_to_folder(
     device: str | None = None,
     gamma: float | None = None,
     nu: float | None = None,
+    images: str | Path | None = None,
 ) -> Path:
     """Sample ``num_samples`` images (or 2D points) from a student; sample ``i`` uses seed ``seed + i``.
 
@@ -40,7 +42,10 @@ def sample_to_folder(
 
     Writes ``samples.npz`` (``samples``: raw float32, ``labels``, ``seeds``), one PNG per image
     (``sample_00000.png``, ...) and ``grid.png`` (a scatter plot for 2D students). ``gamma`` and ``nu``
-    override a CTM student's gamma- and nu-sampling (:mod:`onestep.ctm`).
+    override a CTM student's gamma- and nu-sampling (:mod:`onestep.ctm`). Image-conditioned
+    (super-resolution) students take ``images``, a folder of low-resolution images (or one image file):
+    sample ``i`` super-resolves image ``i mod n`` (files sorted by name); ``labels`` in ``samples.npz``
+    are those indices.
     """
     device = torch.device(device) if device else default_device()
     student = load_student(student_dir, device=device)
@@ -55,7 +60,17 @@ def sample_to_folder(
         student.generator.nu = student.generator.nu if nu is None else float(nu)
     if cond.kind != "text" and (prompts or negative_prompt or nasa_alpha):
         raise OnestepError("--prompt, --negative-prompt and --nasa-alpha are for text-to-image students")
-    if cond.kind == "text":
+    if (images is not None) != (cond.kind == "image"):
+        raise OnestepError("this student is image-conditioned: give --image FOLDER of low-res images" if images is None
+                           else "--image is for image-conditioned (super-resolution) students")
+    if cond.kind == "image":
+        if label is not None:
+            raise OnestepError("--class given, but this student is image-conditioned: use --image")
+        lowres = read_lowres_images(images, cond.image_channels)
+        student = dataclasses.replace(student, conditioning=cond.with_images(
+            cond.from_lowres(lowres.to(device), tuple(student.sample_shape[-2:]))["image"]))
+        labels = [i % len(lowres) for i in range(num_samples)]
+    elif cond.kind == "text":
         if label is not None:
             raise OnestepError("--class given, but this student is text-to-image: use --prompt")
         if not prompts:
@@ -99,3 +114,25 @@ def sample_to_folder(
         + "\n"
     )
     return out
+
+
+def read_lowres_images(path: str | Path, channels: int) -> torch.Tensor:
+    """The images of a folder (sorted by name) or one image file as ``(N, channels, h, w)`` floats in [-1, 1]
+    (grey for one channel, RGB for three); all must have one size."""
+    from PIL import Image
+
+    from onestep.files import IMAGE_SUFFIXES
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+    if not files:
+        raise OnestepError(f"--image {path}: no image files there")
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise OnestepError(f"this student's condition has {channels} channels; --image reads grey (1) or RGB (3) images")
+    arrays = [np.asarray(Image.open(f).convert(mode), dtype=np.float32) for f in files]
+    if len({a.shape for a in arrays}) > 1:
+        raise OnestepError(f"--image {path}: the images differ in size; give low-res images of one size")
+    x = torch.from_numpy(np.stack(arrays))
+    x = x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
+    return x / 127.5 - 1

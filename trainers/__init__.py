@@ -9,7 +9,7 @@
 | ``interrupt.py`` | SIGINT / SIGTERM: checkpoint and leave |
 | ``sharding.py``, ``memory.py`` | FSDP2 sharding and its checkpoints; attention kernels and frozen dtypes |
 | ``warmstart.py`` | DMD's regression warm start |
-| ``dmd2.py``, ``vsd.py``, ``fdistill.py``, ``sid.py``, ``disback.py``, ``consistency.py``, ``scm.py``, ``ctm.py``, ``boot.py`` | one method each: its config and trainer side by side |
+| ``dmd2.py``, ``vsd.py``, ``fdistill.py``, ``sid.py``, ``disback.py``, ``consistency.py``, ``scm.py``, ``ctm.py``, ``boot.py``, ``tadsr.py`` | one method each: its config and trainer side by side (consistency's config in ``consistency_config.py``) |
 | ``pso.py`` | PSO: tuning a distilled student toward new images (a style, a concept, preference pairs) |
 
 ``METHODS`` maps a method name (each config's ``method`` default, written once) to its
@@ -44,6 +44,7 @@ from .fdistill import FDistillConfig, FDistillTrainer
 from .pso import PSOConfig, PSOTrainer
 from .scm import SCMConfig, SCMTrainer
 from .sid import SiDConfig, SiDTrainer
+from .tadsr import TADSRConfig, TADSRTrainer
 from .vsd import VSDConfig, VSDTrainer
 
 TRAINERS: tuple[type[DistillTrainer], ...] = (
@@ -56,6 +57,7 @@ TRAINERS: tuple[type[DistillTrainer], ...] = (
     PSOTrainer,
     CTMTrainer,
     BOOTTrainer,
+    TADSRTrainer,
     DisBackDMD2Trainer,
     DisBackVSDTrainer,
     DisBackFDistillTrainer,
@@ -122,6 +124,8 @@ __all__ = [
     "SCMTrainer",
     "SiDConfig",
     "SiDTrainer",
+    "TADSRConfig",
+    "TADSRTrainer",
     "VSDConfig",
     "VSDTrainer",
     "load_config",

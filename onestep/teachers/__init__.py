@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..conditioning import Cond, Conditioning
+from ..conditioning import Cond, Conditioning, conditioning_from_dict
 from ..errors import ConfigError, TeacherError
 from ..files import PICKLE_SUFFIXES
 from ..schedule import NoiseSchedule
@@ -67,6 +67,10 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
         return _gmm_teacher(s)
     if s == "digits":
         return _pipeline_teacher(DIGITS_TEACHER, name="digits")
+    if s == "digits-sr":
+        from .sr import DIGITS_SR_TEACHER
+
+        return _pipeline_teacher(DIGITS_SR_TEACHER, name="digits-sr")
     path = Path(s).expanduser()
     name = str(path)
     if not path.exists():
@@ -74,7 +78,7 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
 
         if not is_hub_id(s):
             raise TeacherError(
-                f"teacher {s!r} is neither a built-in teacher (digits, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25), "
+                f"teacher {s!r} is neither a built-in teacher (digits, digits-sr, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25), "
                 "an existing path, nor a Hugging Face Hub id (owner/name); point teacher: (or --teacher) at your local "
                 "diffusers pipeline folder"
             )
@@ -128,7 +132,7 @@ def _pipeline_teacher(path: Path, name: str) -> Teacher:
     meta = read_json_object(meta_file) if meta_file.exists() else {}
     cfg = unet.config
     if "conditioning" in meta:
-        conditioning = Conditioning(**meta["conditioning"])
+        conditioning = conditioning_from_dict(meta["conditioning"])
     elif cfg.num_class_embeds:
         # Convention without metadata: the last class embedding is the null class.
         conditioning = Conditioning("class", cfg.num_class_embeds - 1, cfg.num_class_embeds - 1)
@@ -136,6 +140,12 @@ def _pipeline_teacher(path: Path, name: str) -> Teacher:
         conditioning = Conditioning("none")
     size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size, cfg.sample_size)
     real_data = _digits_sampler() if meta.get("data") == "digits" else None
+    channels = cfg.in_channels
+    if conditioning.kind == "image":  # the condition is concatenated to the input: samples have out_channels
+        from .sr import image_teacher_parts
+
+        conditioning, real_data = image_teacher_parts(meta, path)
+        channels = cfg.out_channels
     clip = meta.get("clip_sample", 1.0 if sched_cfg.get("clip_sample", False) else None)
     return Teacher(
         name=name,
@@ -143,7 +153,7 @@ def _pipeline_teacher(path: Path, name: str) -> Teacher:
         schedule=schedule,
         prediction_type=sched_cfg.get("prediction_type", "epsilon"),
         conditioning=conditioning,
-        sample_shape=(cfg.in_channels, *size),
+        sample_shape=(channels, *size),
         guidance_scale=float(meta.get("guidance_scale", 1.0)),
         clip=clip,
         sha256=_sha256_of(list((path / "unet").glob("*.safetensors"))),
