@@ -48,20 +48,16 @@ TEACHER_META = dict(
 )
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, ema_decay: float, p_uncond: float) -> None:
-    from diffusers import UNet2DModel
+def fit_eps_unet(unet, schedule, draw, steps: int, lr: float, ema_decay: float, gen: torch.Generator, desc: str) -> None:
+    """Train ``unet`` with the eps-MSE objective for ``steps`` AdamW steps (warm-up, then cosine to 5 %),
+    then load its EMA weights into it. ``draw(gen)`` gives a batch ``(x0, cond)``: ``cond`` as
+    :func:`onestep.denoiser.call_backbone` takes it (class labels, or ``{"image": y}`` concatenated to
+    the input). Each step draws the batch, then the noise, then the timesteps, all from ``gen``."""
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from onestep.digits import digits_dataset
-    from onestep.schedule import NoiseSchedule
-    from onestep.teachers import save_unet_teacher
+    from onestep.denoiser import call_backbone
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    x_all, y_all = digits_dataset()
-    schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
-    unet = UNet2DModel(**UNET_CONFIG)
     ema = EMAModel(unet.parameters(), decay=ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(200, steps // 10)
@@ -72,15 +68,12 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, ema_deca
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))) * 0.95 + 0.05
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start = time.time()
-    bar = tqdm(range(steps), desc="digits teacher")
+    bar = tqdm(range(steps), desc=desc, mininterval=5)
     for step in bar:
-        idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
-        x0, y = x_all[idx], y_all[idx].clone()
-        y[torch.rand(batch_size, generator=gen) < p_uncond] = 10
+        x0, cond = draw(gen)
         noise = torch.randn(x0.shape, generator=gen)
-        t = schedule.sample_t(batch_size, generator=gen)
-        pred = unet(schedule.add_noise(x0, noise, t), t, class_labels=y).sample
+        t = schedule.sample_t(x0.shape[0], generator=gen)
+        pred = call_backbone(unet, schedule.add_noise(x0, noise, t), t, cond)
         loss = (pred - noise).pow(2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -91,6 +84,29 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, ema_deca
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(unet.parameters())
+
+
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, ema_decay: float, p_uncond: float) -> None:
+    from diffusers import UNet2DModel
+
+    from onestep.digits import digits_dataset
+    from onestep.schedule import NoiseSchedule
+    from onestep.teachers import save_unet_teacher
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x_all, y_all = digits_dataset()
+    schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
+    unet = UNet2DModel(**UNET_CONFIG)
+
+    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
+        y = y_all[idx].clone()
+        y[torch.rand(batch_size, generator=gen) < p_uncond] = 10  # the null class, for guidance
+        return x_all[idx], y
+
+    start = time.time()
+    fit_eps_unet(unet, schedule, draw, steps, lr, ema_decay, gen, "digits teacher")
     save_unet_teacher(out, unet, SCHEDULER_CONFIG, TEACHER_META)
     print(f"trained {steps} steps in {time.time() - start:.0f}s -> {out}")
 

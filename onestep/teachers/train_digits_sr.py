@@ -15,7 +15,6 @@ The shipped weights were made with the defaults below (see benchmarks/sr.py).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -24,12 +23,12 @@ import torch
 
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, ema_decay: float) -> None:
     from diffusers import UNet2DModel
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
+    from onestep.conditioning import CONCAT_KEY
     from onestep.schedule import NoiseSchedule
     from onestep.teachers import save_unet_teacher
     from onestep.teachers.sr import SCHEDULER_CONFIG, TEACHER_META, UNET_CONFIG, digits_sr_conditioning
+    from onestep.teachers.train_digits import fit_eps_unet
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -37,34 +36,13 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, ema_deca
     lowres = cond.images
     schedule = NoiseSchedule.from_scheduler_config(SCHEDULER_CONFIG)
     unet = UNet2DModel(**UNET_CONFIG)
-    ema = EMAModel(unet.parameters(), decay=ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    warmup = min(200, steps // 10)
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))) * 0.95 + 0.05
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start = time.time()
-    bar = tqdm(range(steps), desc="digits-sr teacher", mininterval=5)
-    for step in bar:
+    def draw(gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         idx = torch.randint(0, len(hr), (batch_size,), generator=gen)
-        x0, y = hr[idx], lowres[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = schedule.sample_t(batch_size, generator=gen)
-        pred = unet(torch.cat([schedule.add_noise(x0, noise, t), y], dim=1), t).sample
-        loss = (pred - noise).pow(2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    ema.copy_to(unet.parameters())
+        return hr[idx], {CONCAT_KEY: lowres[idx]}
+
+    start = time.time()
+    fit_eps_unet(unet, schedule, draw, steps, lr, ema_decay, gen, "digits-sr teacher")
     save_unet_teacher(out, unet, SCHEDULER_CONFIG, TEACHER_META)
     print(f"trained {steps} steps in {time.time() - start:.0f}s -> {out}")
 
