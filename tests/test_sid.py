@@ -51,7 +51,8 @@ def test_sid_generator_gradient_is_zero_while_the_fake_score_is_the_teacher(tmp_
     loss, grad = largest_grad(1.0, "plain")
     # With guidance the teacher differs from the fake score from the start: a real gradient.
     _, grad_guided = largest_grad(2.0, "guided")
-    assert loss == 0.0 and grad_guided > 1e-4
+    # (the two networks' passes may round differently: the loss is zero to float precision, not bit for bit)
+    assert abs(loss) < 1e-6 and grad_guided > 1e-4
     # Zero up to rounding: the two backward passes through equal networks cancel (6e-9 against 1e-2 here).
     assert grad < 1e-5 * grad_guided
 
