@@ -77,14 +77,15 @@ def test_a_killed_run_resumes_bit_identical(case, tmp_path, tiny_teacher_dir):
 
 
 @SLOW
-def test_a_two_process_run_killed_twice_resumes_bit_identical(tmp_path, tiny_teacher_dir):
-    """Under `accelerate launch` the kill takes the launcher and both ranks; each rank's random state and the
-    shared weights come back from the checkpoint."""
+def test_a_two_process_run_killed_mid_checkpoint_resumes_bit_identical(tmp_path, tiny_teacher_dir):
+    """Under `accelerate launch` the kill takes the launcher and both ranks, here while a checkpoint is being
+    written; each rank's random state and the shared weights come back from the last whole checkpoint.
+    (`benchmarks/kill_matrix.py` kills two-process runs at every moment.)"""
     _, overrides, _, _ = CASES["dmd2"]
     config = _config("dmd2", tmp_path, tiny_teacher_dir, **{**overrides, "max_steps": 6})
     reference = launch(config, tmp_path / "reference", processes=2, log=tmp_path / "reference.log")
     assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
-    hits = killed_then_resumed(config, tmp_path / "killed", ["step", "checkpoint"], 2, processes=2, seed=1)
+    hits = killed_then_resumed(config, tmp_path / "killed", ["checkpoint"], 2, processes=2, seed=1)
     assert "finished first" not in hits, hits
     _assert_same_run(tmp_path / "reference", tmp_path / "killed")
 
