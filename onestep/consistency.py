@@ -71,14 +71,16 @@ def lcm_grid(num_train_timesteps: int, num_steps: int, max_timestep: int | None 
     return sorted(set(grid))
 
 
-def lcm_timesteps(grid: list[int], steps: int) -> list[int]:
+def lcm_timesteps(grid: list[int], steps: int, first_step_timestep: int | None = None) -> list[int]:
     """LCMScheduler's K-step timesteps on ``grid``: indices ``floor(linspace(0, N, K, endpoint=False))``
-    of the grid in descending order. The first is always the grid's top."""
+    of the grid in descending order. The first is the grid's top, or ``first_step_timestep`` when given
+    (the label a student reads on the top point: the pure noise of its first step)."""
     rev = sorted(grid, reverse=True)
     if not 1 <= steps <= len(rev):
         raise ConfigError(f"a consistency student on a {len(rev)}-point grid samples in 1 to {len(rev)} steps (got {steps})")
     idx = np.floor(np.linspace(0, len(rev), num=steps, endpoint=False)).astype(np.int64)
-    return [int(rev[i]) for i in idx]
+    ts = [int(rev[i]) for i in idx]
+    return ts if first_step_timestep is None else [int(first_step_timestep), *ts[1:]]
 
 
 def segment_edges(grid: list[int], num_segments: int) -> list[int]:

@@ -232,9 +232,7 @@ class Student:
 
             if cm.get("parameterisation") == "segments":
                 raise StudentFormatError(f"this multistep consistency student samples in exactly {len(self.timesteps)} steps")
-            ts = lcm_timesteps(cm["grid"], steps)
-            first = cm.get("first_step_timestep")  # the label pure noise gets, if not the grid's top
-            return ts if first is None else [int(first), *ts[1:]]
+            return lcm_timesteps(cm["grid"], steps, cm.get("first_step_timestep"))
         if steps < 1:
             raise StudentFormatError("steps must be at least 1")
         if steps < len(self.timesteps):

@@ -97,7 +97,9 @@ class ConsistencyTrainer(DistillTrainer):
                 )
             if self.teacher_spec.conditioning.kind == "text":
                 raise ConfigError("first_step_timestep: a text-to-image student's diffusers LCMScheduler starts at the grid's top; leave it unset")
-        self.sampling_timesteps = self.timesteps_for(c.num_segments if c.num_segments > 1 else min(c.sampling_steps, len(self.grid)))
+        self.sampling_timesteps = lcm_timesteps(
+            self.grid, c.num_segments if c.num_segments > 1 else min(c.sampling_steps, len(self.grid)), c.first_step_timestep
+        )
         self.student = self._consistency_view(self.generator.backbone)
         self.target = self._consistency_view(self.extras["target"]) if c.target_ema_decay > 0 else self.student
         if c.huber_c is not None:
@@ -168,12 +170,6 @@ class ConsistencyTrainer(DistillTrainer):
         """The lower edge of each timestep's segment (MLCM): the largest edge strictly below ``t``."""
         edges = torch.tensor(self.edges, dtype=torch.long, device=t.device)
         return edges[torch.searchsorted(edges, t, right=False) - 1]
-
-    def timesteps_for(self, steps: int) -> list[int]:
-        """The student's K-step sampling labels: LCMScheduler's, the first one ``first_step_timestep`` if set."""
-        ts = lcm_timesteps(self.grid, steps)
-        first = self.config.first_step_timestep
-        return ts if first is None or self.config.num_segments > 1 else [first, *ts[1:]]
 
     def student_label(self, t_hi: torch.Tensor) -> torch.Tensor:
         """The label the student reads at ``t_hi``: ``first_step_timestep`` on the grid's top, ``t_hi`` elsewhere."""
@@ -296,7 +292,7 @@ class ConsistencyTrainer(DistillTrainer):
         if c.num_segments > 1:
             by_steps = {str(c.num_segments): list(self.sampling_timesteps)}
         else:
-            by_steps = {str(k): self.timesteps_for(k) for k in (1, 2, 4, 8) if k <= len(self.grid)}
+            by_steps = {str(k): lcm_timesteps(self.grid, k, c.first_step_timestep) for k in (1, 2, 4, 8) if k <= len(self.grid)}
         return {
             "consistency": {
                 "parameterisation": c.parameterisation,

@@ -21,6 +21,7 @@ import torch
 
 from ..conditioning import ImageConditioning, conditioning_from_dict
 from ..errors import TeacherError
+from .train_digits import SCHEDULER_CONFIG  # the digits teacher's schedule
 
 DIGITS_SR_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "digits-sr-teacher"
 #: digits [0, TRAIN_SPLIT) train the teacher and the student; [TRAIN_SPLIT, 1797) are held out
@@ -37,12 +38,6 @@ UNET_CONFIG = dict(
     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     norm_num_groups=8,
     attention_head_dim=32,
-)
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_schedule="squaredcos_cap_v2",
-    prediction_type="epsilon",
-    clip_sample=True,
 )
 TEACHER_META = dict(
     format_version=1,
@@ -91,4 +86,4 @@ def image_teacher_parts(meta: dict[str, Any], path: Path):
     return cond, None
 
 
-__all__ = ["DIGITS_SR_TEACHER", "SCALE", "TRAIN_SPLIT", "digits_sr_conditioning", "digits_sr_split", "image_teacher_parts"]
+__all__ = ["DIGITS_SR_TEACHER", "SCALE", "SCHEDULER_CONFIG", "TRAIN_SPLIT", "digits_sr_conditioning", "digits_sr_split", "image_teacher_parts"]
