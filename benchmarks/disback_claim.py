@@ -36,45 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-
-def _load(preset: str, teacher: str, out: Path, overrides: dict):
-    from onestep.trainers import load_config, make_trainer
-
-    values = {"log_with": "none", "export": False, "checkpoint_every": 0, "preview_every": 0, "teacher": teacher, "overwrite": True}
-    values.update(overrides)
-    return make_trainer(load_config(preset, values, output_dir=str(out)))
-
-
-def warm_start(teacher: str, out: Path, steps: int, pairs_from: str | None = None) -> tuple[Path, Path]:
-    """DisBack's stage 0 run alone on ``teacher``: its student network regressed onto the ODE pairs of
-    ``pairs_from`` (default: ``teacher`` itself) and its fake score fitted to ``teacher``'s data; returns
-    the two safetensors files (cached in ``out``). With ``pairs_from`` another teacher, the generator is
-    a student of that teacher, in the network ``teacher``'s students use (so it loads as their start)."""
-    from onestep.teachers import load_teacher
-    from onestep.weights import save_trainable
-
-    g_path, f_path = out / "generator.safetensors", out / "fake.safetensors"
-    if g_path.is_file() and f_path.is_file():
-        return g_path, f_path
-    # Regression is plain supervised learning: a 10x larger step than distillation's.
-    tr = _load("gmm_disback", teacher, out / "run", {"max_steps": steps, "regression_warmup_steps": steps, "lr_generator": 1e-3, "seed": 0})
-    if pairs_from is not None and pairs_from != teacher:
-        own = tr.teacher
-        tr.teacher = load_teacher(pairs_from).denoiser().to(tr.device)
-        tr.warm_start._pairs = tr.warm_start.make_pairs()  # noise -> pretrained-on teacher's ODE sample
-        tr.teacher = own
-    for _ in range(steps):
-        tr.train_step()
-    out.mkdir(parents=True, exist_ok=True)
-    save_trainable(tr.generator.backbone, g_path)
-    save_trainable(tr.fake.backbone, f_path)
-    return g_path, f_path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import _load, gmm_warm_start  # noqa: E402
 
 
 def evaluator(teacher: str, n: int):
@@ -255,8 +225,8 @@ def main() -> None:
     reference = mixture_metrics(ref_x, gmm_mixture(args.teacher))
     reference.pop("mode_weights")
 
-    g_path, _ = warm_start(args.teacher, work / f"warm-{args.start_teacher}", args.warm_steps, pairs_from=args.start_teacher)
-    _, f_path = warm_start(args.teacher, work / f"warm-{args.teacher}", args.warm_steps)
+    g_path, _ = gmm_warm_start(args.teacher, work / f"warm-{args.start_teacher}", args.warm_steps, pairs_from=args.start_teacher)
+    _, f_path = gmm_warm_start(args.teacher, work / f"warm-{args.teacher}", args.warm_steps)
     far = {"init_generator": str(g_path), "init_fake_score": str(f_path), "regression_warmup_steps": 0}
     evaluate = evaluator(args.teacher, args.samples)
 

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import _load, _student_samples, teacher_reference  # noqa: E402
+from quality import _load, _student_samples, gmm_warm_start, teacher_reference  # noqa: E402
 
 TEACHER = "gmm-ring8-unbalanced"
 HALF = "gmm-ring8-unbalanced-half"
@@ -69,20 +69,6 @@ def register_half_teacher(keep: list[int]) -> None:
     idx = torch.tensor(keep)
     w = weights[idx]
     GMM_PRESETS[HALF] = (means[idx].clone(), stds[idx].clone(), w / w.sum())
-
-
-def half_warm_start(out: Path, steps: int, seed: int) -> tuple[Path, Path]:
-    """quality.py's gmm warm start, against the restricted teacher."""
-    from onestep.weights import save_trainable
-
-    g_path, f_path = out / "warm-generator.safetensors", out / "warm-fake.safetensors"
-    tr = _load("gmm_disback", HALF, out / "warm", {"max_steps": steps, "regression_warmup_steps": steps, "lr_generator": 1e-3, "seed": seed})
-    for _ in range(steps):
-        tr.train_step()
-    out.mkdir(parents=True, exist_ok=True)
-    save_trainable(tr.generator.backbone, g_path)
-    save_trainable(tr.fake.backbone, f_path)
-    return g_path, f_path
 
 
 def evaluate(x: torch.Tensor, mixture, dropped: list[int]) -> dict:
@@ -221,7 +207,7 @@ def main() -> None:
     ref = evaluate(ref_x, mixture, dropped)
     print(f"teacher 50-step: modes {ref['modes_covered']}/8 missing_share {ref['missing_share']:.3f} tv {ref['tv']:.3f}", flush=True)
     w0 = time.time()
-    g_path, f_path = half_warm_start(Path(args.work) / "warm", args.warm_steps, args.seed)
+    g_path, f_path = gmm_warm_start(HALF, Path(args.work) / "warm", args.warm_steps, seed=args.seed)
     warm_seconds = time.time() - w0
     init = {"init_generator": str(g_path), "init_fake_score": str(f_path)}
 

@@ -63,21 +63,31 @@ GMM_METHODS = ("dmd2", "vsd", "fdistill-js", "fdistill-fkl", "sid", "disback-dmd
 def _load(preset: str, teacher: str, out: Path, overrides: dict):
     from onestep.trainers import load_config, make_trainer
 
-    values = {"log_with": "none", "export": False, "checkpoint_every": 0, "preview_every": 0, "teacher": teacher}
+    # overwrite: a rerun into the same folder (the benchmarks that reuse a --work folder) replaces that run
+    values = {"log_with": "none", "export": False, "checkpoint_every": 0, "preview_every": 0, "teacher": teacher, "overwrite": True}
     values.update(overrides)
     return make_trainer(load_config(preset, values, output_dir=str(out)))
 
 
-def gmm_warm_start(teacher: str, out: Path, steps: int) -> tuple[Path, Path]:
-    """Regress the generator onto teacher ODE pairs and fit the fake score to the teacher's data
-    (DisBack's stage 0 does exactly that); returns the two safetensors files."""
+def gmm_warm_start(teacher: str, out: Path, steps: int, seed: int = 0, pairs_from: str | None = None) -> tuple[Path, Path]:
+    """DisBack's stage 0 run alone: the generator regressed onto teacher ODE pairs and the fake score
+    fitted to the teacher's data; returns the two safetensors files (cached in ``out``). The gmm rows
+    here, ``mode_coverage.py`` and ``disback_claim.py`` all start from it. With ``pairs_from`` another
+    teacher, the pairs are that teacher's (a generator pretrained on it, in the network ``teacher``'s
+    students use, so that it loads as their start)."""
+    from onestep.teachers import load_teacher
     from onestep.weights import save_trainable
 
     g_path, f_path = out / "warm-generator.safetensors", out / "warm-fake.safetensors"
     if g_path.is_file() and f_path.is_file():
         return g_path, f_path
     # Regression is plain supervised learning: it takes a 10x larger step than distillation does.
-    tr = _load("gmm_disback", teacher, out / "warm", {"max_steps": steps, "regression_warmup_steps": steps, "lr_generator": 1e-3})
+    tr = _load("gmm_disback", teacher, out / "warm", {"max_steps": steps, "regression_warmup_steps": steps, "lr_generator": 1e-3, "seed": seed})
+    if pairs_from is not None and pairs_from != teacher:
+        own = tr.teacher
+        tr.teacher = load_teacher(pairs_from).denoiser().to(tr.device)
+        tr.warm_start._pairs = tr.warm_start.make_pairs()  # noise -> the other teacher's ODE sample
+        tr.teacher = own
     _run(tr, steps, desc=f"{teacher} warm start")
     out.mkdir(parents=True, exist_ok=True)
     save_trainable(tr.generator.backbone, g_path)
