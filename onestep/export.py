@@ -27,7 +27,8 @@ Students of flow-matching SD3 teachers are the same with the ``SD3Transformer2DM
 ``transformer/`` (and ``student_transformer.safetensors``), ``text_encoder_3/`` + ``tokenizer_3/``
 when the teacher has a T5, and a ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling``
 (:mod:`onestep.pipeline`); ``onestep.json`` adds ``pipeline_sigmas``, the ``sigmas=`` that make
-the pipeline's steps the student's timesteps.
+the pipeline's steps the student's timesteps. Students of SD x4 upscaler teachers are
+``StableDiffusionUpscalePipeline`` folders (:mod:`onestep.upscaler_export`).
 
 With ``export_variant`` the generator's weights are also written in fp16 or bf16 as a diffusers
 variant (``unet/diffusion_pytorch_model.fp16.safetensors``), and a LoRA generator of an SD / SDXL
@@ -61,6 +62,7 @@ from .files import read_json_object
 from .pipeline import pipeline_sigmas, student_text_parts, write_pipeline_parts
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .teachers import PICKLE_SUFFIXES, Teacher
+from .upscaler_export import student_upscaler_parts, write_upscaler_pipeline
 from .weights import STUDENT_SUBFOLDERS, save_model
 
 FORMAT_VERSION = 1
@@ -110,7 +112,8 @@ def export_student(
         raise StudentFormatError(f"cannot export a {cls_name}: expected one of {sorted(_model_classes())}")
     out.mkdir(parents=True, exist_ok=True)
     text_to_image = teacher.conditioning.kind == "text"
-    subfolder = PIPELINE_SUBFOLDERS.get(cls_name, "unet") if text_to_image else "generator"  # where diffusers pipelines look
+    upscaler = teacher.meta.get("upscaler") if teacher.vae is not None else None  # an SD x4 upscaler's: a pipeline folder too
+    subfolder = PIPELINE_SUBFOLDERS.get(cls_name, "unet") if text_to_image or upscaler else "generator"  # where diffusers pipelines look
     save_model(generator, out / subfolder)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -140,6 +143,8 @@ def export_student(
         write_boot_scheduler(out / "scheduler", meta)
     if text_to_image:
         write_pipeline_parts(out, teacher, meta, subfolder)
+    if upscaler:  # a StableDiffusionUpscalePipeline folder; adds meta["upscaler"]
+        write_upscaler_pipeline(out, teacher, meta)
     if variant:  # after the pipeline parts: student_unet.safetensors is the float32 file alone
         write_variant(generator, out / subfolder, variant)
         meta["weight_variants"] = [variant]
@@ -255,8 +260,10 @@ def _generator_from_meta(backbone: nn.Module, schedule: NoiseSchedule, meta: dic
         from onestep.ctm import CTMDenoiser, JumpInput
 
         ctm = meta["ctm"]
+        label = ctm.get("label_at_top")  # the label read at the grid's top, if not the top itself
         return CTMDenoiser(
-            backbone, schedule, meta["prediction_type"], JumpInput(**ctm["jump_input"]), ctm["nu"], ctm["gamma"], clip=meta.get("clip")
+            backbone, schedule, meta["prediction_type"], JumpInput(**ctm["jump_input"]), ctm["nu"], ctm["gamma"], clip=meta.get("clip"),
+            top_timestep=None if label is None else max(ctm["grid"]), first_step_timestep=label,
         )
     cm = meta.get("consistency")
     if not cm:
@@ -309,7 +316,7 @@ def read_student_meta(path: str | Path) -> dict[str, Any]:
         if value is ... or not ok(value):
             got = "it is missing" if value is ... else f"got {value!r}"
             raise StudentFormatError(f"{meta_file}: {name} must be {expected} ({got})")
-    for name in ("teacher", "config", "consistency", "guidance", "ctm", "boot"):
+    for name in ("teacher", "config", "consistency", "guidance", "ctm", "boot", "upscaler"):
         if meta.get(name) is not None and not isinstance(meta[name], dict):
             raise StudentFormatError(f"{meta_file}: {name} must be an object or null (got {meta[name]!r})")
     return meta
@@ -337,7 +344,7 @@ def check_fits(meta_file: Path, meta: dict[str, Any], backbone: nn.Module, condi
         expected = f"[{channels}, H, W] with H and W multiples of {f}"
     if not ok:
         raise StudentFormatError(f"{meta_file}: sample_shape {shape} does not fit the {meta['model_class']} generator (expected {expected})")
-    if conditioning is None:  # text: the pipeline's own parts
+    if conditioning is None or meta.get("upscaler") is not None:  # text: the pipeline's own parts; the upscaler's class labels: its noise level
         return
     embeds = cfg.get("num_class_embeds") or 0
     c = conditioning
@@ -387,6 +394,8 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Studen
     vae = None
     if conditioning is None:
         conditioning, vae = student_text_parts(path, meta, device)
+    elif meta.get("upscaler") is not None:  # an SD x4 upscaler student: its prompt, noise level and VAE
+        conditioning, vae = student_upscaler_parts(path, meta, device)
     if hasattr(generator, "null_cond"):  # CTM's nu-sampling runs the unconditional student too
         generator.null_cond = conditioning.null
     return Student(

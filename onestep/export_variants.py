@@ -105,7 +105,20 @@ def model_card(meta: dict[str, Any]) -> str:
     lines += _metric_lines(meta.get("metrics") or {})
     lines += ["", "Written by onestep with safetensors only; `onestep.json` holds the full metadata.", "", "## Load it", ""]
     pipeline = meta["generator_subfolder"] in ("unet", "transformer")
-    if pipeline:
+    if meta.get("upscaler"):  # a StableDiffusionUpscalePipeline folder (onestep.upscaler_export)
+        up = meta["upscaler"]
+        lines += [
+            "```python",
+            "import torch",
+            "from diffusers import StableDiffusionUpscalePipeline",
+            "",
+            'pipe = StableDiffusionUpscalePipeline.from_pretrained("path/to/this/folder")',
+            f"image = pipe(prompt={up['prompt']!r}, image=low_res_image, num_inference_steps={steps}, guidance_scale=1.0,",
+            f"             noise_level={up['noise_level']}, generator=torch.Generator().manual_seed(0)).images[0]",
+            "```",
+            "",
+        ]
+    elif pipeline:
         lines += [
             "```python",
             "from diffusers import DiffusionPipeline",
@@ -128,7 +141,8 @@ def model_card(meta: dict[str, Any]) -> str:
         "With onestep (the same samples, per-seed):",
         "",
         "```bash",
-        "onestep sample --student path/to/this/folder --num-samples 16 --output-dir samples/",
+        "onestep sample --student path/to/this/folder --num-samples 16 --output-dir samples/"
+        + (" --image path/to/low-res-images/" if meta["conditioning"].get("kind") == "image" else ""),
         "```",
         "",
     ]

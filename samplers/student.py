@@ -158,3 +158,45 @@ def sample_text_student(
     if not decode or student.vae is None:
         return x
     return torch.cat([student.decode(x[i : i + batch_size].to(device)).clamp(-1, 1).cpu() for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def sample_upscaler_student(
+    student,
+    lowres: torch.Tensor,
+    seeds: list[int] | range,
+    steps: int | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    decode: bool = True,
+) -> torch.Tensor:
+    """Images of an SD x4 upscaler student (a loaded :class:`onestep.export.Student` of an upscaler teacher),
+    one per seed; sample ``i`` upscales ``lowres[i % len(lowres)]`` (``(N, 3, h, w)`` in [-1, 1]).
+
+    Each sample's generator draws, in the pipeline's order, the noise added to its low-res image
+    (``low_res_scheduler`` at the student's noise level) and then its starting latents (and any
+    re-noising), so ``StableDiffusionUpscalePipeline`` given ``generator=[torch.Generator().manual_seed(s)
+    for s in seeds]`` (and ``guidance_scale=1.0``) gives the same latents. Returns images in ``[-1, 1]``
+    (or the latents with ``decode=False``)."""
+    from onestep.errors import ConfigError
+
+    cond = student.conditioning
+    if not hasattr(cond, "condition"):
+        raise ConfigError("this student is not an SD x4 upscaler student")
+    if lowres.ndim != 4 or lowres.shape[1] != cond.image_channels or tuple(lowres.shape[-2:]) != tuple(student.sample_shape[-2:]):
+        raise ConfigError(
+            f"the low-res images must be (N, {cond.image_channels}, {student.sample_shape[-2]}, {student.sample_shape[-1]}) "
+            f"for this student (the latents' size), got {tuple(lowres.shape)}"
+        )
+    seeds, timesteps = list(seeds), student.timesteps_for(steps)
+    images = lowres[[i % len(lowres) for i in range(len(seeds))]].float()
+    outs = []
+    for i in range(0, len(seeds), batch_size):
+        gens = seed_generators(seeds[i : i + batch_size])
+        img = images[i : i + len(gens)].to(device)
+        c = cond.condition(img, per_sample_noise(gens, tuple(img.shape[1:]), device))
+        z = per_sample_noise(gens, student.sample_shape, device)
+        renoise = lambda shape: per_sample_noise(gens, shape[1:], device)  # noqa: E731
+        x = student_sample(student.generator, timesteps, z, c, renoise=renoise, clip=student.clip)
+        outs.append((student.decode(x).clamp(-1, 1) if decode else x).cpu())
+    return torch.cat(outs)

@@ -305,6 +305,10 @@ class DistillConfig:
         if self.frozen_dtype not in ("auto", "float32", "bf16", "fp16"):
             raise ConfigError(f"frozen_dtype must be 'auto', 'float32', 'bf16' or 'fp16' (got {self.frozen_dtype!r})")
 
+    def teacher_options(self) -> dict:
+        """Loader options a method adds to :func:`load_teacher_for`'s (none here; see TAD-SR's upscaler options)."""
+        return {}
+
 
 def check_interval(name: str, value: list[float], strict: bool = False, upper: float | None = None) -> None:
     """``value`` must be ``[low, high]`` with ``0 <= low <= high`` (``low < high`` when ``strict``) and
@@ -360,6 +364,7 @@ def load_teacher_for(
         device=device,
         **({"weights_dtype": weights_dtype} if weights_dtype not in (None, torch.float32) else {}),
         **({"text_compute": text_compute} if text_compute != "storage" else {}),
+        **config.teacher_options(),
     )
 
 

@@ -65,6 +65,11 @@ class TADSRConfig(DistillConfig):
     hfsd_weighting: str = config_field("'eps': the paper's eps_T difference; 'x0': the same times s_t / a_t (x0 units)", "eps")
     gan_weight: float = config_field("weight of the generator's time-aware adversarial term (official 0.02; 0: none)", 0.02)
     gan_head_channels: int = config_field("width of the time-aware discriminator head on the teacher's bottleneck", 64)
+    # SD x4 upscaler teachers (a StableDiffusionUpscalePipeline folder; real_images: its high-res training images)
+    prompt: str | None = config_field("SD x4 upscaler teachers: the one prompt every condition carries (the pipeline's prompt; None: empty)")
+    noise_level: int | None = config_field(
+        "SD x4 upscaler teachers: the noise level of the low-res image (the pipeline's noise_level; None: its default 20)"
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,6 +83,10 @@ class TADSRConfig(DistillConfig):
             raise ConfigError(f"hfsd_t_range must be [low, high] with 0 <= low <= high <= 1 (got {self.hfsd_t_range})")
         if self.hfsd_weighting not in HFSD_WEIGHTINGS:
             raise ConfigError(f"hfsd_weighting must be one of {HFSD_WEIGHTINGS}, not {self.hfsd_weighting!r}")
+
+    def teacher_options(self) -> dict:
+        """The SD x4 upscaler's loader options, those set (other teachers refuse them)."""
+        return {k: v for k, v in (("prompt", self.prompt), ("noise_level", self.noise_level)) if v is not None}
 
 
 class TimeAwareHead(nn.Module):
@@ -124,7 +133,8 @@ class TADSRTrainer(DistillTrainer):
         if spec.conditioning.kind != "image":
             raise ConfigError(f"tadsr distils an image-conditioned (super-resolution) teacher; {spec.name} is conditioned on {spec.conditioning.kind!r}")
         if spec.real_data is None:
-            raise ConfigError(f"tadsr needs paired high-res images and conditions; teacher {spec.name} brings none")
+            hint = "; set real_images: (or --real_images) to a folder of high-res images" if spec.meta.get("upscaler") else ""
+            raise ConfigError(f"tadsr needs paired high-res images and conditions; teacher {spec.name} brings none{hint}")
         if self.config.gan_weight <= 0:
             return {}
         x, cond = spec.real_data(1, torch.Generator().manual_seed(0))

@@ -58,11 +58,15 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
     Text-to-image folders (a ``UNet2DConditionModel`` with VAE, text encoder(s) and
     tokenizer(s): SD1.5, SD2.1, SDXL) load through :func:`onestep.teachers.sd.load_text_to_image_teacher`,
     flow-matching SD3 folders (an ``SD3Transformer2DModel``) through
-    :func:`onestep.teachers.sd3.load_sd3_teacher`; both take ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``,
+    :func:`onestep.teachers.sd3.load_sd3_teacher`, SD x4 upscaler folders (``StableDiffusionUpscalePipeline``)
+    through :func:`onestep.teachers.upscaler.load_upscaler_teacher` (options ``prompt``, ``noise_level``,
+    ``resolution``, ``real_images``); the text-to-image ones take ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``,
     ``resolution``, ``real_images``, ``cache_text_embeddings``, ``text_cache_dtype``, ``device``, ``prompt_column``,
     ``weights_dtype``, ``text_compute``);
-    other teachers ignore them."""
+    other teachers ignore them, and refuse the upscaler's."""
     s = str(spec)
+    if s.startswith("gmm-") or s in ("digits", "digits-sr"):
+        _refuse_upscaler_options(text_options, s)
     if s.startswith("gmm-"):
         return _gmm_teacher(s)
     if s == "digits":
@@ -87,13 +91,28 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
         from .sd import component_class, load_text_to_image_teacher, read_model_index
 
         index = read_model_index(path)
+        from .upscaler import is_upscaler, load_upscaler_teacher
+
+        if is_upscaler(index):  # StableDiffusionUpscalePipeline: image-conditioned, in latent space
+            return load_upscaler_teacher(path, name=name, **text_options)
+        _refuse_upscaler_options(text_options, name)
         if component_class(index, "unet") == "UNet2DConditionModel":
             return load_text_to_image_teacher(path, name=name, **text_options)
         if component_class(index, "transformer") == "SD3Transformer2DModel":
             from .sd3 import load_sd3_teacher
 
             return load_sd3_teacher(path, name=name, **text_options)
+    _refuse_upscaler_options(text_options, name)
     return _pipeline_teacher(path, name=name)
+
+
+def _refuse_upscaler_options(options: dict, name: str) -> None:
+    """Refuse the SD x4 upscaler's own options (``prompt``, ``noise_level``) for a teacher that is not one."""
+    from .upscaler import UPSCALER_OPTIONS
+
+    given = sorted(k for k in UPSCALER_OPTIONS if options.pop(k, None) is not None)
+    if given:
+        raise TeacherError(f"{', '.join(given)}: options of SD x4 upscaler teachers; {name} is not one")
 
 
 def _pipeline_teacher(path: Path, name: str) -> Teacher:
