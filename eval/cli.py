@@ -88,10 +88,10 @@ def _t2i_parser(es) -> None:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    """Add ``eval`` with its four subcommands to the top-level subparsers ``sub``."""
+    """Add ``eval`` with its five subcommands to the top-level subparsers ``sub``."""
     e = sub.add_parser(
         "eval",
-        help="score students: FID/KID/precision/recall (torch-fidelity), CLIP score, whole training runs, COCO text-to-image",
+        help="score students: FID/KID/precision/recall (torch-fidelity), CLIP score, whole training runs, COCO text-to-image, super-resolution",
         description="Evaluate students. Every command writes metrics.json and prints a short table.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -123,6 +123,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--num-samples", type=int, default=500, help="samples per checkpoint (default 500)")
     _fid_like(r)
     _common(r)
+    sr = es.add_parser("sr", help="PSNR, perceptual error and sharpness of a super-resolution student against the ground truth")
+    sr.add_argument("--student", required=True, help="super-resolution student folder (digits-sr's or an SD x4 upscaler's)")
+    sr.add_argument("--images", help="folder of high-res ground-truth images, degraded as in training (default for digits-sr "
+                    "students: the 297 held-out digits)")
+    sr.add_argument("--num-samples", type=int, default=None, help="score only the first N images (default: all)")
+    sr.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's own)")
+    sr.add_argument("--batch-size", type=int, default=64)
+    _common(sr)
     _t2i_parser(es)
     e.set_defaults(eval_parser=e)
     return e
@@ -150,6 +158,11 @@ def run(args) -> int:
             prc=not args.no_prc, save_images=args.save_images, out=args.out, report=args.report, device=args.device,
             cache_dir=args.cache_dir, progress=progress,
         )
+    elif args.eval_command == "sr":
+        from .sr import sr_command
+
+        rec = sr_command(student=args.student, images=args.images, num_samples=args.num_samples, steps=args.steps, seed=args.seed,
+                         batch_size=args.batch_size, out=args.out, report=args.report, device=args.device, progress=progress)
     elif args.eval_command == "clip":
         rec = commands.clip_command(
             prompts=args.prompts, clip_model=args.clip_model, student=args.student, images=args.images,

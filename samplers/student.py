@@ -200,3 +200,29 @@ def sample_upscaler_student(
         x = student_sample(student.generator, timesteps, z, c, renoise=renoise, clip=student.clip)
         outs.append((student.decode(x).clamp(-1, 1) if decode else x).cpu())
     return torch.cat(outs)
+
+
+def super_resolve(
+    student, lowres: torch.Tensor, seeds: list[int] | range, steps: int | None = None, device: torch.device | str = "cpu", batch_size: int = 64
+) -> torch.Tensor:
+    """High-res images of an image-conditioned (super-resolution) student, one per seed: sample ``i``
+    super-resolves ``lowres[i % len(lowres)]`` (``(N, C, h, w)`` in [-1, 1]). An SD x4 upscaler student
+    goes through :func:`sample_upscaler_student` (decoded, its low-res images noised per seed); a pixel
+    student (``digits-sr``) reads them bicubic-upsampled to its sample size. Returns ``[-1, 1]`` images."""
+    import dataclasses
+
+    from onestep.errors import ConfigError
+
+    cond = student.conditioning
+    if cond.kind != "image":
+        raise ConfigError(f"this student is conditioned on {cond.kind!r}, not on a low-res image")
+    seeds = list(seeds)
+    if student.meta.get("upscaler") is not None:
+        return sample_upscaler_student(student, lowres, seeds, steps, device=device, batch_size=min(batch_size, 16))
+    if lowres.ndim != 4 or lowres.shape[1] != cond.image_channels:
+        raise ConfigError(f"low-res images must be (N, {cond.image_channels}, h, w), got {tuple(lowres.shape)}")
+    images = cond.from_lowres(lowres.float(), tuple(student.sample_shape[-2:]))["image"]
+    spec = dataclasses.replace(student, conditioning=cond.with_images(images))
+    labels = [i % len(lowres) for i in range(len(seeds))]
+    x, _ = sample_student_from_seeds(student.generator, spec, student.timesteps_for(steps), seeds, labels, device=device, batch_size=batch_size)
+    return x.clamp(-1, 1).cpu()

@@ -216,6 +216,23 @@ def test_student_folder_is_an_upscale_pipeline_matching_onestep(student_dir, tmp
     assert main(["sample", "--student", str(student_dir), "--out", str(tmp_path / "bad"), "--image", str(big)]) == 2
 
 
+def test_eval_sr_scores_an_upscaler_student_on_high_res_images(student_dir, hr_dir, tmp_path):
+    from onestep.cli import main
+    from onestep.eval.sr import ground_truth, psnr
+    from onestep.export import load_student
+    from onestep.samplers.student import sample_upscaler_student
+
+    assert main(["eval", "sr", "--student", str(student_dir), "--images", str(hr_dir), "--num-samples", "2", "--out", str(tmp_path / "ev")]) == 0
+    rec = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    student = load_student(student_dir)
+    hr, _ = ground_truth(student, str(hr_dir), 2)
+    assert hr.shape == (2, 3, SIDE, SIDE) and rec["num_samples"] == 2 and rec["metrics"]["perceptual_error"] is None  # RGB: no digits features
+    lowres = student.conditioning.degrade(hr)  # the upscaler teacher's own degradation (bicubic, a quarter the size)
+    assert lowres.shape == (2, 3, LATENT, LATENT)
+    assert rec["metrics"]["psnr"] == pytest.approx(psnr(sample_upscaler_student(student, lowres, [0, 1]), hr), abs=1e-4)
+    assert main(["eval", "sr", "--student", str(student_dir), "--out", str(tmp_path / "ev2")]) == 2  # no built-in ground truth
+
+
 def test_bad_upscaler_input_gives_clear_errors(tmp_path, upscaler_dir, hr_dir, capsys):
     from onestep.cli import main
     from onestep.errors import ConfigError, TeacherError

@@ -157,6 +157,32 @@ def test_sr_student_exports_and_reloads_bit_exactly(tmp_path, sr_teacher_dir):
     assert saved["samples"].shape == (4, 1, 16, 16) and saved["labels"].tolist() == [0, 1, 2, 0]
     assert main(["sample", "--student", str(folder), "--out", str(tmp_path / "sr2"), "--num-samples", "2"]) == 2  # no --image: one line, exit 2
 
+    # onestep eval sr: each ground-truth image degraded, super-resolved with seed i, scored beside bicubic
+    import torch.nn.functional as F
+
+    from onestep.eval.sr import psnr
+    from onestep.samplers.student import super_resolve
+
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):  # larger than the student's 16x16: resized on the short side and centre-cropped
+        Image.fromarray(rng.integers(0, 256, (32, 40), dtype=np.uint8)).save(hr_dir / f"{i}.png")
+    assert main(["eval", "sr", "--student", str(folder), "--images", str(hr_dir), "--seed", "5", "--out", str(tmp_path / "ev"), "--report"]) == 0
+    rec = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    from onestep.eval.sr import ground_truth
+
+    hr, _ = ground_truth(student, str(hr_dir), None)
+    assert hr.shape == (3, 1, 16, 16) and rec["num_samples"] == 3 and rec["seeds"] == [5, 7]
+    lowres = F.interpolate(hr, scale_factor=0.25, mode="area")  # the training degradation
+    x = super_resolve(student, lowres, [5, 6, 7])
+    assert x.shape == hr.shape and rec["metrics"]["psnr"] == pytest.approx(psnr(x, hr), abs=1e-5)
+    bicubic = F.interpolate(lowres, size=(16, 16), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert rec["bicubic"]["psnr"] == pytest.approx(psnr(bicubic, hr), abs=1e-5) and rec["rows"][1]["mse_ratio"] == 1.0
+    assert rec["metrics"]["perceptual_error"] >= 0 and (tmp_path / "ev" / "examples.png").is_file()
+    # a student of another teacher has no built-in ground truth: one line, exit 2
+    assert main(["eval", "sr", "--student", str(folder), "--out", str(tmp_path / "ev2")]) == 2
+
 
 def test_sr_metrics_on_hand_made_images():
     from onestep.eval.sr import high_frequency_energy, perceptual_error, psnr, sr_scores
