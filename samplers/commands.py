@@ -3,7 +3,6 @@ into PNGs and ``samples.npz``."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from onestep.export import load_student
 from onestep.runtime import default_device
 from onestep.viz import save_samples_picture, to_uint8
 
-from .student import sample_student_from_seeds, sample_text_student, sample_upscaler_student
+from .student import sample_student_from_seeds, sample_text_student, super_resolve
 
 
 def sample_to_folder(
@@ -51,7 +50,6 @@ def sample_to_folder(
     student = load_student(student_dir, device=device)
     timesteps = student.timesteps_for(steps)
     cond = student.conditioning
-    upscaler = student.meta.get("upscaler") is not None
     if gamma is not None or nu is not None:
         if not hasattr(student.generator, "trajectory_sample"):
             raise OnestepError("--gamma and --nu are for CTM students (method ctm)")
@@ -68,9 +66,6 @@ def sample_to_folder(
         if label is not None:
             raise OnestepError("--class given, but this student is image-conditioned: use --image")
         lowres = read_lowres_images(images, cond.image_channels)
-        if not upscaler:  # (an SD x4 upscaler noises its low-res images per sample: sample_upscaler_student)
-            student = dataclasses.replace(student, conditioning=cond.with_images(
-                cond.from_lowres(lowres.to(device), tuple(student.sample_shape[-2:]))["image"]))
         labels = [i % len(lowres) for i in range(num_samples)]
     elif cond.kind == "text":
         if label is not None:
@@ -91,8 +86,8 @@ def sample_to_folder(
         x = sample_text_student(
             student, prompts, seeds, steps, negative_prompt, nasa_alpha, device=device, batch_size=min(batch_size, 16)
         )
-    elif upscaler:  # decoded images, the same as StableDiffusionUpscalePipeline's for these seeds
-        x = sample_upscaler_student(student, lowres, seeds, steps, device=device, batch_size=min(batch_size, 16))
+    elif cond.kind == "image":  # super-resolution (an SD x4 upscaler: decoded, as StableDiffusionUpscalePipeline gives them for these seeds)
+        x = super_resolve(student, lowres, seeds, steps, device=device, batch_size=batch_size)
     else:
         x, _ = sample_student_from_seeds(student.generator, student, timesteps, seeds, labels, device=device, batch_size=batch_size)
     out = Path(out)
