@@ -260,10 +260,8 @@ def _generator_from_meta(backbone: nn.Module, schedule: NoiseSchedule, meta: dic
         from onestep.ctm import CTMDenoiser, JumpInput
 
         ctm = meta["ctm"]
-        label = ctm.get("label_at_top")  # the label read at the grid's top, if not the top itself
         return CTMDenoiser(
-            backbone, schedule, meta["prediction_type"], JumpInput(**ctm["jump_input"]), ctm["nu"], ctm["gamma"], clip=meta.get("clip"),
-            top_timestep=None if label is None else max(ctm["grid"]), first_step_timestep=label,
+            backbone, schedule, meta["prediction_type"], JumpInput(**ctm["jump_input"]), ctm["nu"], ctm["gamma"], clip=meta.get("clip")
         )
     cm = meta.get("consistency")
     if not cm:
