@@ -75,6 +75,27 @@ def _lcm_original_steps(timesteps: list[int], T: int) -> int | None:
     return None
 
 
+def write_student_index(
+    src: Path, out: Path, index: dict[str, Any], parts: list[str], meta: dict[str, Any], model: str, model_class: str,
+    null_parts: list[str], extra: dict[str, Any],
+) -> None:
+    """The pipeline around a student network in ``out/<model>``: copy ``parts`` from the teacher's folder ``src``
+    (no pickle files), write a scheduler for the student's timesteps unless one is there, and ``model_index.json``:
+    the teacher's ``index`` with its settings kept, the copied parts, the student ``model_class``, the scheduler,
+    ``null_parts`` set to ``[None, None]`` and ``extra`` entries."""
+    for part in parts:
+        shutil.copytree(src / part, out / part, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
+    scheduler_dir = out / "scheduler"
+    if not (scheduler_dir / "scheduler_config.json").is_file():
+        student_scheduler(meta).save_pretrained(scheduler_dir)
+    sched_cls = json.loads((scheduler_dir / "scheduler_config.json").read_text())["_class_name"]
+    new_index = {k: v for k, v in index.items() if k.startswith("_") or not isinstance(v, list)}
+    new_index |= {part: index[part] for part in parts} | {part: [None, None] for part in null_parts} | extra
+    new_index[model] = ["diffusers", model_class]
+    new_index["scheduler"] = ["diffusers", sched_cls]
+    (out / "model_index.json").write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
+
+
 def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_subfolder: str = "unet") -> None:
     """Make the student folder a diffusers pipeline: copy VAE, text encoder(s) and tokenizer(s) from
     the teacher's folder, add a scheduler for the student's timesteps (unless one is there) and
@@ -90,23 +111,9 @@ def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_sub
     if generator_subfolder != model:
         raise ValueError(f"the student {model_class} must sit in {model}/ for diffusers to find it")
     parts = [p for p in all_parts if p not in (model, "scheduler")]
-    for part in parts:
-        shutil.copytree(src / part, out / part, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
-    scheduler_dir = out / "scheduler"
-    if not (scheduler_dir / "scheduler_config.json").is_file():
-        student_scheduler(meta).save_pretrained(scheduler_dir)
-    sched_cls = json.loads((scheduler_dir / "scheduler_config.json").read_text())["_class_name"]
-    new_index = {k: v for k, v in index.items() if k.startswith("_") or not isinstance(v, list)}
-    for part in parts:
-        new_index[part] = index[part]
-    for optional in ("safety_checker", "feature_extractor", "image_encoder", "text_encoder_3", "tokenizer_3"):
-        if optional in index and optional not in parts:
-            new_index[optional] = [None, None]
-    if "requires_safety_checker" in index:
-        new_index["requires_safety_checker"] = False
-    new_index[model] = ["diffusers", model_class]
-    new_index["scheduler"] = ["diffusers", sched_cls]
-    (out / "model_index.json").write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
+    optional = [p for p in ("safety_checker", "feature_extractor", "image_encoder", "text_encoder_3", "tokenizer_3") if p in index and p not in parts]
+    extra = {"requires_safety_checker": False} if "requires_safety_checker" in index else {}
+    write_student_index(src, out, index, parts, meta, model, model_class, optional, extra)
     weights = sorted((out / generator_subfolder).glob("*.safetensors"))
     single = out / f"student_{model}.safetensors"
     if len(weights) == 1:  # the same bytes under a second name: a hard link, not a second copy on disk

@@ -19,16 +19,14 @@ pipeline draws them. :func:`student_upscaler_parts` reads the conditioning and V
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import StudentFormatError
-from .files import PICKLE_SUFFIXES, read_json_object
-from .pipeline import student_scheduler
+from .files import read_json_object
+from .pipeline import write_student_index
 from .teachers.upscaler import DEFAULT_MAX_NOISE_LEVEL, UpscalerConditioning, upscaler_parts
 from .teachers.latents import LatentVAE
 
@@ -56,21 +54,8 @@ def write_upscaler_pipeline(out: Path, teacher, meta: dict[str, Any]) -> None:
     meta["upscaler"]["diffusers_call"] = upscaler_call(meta)
     src = Path(teacher.meta["pipeline_folder"])
     index = read_json_object(src / "model_index.json", StudentFormatError)
-    for part in COPIED_PARTS:
-        shutil.copytree(src / part, out / part, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
-    scheduler_dir = out / "scheduler"
-    if not (scheduler_dir / "scheduler_config.json").is_file():
-        student_scheduler(meta).save_pretrained(scheduler_dir)
-    sched_cls = json.loads((scheduler_dir / "scheduler_config.json").read_text())["_class_name"]
-    new_index = {k: v for k, v in index.items() if k.startswith("_") or not isinstance(v, list)}  # max_noise_level stays
-    for part in COPIED_PARTS:
-        new_index[part] = index[part]
-    for part in OPTIONAL_PARTS:
-        new_index[part] = [None, None]
-    new_index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    new_index["scheduler"] = ["diffusers", sched_cls]
-    new_index["max_noise_level"] = int(meta["upscaler"].get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL))
-    (out / "model_index.json").write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
+    max_level = int(meta["upscaler"].get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL))
+    write_student_index(src, out, index, list(COPIED_PARTS), meta, "unet", "UNet2DConditionModel", list(OPTIONAL_PARTS), {"max_noise_level": max_level})
 
 
 def student_upscaler_parts(path: Path, meta: dict[str, Any], device: torch.device | str = "cpu") -> tuple[UpscalerConditioning, LatentVAE]:
