@@ -1,4 +1,5 @@
-"""The Gradio page: inputs on the left, the student's images (and the teacher's) on the right.
+"""The Gradio page: inputs on the left, the student's images (and the teacher's) on the right; for audio
+(mel-spectrogram) students also a player with the first sample's sound.
 
 Changing an input regenerates the student at once (one step is instant); *Generate* also runs
 the teacher for the side-by-side comparison. The API endpoint ``/generate`` is what the
@@ -108,6 +109,18 @@ def build_app(model: DemoModel, allow_load: bool = True):
 
         return fn
 
+    def sound(label, prompt, negative, alpha, seed, steps, count, teacher_steps):
+        # Audio students: play the first sample (same seed and class as the gallery's first picture) through
+        # the toy vocoder. Re-sampling one sample is cheaper than keeping results between events.
+        if model.audio is None:
+            return gr.Audio(value=None, visible=False)
+        req = request(label, prompt, negative, alpha, seed, steps, 1, teacher_steps, False)
+        try:
+            result = model.run_student(req)
+        except OnestepError:
+            return gr.Audio(value=None, visible=True)  # the generate event shows the error
+        return gr.Audio(value=model.sound_of(result.student_samples), visible=True)
+
     def load_student(path: str):
         try:
             model.swap_student(path)
@@ -168,23 +181,29 @@ def build_app(model: DemoModel, allow_load: bool = True):
                     label="teacher (same seeds and classes)", columns=4, object_fit="contain", format="png",
                     elem_id="teacher-gallery", visible=has_teacher, height="auto",
                 )
+                student_audio = gr.Audio(
+                    label="student, first sample (Griffin-Lim vocoder)", type="numpy", interactive=False,
+                    visible=model.audio is not None, elem_id="student-audio", format="wav",
+                )
                 with gr.Accordion("latency (JSON)", open=False):
                     latency = gr.JSON(elem_id="latency")
 
         inputs = [label, prompt, negative, alpha, seed, steps, count, teacher_steps]
         outputs = [status, student_gallery, teacher_gallery, latency]
-        button.click(generate(True), inputs, outputs, api_name="generate", trigger_mode="always_last")
+        button.click(generate(True), inputs, outputs, api_name="generate", trigger_mode="always_last").then(
+            sound, inputs, student_audio, api_visibility="private", show_progress="hidden"
+        )
         gr.on(
             [label.change, seed.change, steps.release, count.release, prompt.change, negative.change, alpha.release],
             generate(False), inputs, outputs, api_visibility="private", trigger_mode="always_last", show_progress="minimal",
-        )
+        ).then(sound, inputs, student_audio, api_visibility="private", show_progress="hidden")
         randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private")
         if allow_load:
             load.click(
                 load_student, folder,
                 [header, label, prompt, negative, alpha, steps, count, status, student_gallery, teacher_gallery, latency],
                 api_name="load_student",
-            )
+            ).then(lambda: gr.Audio(value=None, visible=model.audio is not None), None, student_audio, api_visibility="private")
     return app
 
 

@@ -190,6 +190,24 @@ class DemoModel:
     def max_count(self) -> int:
         return MAX_POINTS if self.is_points else MAX_IMAGES
 
+    @property
+    def audio(self) -> dict | None:
+        """The student's audio settings (mel-spectrogram students of the ``sounds`` teacher), else None."""
+        from onestep.audio import audio_meta_of
+
+        return audio_meta_of(self.student.meta)
+
+    def sound_of(self, x: torch.Tensor) -> tuple[int, np.ndarray] | None:
+        """The first sample of ``x`` as ``(sample rate, int16 waveform)`` for ``gradio.Audio``, vocoded as
+        ``onestep sample`` writes WAVs (:func:`onestep.audio.write_sounds`); None for non-audio students."""
+        from onestep.audio import AUDIO_META, mel_to_waveform
+
+        if self.audio is None:
+            return None
+        w = mel_to_waveform(x[:1].detach().float().cpu())[0].numpy()
+        w = 0.9 * w / max(float(np.abs(w).max()), 1e-9)  # the peak level write_wav gives
+        return int(AUDIO_META["sample_rate"]), np.round(w * 32767).astype(np.int16)
+
     def describe(self) -> str:
         """One line about the loaded models, for the page's header."""
         s = self.student

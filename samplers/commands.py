@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onestep.audio import audio_meta_of, write_sounds
 from onestep.errors import OnestepError
 from onestep.export import load_student
 from onestep.runtime import default_device
@@ -40,7 +41,8 @@ def sample_to_folder(
     decoded with the student folder's VAE, and ``samples.npz`` holds the images.
 
     Writes ``samples.npz`` (``samples``: raw float32, ``labels``, ``seeds``), one PNG per image
-    (``sample_00000.png``, ...) and ``grid.png`` (a scatter plot for 2D students). ``gamma`` and ``nu``
+    (``sample_00000.png``, ...) and ``grid.png`` (a scatter plot for 2D students); audio (mel-spectrogram)
+    students also get ``sample_00000.wav``, ... (:func:`onestep.audio.write_sounds`). ``gamma`` and ``nu``
     override a CTM student's gamma- and nu-sampling (:mod:`onestep.ctm`). Image-conditioned
     (super-resolution) students take ``images``, a folder of low-resolution images (or one image file):
     sample ``i`` super-resolves image ``i mod n`` (files sorted by name); ``labels`` in ``samples.npz``
@@ -104,6 +106,9 @@ def sample_to_folder(
         for i, img in enumerate(to_uint8(x)):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"sample_{i:05d}.png")
     save_samples_picture(x, out / "grid.png", title=f"{student.meta.get('method', '')} student, {len(timesteps)} step(s)")
+    audio = audio_meta_of(student.meta)
+    if audio is not None:  # mel-spectrogram students (the sounds teacher): also sample_00000.wav, ... through the toy vocoder
+        write_sounds(x, out, audio=audio)
     (out / "sampling.json").write_text(
         json.dumps(
             {"student": str(student.path), "timesteps": timesteps, "seeds": [seeds[0], seeds[-1]], "label": label,

@@ -49,7 +49,7 @@ def save_unet_teacher(out: str | Path, unet: nn.Module, scheduler_config: dict, 
 
 
 def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options) -> Teacher:
-    """Load a teacher by built-in name (``digits``, ``gmm-ring8``, ``gmm-ring8-unbalanced``,
+    """Load a teacher by built-in name (``digits``, ``sounds``, ``gmm-ring8``, ``gmm-ring8-unbalanced``,
     ``gmm-grid25``) or from a local diffusers pipeline folder (``model_index.json`` with a
     ``unet`` and a ``scheduler``), or, with ``allow_hub`` (or ``ONESTEP_ALLOW_HUB=1``), a Hugging
     Face Hub id (``owner/name``: :func:`onestep.teachers.hub.resolve_hub_teacher`, safetensors only,
@@ -65,7 +65,7 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
     ``weights_dtype``, ``text_compute``);
     other teachers ignore them, and refuse the upscaler's."""
     s = str(spec)
-    if s.startswith("gmm-") or s in ("digits", "digits-sr"):
+    if s.startswith("gmm-") or s in ("digits", "digits-sr", "sounds"):
         _refuse_upscaler_options(text_options, s)
     if s.startswith("gmm-"):
         return _gmm_teacher(s)
@@ -75,6 +75,10 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
         from .sr import DIGITS_SR_TEACHER
 
         return _pipeline_teacher(DIGITS_SR_TEACHER, name="digits-sr")
+    if s == "sounds":  # the built-in audio teacher (mel spectrograms of synthetic sounds)
+        from .sounds import load_sounds_teacher
+
+        return load_sounds_teacher()
     path = Path(s).expanduser()
     name = str(path)
     if not path.exists():
@@ -82,7 +86,7 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
 
         if not is_hub_id(s):
             raise TeacherError(
-                f"teacher {s!r} is neither a built-in teacher (digits, digits-sr, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25), "
+                f"teacher {s!r} is neither a built-in teacher (digits, digits-sr, sounds, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25), "
                 "an existing path, nor a Hugging Face Hub id (owner/name); point teacher: (or --teacher) at your local "
                 "diffusers pipeline folder"
             )
