@@ -79,9 +79,9 @@ class Conditioning:
     null_class: int | None = None
 
     def __post_init__(self):
-        if self.kind not in ("none", "class", "text", "image"):
-            raise ConfigError(f"unknown conditioning kind {self.kind!r}; expected 'none', 'class', 'text' or 'image'")
-        if self.kind == "class" and (self.num_classes < 1 or self.null_class is None):
+        if self.kind not in ("none", "class", "text", "image", "class_tokens"):
+            raise ConfigError(f"unknown conditioning kind {self.kind!r}; expected 'none', 'class', 'class_tokens', 'text' or 'image'")
+        if self.kind in ("class", "class_tokens") and (self.num_classes < 1 or self.null_class is None):
             raise ConfigError("class conditioning needs num_classes >= 1 and a null_class for guidance")
 
     @property
@@ -225,9 +225,56 @@ class ImageConditioning(Conditioning):
         return {"kind": "image", "image_channels": self.image_channels, "scale": self.scale, "upsample": self.upsample}
 
 
+@dataclass
+class ClassTokenConditioning(Conditioning):
+    """Class labels given to a cross-attention backbone (``UNet3DConditionModel``) as one token: the
+    one-hot row ``(B, 1, num_classes + 1)`` of the label (the null class included), under the dict key
+    ``encoder_hidden_states``; the backbone's cross-attention projections learn what each class means.
+    A condition is ``{"encoder_hidden_states": tokens}``; :meth:`labels_of` reads the labels back."""
+
+    kind: str = "class_tokens"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.null_class != self.num_classes:
+            raise ConfigError("class-token conditioning takes the null class as the last token row: null_class = num_classes")
+
+    @property
+    def guidable(self) -> bool:
+        return True
+
+    def tokens(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        one_hot = torch.nn.functional.one_hot(labels.long(), self.num_classes + 1).float()
+        return {"encoder_hidden_states": one_hot[:, None, :]}
+
+    def labels_of(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return cond["encoder_hidden_states"][:, 0].argmax(-1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Cond:
+        return cond_to(self.tokens(torch.randint(0, self.num_classes, (n,), generator=generator)), device)
+
+    def null(self, n: int, device="cpu") -> Cond:
+        return cond_to(self.tokens(torch.full((n,), self.null_class, dtype=torch.long)), device)
+
+    def from_labels(self, labels: list[int] | torch.Tensor, device="cpu") -> Cond:
+        return self.tokens(super().from_labels(labels, device))
+
+    def drop(self, cond: Cond, p: float, generator: torch.Generator | None = None) -> Cond:
+        if p <= 0:
+            return cond
+        labels = self.labels_of(cond)
+        mask = (torch.rand(labels.shape[0], generator=generator) < p).to(labels.device)
+        return self.tokens(torch.where(mask, torch.full_like(labels, self.null_class), labels))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "kind": "class_tokens"}
+
+
 def conditioning_from_dict(d: dict[str, Any]) -> Conditioning:
     """The conditioning a ``to_dict()`` describes (``onestep.json``, ``onestep_teacher.json``); text
     conditioning has its own loader (it needs the pipeline's encoders)."""
     if d.get("kind") == "image":
         return ImageConditioning(**{k: v for k, v in d.items() if k != "kind"})
+    if d.get("kind") == "class_tokens":
+        return ClassTokenConditioning(**{k: v for k, v in d.items() if k != "kind"})
     return Conditioning(**d)

@@ -71,13 +71,14 @@ META_FILE = "onestep.json"
 
 def _model_classes() -> dict[str, type]:
     """The only classes a student may name (no import by string from a file)."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel, UNet3DConditionModel
 
     from .teachers.gmm import MLPDenoiser
 
     return {
         "UNet2DModel": UNet2DModel,
         "UNet2DConditionModel": UNet2DConditionModel,
+        "UNet3DConditionModel": UNet3DConditionModel,
         "SD3Transformer2DModel": SD3Transformer2DModel,
         "MLPDenoiser": MLPDenoiser,
     }
@@ -336,6 +337,9 @@ def check_fits(meta_file: Path, meta: dict[str, Any], backbone: nn.Module, condi
     elif meta["model_class"] == "UNet2DModel":
         size = list(cfg.sample_size) if isinstance(cfg.sample_size, (list, tuple)) else [cfg.sample_size] * 2
         ok, expected = shape == [channels, *size], str([channels, *size])
+    elif meta["model_class"] == "UNet3DConditionModel":  # video: [channels, frames, H, W]
+        ok = len(shape) == 4 and shape[0] == channels and shape[2] == shape[3] == cfg.sample_size
+        expected = f"[{channels}, F, {cfg.sample_size}, {cfg.sample_size}]"
     else:
         f = cfg.get("patch_size") or 1
         ok = len(shape) == 3 and shape[0] == channels and shape[1] % f == 0 and shape[2] % f == 0
@@ -346,6 +350,9 @@ def check_fits(meta_file: Path, meta: dict[str, Any], backbone: nn.Module, condi
         return
     embeds = cfg.get("num_class_embeds") or 0
     c = conditioning
+    if c.kind == "class_tokens" and (not _is_int(c.num_classes) or cfg.get("cross_attention_dim") != c.num_classes + 1):
+        raise StudentFormatError(f"{meta_file}: class tokens of {c.num_classes} classes (and the null one) do not fit a "
+                                 f"cross_attention_dim of {cfg.get('cross_attention_dim')}")
     in_table = _is_int(c.num_classes) and _is_int(c.null_class) and 1 <= c.num_classes <= embeds and 0 <= c.null_class < embeds
     if (c.kind == "class") != bool(embeds) or (embeds and not in_table):
         raise StudentFormatError(

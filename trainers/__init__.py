@@ -41,6 +41,7 @@ from .disback import (
 )
 from .dmd2 import DMD2Config, DMD2Trainer
 from .fdistill import FDistillConfig, FDistillTrainer
+from .mcm import MCMConfig, MCMTrainer
 from .pso import PSOConfig, PSOTrainer
 from .scm import SCMConfig, SCMTrainer
 from .sid import SiDConfig, SiDTrainer
@@ -58,6 +59,7 @@ TRAINERS: tuple[type[DistillTrainer], ...] = (
     CTMTrainer,
     BOOTTrainer,
     TADSRTrainer,
+    MCMTrainer,
     DisBackDMD2Trainer,
     DisBackVSDTrainer,
     DisBackFDistillTrainer,
@@ -118,6 +120,8 @@ __all__ = [
     "DMD2Trainer",
     "FDistillConfig",
     "FDistillTrainer",
+    "MCMConfig",
+    "MCMTrainer",
     "PSOConfig",
     "PSOTrainer",
     "SCMConfig",

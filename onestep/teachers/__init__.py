@@ -79,6 +79,11 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
         from .sounds import load_sounds_teacher
 
         return load_sounds_teacher()
+    from .clips import is_video_teacher_folder, load_clips_teacher
+
+    if s == "digit-clips" or is_video_teacher_folder(s):  # video (UNet3DConditionModel): the built-in one or a folder
+        _refuse_upscaler_options(text_options, s)
+        return load_clips_teacher() if s == "digit-clips" else load_clips_teacher(Path(s).expanduser(), name=s)
     path = Path(s).expanduser()
     name = str(path)
     if not path.exists():
@@ -86,7 +91,7 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
 
         if not is_hub_id(s):
             raise TeacherError(
-                f"teacher {s!r} is neither a built-in teacher (digits, digits-sr, sounds, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25), "
+                f"teacher {s!r} is neither a built-in teacher (digits, digits-sr, sounds, digit-clips, gmm-ring8, gmm-ring8-unbalanced, gmm-grid25), "
                 "an existing path, nor a Hugging Face Hub id (owner/name); point teacher: (or --teacher) at your local "
                 "diffusers pipeline folder"
             )
