@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,19 @@ from .helpers import ema_into
 
 
 # ---------------------------------------------------------------- trainer
+
+
+class ConsistencyDraw(NamedTuple):
+    """The draws of one consistency update (:meth:`ConsistencyTrainer.draw_update`)."""
+
+    x0: torch.Tensor
+    cond: Any
+    uncond: Any
+    scale: torch.Tensor | None
+    t_hi: torch.Tensor
+    t_lo: torch.Tensor
+    edge: torch.Tensor | None
+    noise: torch.Tensor
 
 
 class ConsistencyTrainer(DistillTrainer):
@@ -218,34 +231,41 @@ class ConsistencyTrainer(DistillTrainer):
         c = self.config
         if self.state.step < c.teacher_fit_steps:
             return self.teacher_fit_loss(batch)
-        x0, cond = batch["real"], batch.get("real_cond")
-        n = x0.shape[0]
-        uncond = self.conditioning.null(n, device=self.device)
-        # 1. Guidance scale and an adjacent grid pair t_lo < t_hi.
-        scale = self.draw_guidance(n)
-        t_hi, t_lo = self.draw_timesteps(n)
-        edge = self.segment_edge(t_hi) if c.num_segments > 1 else None
-        # 2. Forward process at t_hi.
-        noise = self.randn(tuple(x0.shape))
-        x_hi = self.schedule.add_noise(x0, noise, t_hi)
-        # 3. Student (on the grid's top it may read another label: first_step_timestep).
-        pred, pred_x0 = self.consistency_output(self.student, x_hi, self.student_label(t_hi), cond, scale, edge)
-        with torch.no_grad():
-            # 4. Teacher ODE step (or iCT's same-noise point), then the target's output there.
-            x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, uncond, scale, x0, noise)
-            target, _ = self.consistency_output(self.target, x_lo, t_lo, cond, scale, edge)
+        d = self.draw_update(batch)
+        pred, pred_x0, target = self.consistency_pair(d, d.x0)
         # 5. Distance; iCT weights each pair by lambda = 1 / (sigma_hi - sigma_lo), sigma = s_t / a_t (iCT sec. 3.1).
         dist = consistency_distance(pred, target, c.loss, self.huber_c)
-        loss = (ict_pair_weight(self.schedule, t_hi, t_lo) * dist).mean() if c.teacher_free else dist.mean()
+        loss = (ict_pair_weight(self.schedule, d.t_hi, d.t_lo) * dist).mean() if c.teacher_free else dist.mean()
         logs = {"loss/consistency": loss.item()}
         batch["x_gen"] = pred_x0.detach()
         if c.gan_weight > 0:
             # 6. SCott: non-saturating GAN term through the frozen teacher and head.
             with frozen(self.heads):
-                loss_gan = F.softplus(-self.discriminate(pred_x0, cond)).mean()
+                loss_gan = F.softplus(-self.discriminate(pred_x0, d.cond)).mean()
             loss = loss + c.gan_weight * loss_gan
             logs["loss/gan_g"] = loss_gan.item()
         return loss, logs
+
+    def draw_update(self, batch: dict[str, Any]) -> ConsistencyDraw:
+        """What one consistency update draws for ``batch``'s real samples, in this order: a guidance scale,
+        an adjacent grid pair ``t_lo < t_hi`` (and MLCM's segment edge), the noise."""
+        x0, cond = batch["real"], batch.get("real_cond")
+        n = x0.shape[0]
+        scale = self.draw_guidance(n)
+        t_hi, t_lo = self.draw_timesteps(n)
+        edge = self.segment_edge(t_hi) if self.config.num_segments > 1 else None
+        return ConsistencyDraw(x0, cond, self.conditioning.null(n, device=self.device), scale, t_hi, t_lo, edge, self.randn(tuple(x0.shape)))
+
+    def consistency_pair(self, d: ConsistencyDraw, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The student's output at ``start`` noised to ``t_hi`` (and its x0), and the target's output one teacher ODE
+        step (or iCT's same-noise point) lower: ``(pred, pred_x0, target)``; on the grid's top the student may read
+        another label (``first_step_timestep``)."""
+        x_hi = self.schedule.add_noise(start, d.noise, d.t_hi)
+        pred, pred_x0 = self.consistency_output(self.student, x_hi, self.student_label(d.t_hi), d.cond, d.scale, d.edge)
+        with torch.no_grad():
+            x_lo = self.teacher_step(x_hi, d.t_hi, d.t_lo, d.cond, d.uncond, d.scale, start, d.noise)
+            target, _ = self.consistency_output(self.target, x_lo, d.t_lo, d.cond, d.scale, d.edge)
+        return pred, pred_x0, target
 
     def teacher_fit_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Warm start: MSE between the student's x0 and the teacher's guided x0 at ``t ~ U{0 .. T-1}``."""
@@ -318,4 +338,4 @@ class ConsistencyTrainer(DistillTrainer):
     def sampling_generator(self, net: nn.Module) -> ConsistencyDenoiser:
         return self._consistency_view(net)
 
-__all__ = ["ConsistencyConfig", "ConsistencyTrainer"]
+__all__ = ["ConsistencyConfig", "ConsistencyDraw", "ConsistencyTrainer"]

@@ -183,22 +183,12 @@ class MCMTrainer(ConsistencyTrainer):
         c = self.config
         if self.state.step < c.teacher_fit_steps:
             return self.teacher_fit_loss(batch)
-        x0, cond = batch["real"], batch.get("real_cond")
-        n = x0.shape[0]
-        uncond = self.conditioning.null(n, device=self.device)
-        # 1. Guidance scale, an adjacent grid pair t_lo < t_hi, noise.
-        scale = self.draw_guidance(n)
-        t_hi, t_lo = self.draw_timesteps(n)
-        edge = self.segment_edge(t_hi) if c.num_segments > 1 else None
-        noise = self.randn(tuple(x0.shape))
-        # 2. Mixed trajectories: noised real clips and noised one-step student clips.
-        start, mixed = self.trajectory_start(x0, cond, scale)
-        x_hi = self.schedule.add_noise(start, noise, t_hi)
-        pred, pred_x0 = self.consistency_output(self.student, x_hi, self.student_label(t_hi), cond, scale, edge)
-        with torch.no_grad():
-            # 3. Teacher ODE step, then the target's output there.
-            x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, uncond, scale, start, noise)
-            target, _ = self.consistency_output(self.target, x_lo, t_lo, cond, scale, edge)
+        # 1. Guidance scale, an adjacent grid pair t_lo < t_hi, noise (the consistency trainer's draws).
+        d = self.draw_update(batch)
+        cond = d.cond
+        # 2. Mixed trajectories: noised real clips and noised one-step student clips; 3. the teacher's ODE step, the target.
+        start, mixed = self.trajectory_start(d.x0, cond, d.scale)
+        pred, pred_x0, target = self.consistency_pair(d, start)
         # 4. Disentangled motion distillation: the consistency distance on frame differences (MCM eq. 5).
         loss_motion = consistency_distance(frame_differences(pred), frame_differences(target), c.loss, self.huber_c).mean()
         loss = c.motion_weight * loss_motion
