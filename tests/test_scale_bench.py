@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ONESTEP_TEST_SCALE"), reason="the rehearsal's tiny row in a child interpreter: ~40 s "
+                    "on 2 CPU cores, past the suite's budget (the same training, plan and export paths run in test_t2i*, test_plan); "
+                    "set ONESTEP_TEST_SCALE=1 to run it")
 def test_scale_rehearsal_tiny_row_end_to_end(tmp_path):
     out, js = tmp_path / "table.md", tmp_path / "rows.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ONESTEP_CACHE": str(tmp_path / "cache")}
