@@ -8,7 +8,7 @@ Without ``--ctm-student`` it trains ``digits_ctm`` first (``--preset``, into ``<
 digits-FID against the 1797 real digits, class accuracy by the digits classifier, and ``grain`` (energy
 above the real digits' frequency band, ``benchmarks/grain.py``). Writes ``<out>/table.md``,
 ``<out>/results.json`` and ``<out>/samples.png`` (teacher | CTM 1 step | CTM 4 steps | LCM ...: same
-classes, same seeds). The teacher's row is computed once and kept in ``<out>/teacher.pt``.
+classes, same seeds). The teacher's row is computed once and kept in ``<out>/teacher.safetensors`` (its samples) and ``<out>/teacher.json`` (its row).
 """
 
 from __future__ import annotations
@@ -40,16 +40,19 @@ def teacher_row(out: Path, seeds: list[int], labels: list[int]) -> tuple[dict, t
     from onestep.samplers.student import teacher_sample_from_seeds
     from onestep.teachers import load_teacher
 
-    cache = out / "teacher.pt"
-    if cache.is_file():
-        saved = torch.load(cache)
-        return saved["row"], saved["grid"]
+    from safetensors.torch import load_file, save_file
+
+    cache, row_file = out / "teacher.safetensors", out / "teacher.json"
+    if cache.is_file() and row_file.is_file():
+        return json.loads(row_file.read_text()), load_file(cache)["grid"]
     teacher = load_teacher("digits")
     t0 = time.perf_counter()
     x = teacher_sample_from_seeds(teacher.denoiser(), teacher, seeds, labels, TEACHER_STEPS, teacher.guidance_scale, batch_size=100)
     row = {"model": f"teacher (DDIM, CFG {teacher.guidance_scale:g})", "steps": TEACHER_STEPS, "gamma": None, "nu": None,
            "ms_per_sample": 1e3 * (time.perf_counter() - t0) / len(seeds), **score(x, labels)}
-    torch.save({"row": row, "grid": x[:80]}, cache)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"grid": x[:80].contiguous()}, cache)
+    row_file.write_text(json.dumps(row, indent=1) + "\n")
     return row, x[:80]
 
 

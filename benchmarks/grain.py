@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 PRESET = "digits_dmd2"
 #: label -> (what it changes, the fields it sets on the preset). Every field that differs between
@@ -184,7 +185,7 @@ def _measure(label: str, fields: dict, student, seeds: list[int], labels: list[i
     timesteps = student.timesteps_for(steps) if steps else student.timesteps
     xs, _ = sample_student_from_seeds(student.generator, student, timesteps, seeds, labels, batch_size=100)
     (out / "runs" / slug(label)).mkdir(parents=True, exist_ok=True)
-    torch.save(xs[:80], out / "runs" / slug(label) / "grid.pt")
+    save_file({"grid": xs[:80].contiguous()}, out / "runs" / slug(label) / "grid.safetensors")
     return {"label": label, "fields": fields, "digits_fid": digits_fid(xs), "grain": grain(xs), "grain_at_init": grain_init, "train_seconds": wall}
 
 
@@ -273,7 +274,7 @@ def write_report(out: Path, labels: list[str], results: dict, refs: dict) -> Non
     (out / "results.json").write_text(json.dumps({"meta": meta, "teacher": refs["teacher"], "real": refs["real"], "variants": results}, indent=1))
     panels = [("teacher: 50 DDIM steps", refs["teacher_samples"])]
     for label in labels:
-        grid = torch.load(out / "runs" / slug(label) / "grid.pt")
+        grid = load_file(out / "runs" / slug(label) / "grid.safetensors")["grid"]
         panels.append((f"{label}: FID {results[label]['digits_fid']:.2f}, grain {results[label]['grain'] * 1e3:.2f}e-3", grid))
     save_comparison(panels, out / "samples.png", row_labels=[str(c) for c in range(10)], per_row=8, title="same classes, same seeds")
     if "before" in labels and "after" in labels:  # the pair that matters, large enough to see the grain
