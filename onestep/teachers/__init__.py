@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,11 +124,30 @@ def _refuse_upscaler_options(options: dict, name: str) -> None:
     if given:
         raise TeacherError(f"{', '.join(given)}: options of SD x4 upscaler teachers; {name} is not one")
 
+def load_unet_and_schedule(path: Path, unet_class: type) -> tuple[nn.Module, dict[str, Any], NoiseSchedule, dict[str, Any]]:
+    """A pixel pipeline folder's denoiser (``unet/``, safetensors only), its scheduler config and noise schedule,
+    and its ``onestep_teacher.json`` (empty without one), every failure a :class:`TeacherError`."""
+    from .sd import read_json_object, read_scheduler_config
+
+    refuse_pickles(path / "unet")
+    try:
+        unet = unet_class.from_pretrained(path / "unet", use_safetensors=True)
+    except (OSError, EnvironmentError) as e:
+        raise TeacherError(f"{path / 'unet'}: cannot load the {unet_class.__name__} ({e})") from e
+    sched_cfg = read_scheduler_config(path)
+    try:
+        schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
+    except ConfigError as e:
+        raise TeacherError(f"{path / 'scheduler'}: {e}") from e
+    meta_file = path / "onestep_teacher.json"
+    return unet, sched_cfg, schedule, read_json_object(meta_file) if meta_file.exists() else {}
+
+
 
 def _pipeline_teacher(path: Path, name: str) -> Teacher:
     from diffusers import UNet2DModel
 
-    from .sd import read_json_object, read_model_index, read_scheduler_config
+    from .sd import read_model_index
 
     if not path.is_dir():
         raise TeacherError(f"teacher path {path} is not a folder (expected a diffusers pipeline folder)")
@@ -146,18 +166,7 @@ def _pipeline_teacher(path: Path, name: str) -> Teacher:
             f"{path}: unet is a {unet_class}; this loader handles UNet2DModel pipelines "
             "(text-to-image pipelines load through the text-to-image teacher)"
         )
-    refuse_pickles(path / "unet")
-    try:
-        unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
-    except (OSError, EnvironmentError) as e:
-        raise TeacherError(f"{path / 'unet'}: cannot load the UNet ({e})") from e
-    sched_cfg = read_scheduler_config(path)
-    try:
-        schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
-    except ConfigError as e:
-        raise TeacherError(f"{path / 'scheduler'}: {e}") from e
-    meta_file = path / "onestep_teacher.json"
-    meta = read_json_object(meta_file) if meta_file.exists() else {}
+    unet, sched_cfg, schedule, meta = load_unet_and_schedule(path, UNet2DModel)
     cfg = unet.config
     if "conditioning" in meta:
         conditioning = conditioning_from_dict(meta["conditioning"])

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from ..conditioning import ClassTokenConditioning, conditioning_from_dict
-from ..errors import ConfigError, TeacherError
-from ..schedule import NoiseSchedule
+from ..errors import TeacherError
 from ..video import FRAMES, NUM_CLASSES, SIZE, clips_dataset
-from .base import Teacher, _sha256_of, refuse_pickles
+from .base import Teacher, _sha256_of
 
 CLIPS_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "clips-teacher"
 
@@ -65,22 +64,12 @@ def load_clips_teacher(path: str | Path = CLIPS_TEACHER, name: str = "digit-clip
     ``"data": "digit-clips"``, the training clips as ``real_data``)."""
     from diffusers import UNet3DConditionModel
 
-    from .sd import read_json_object, read_scheduler_config
+    from . import load_unet_and_schedule
 
     path = Path(path)
     if not (path / "unet").is_dir() or not (path / "scheduler").is_dir():
         raise TeacherError(f"{path}: a video teacher folder needs unet/ and scheduler/")
-    refuse_pickles(path / "unet")
-    try:
-        unet = UNet3DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
-    except (OSError, EnvironmentError) as e:
-        raise TeacherError(f"{path / 'unet'}: cannot load the UNet3DConditionModel ({e})") from e
-    sched_cfg = read_scheduler_config(path)
-    try:
-        schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
-    except ConfigError as e:
-        raise TeacherError(f"{path / 'scheduler'}: {e}") from e
-    meta = read_json_object(path / "onestep_teacher.json") if (path / "onestep_teacher.json").exists() else {}
+    unet, sched_cfg, schedule, meta = load_unet_and_schedule(path, UNet3DConditionModel)
     conditioning = conditioning_from_dict(meta.get("conditioning", TEACHER_META["conditioning"]))
     if not isinstance(conditioning, ClassTokenConditioning) or unet.config.cross_attention_dim != conditioning.num_classes + 1:
         raise TeacherError(
