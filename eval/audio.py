@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .digits_net import StandardisedFeatureNet
+
 from onestep.audio import FRAMES, N_MELS, NUM_CLASSES
 
 FEATURE_DIM = 64
@@ -40,7 +42,7 @@ def _asset_dir() -> Path:
     return Path(onestep.assets.__file__).resolve().parent / "sounds-features"
 
 
-class SoundsFeatureNet(nn.Module):
+class SoundsFeatureNet(StandardisedFeatureNet):
     """Two conv stages (32x16 -> 16x8 -> 8x4), a 64-unit feature layer and a 6-way classifier.
 
     ``features(x)`` returns the standardised pre-activations of the feature layer ``(N, 64)``;
@@ -54,17 +56,7 @@ class SoundsFeatureNet(nn.Module):
         )
         self.feature = nn.Linear(2 * width * (N_MELS // 4) * (FRAMES // 4), feature_dim)
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
-        self.register_buffer("feature_mean", torch.zeros(feature_dim))
-        self.register_buffer("feature_std", torch.ones(feature_dim))
-
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return self.feature(self.conv(x).flatten(1))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.pre_activations(x) - self.feature_mean) / self.feature_std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pre_activations(x))
+        self._standardise(feature_dim)
 
 
 def _check(mels: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,27 @@ def _asset_dir() -> Path:
     return Path(onestep.assets.__file__).resolve().parent / "digits-features"
 
 
-class DigitsFeatureNet(nn.Module):
+class StandardisedFeatureNet(nn.Module):
+    """A classifier whose ``feature`` layer (after ``conv``) gives its features: ``features(x)`` its
+    pre-activations standardised by the buffers ``feature_mean`` and ``feature_std``, ``forward(x)`` the
+    class logits through ``head``. Subclasses build ``conv``, ``feature`` and ``head`` and call
+    :meth:`_standardise` for the buffers."""
+
+    def _standardise(self, feature_dim: int) -> None:
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature(self.conv(x).flatten(1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.pre_activations(x) - self.feature_mean) / self.feature_std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pre_activations(x))
+
+
+class DigitsFeatureNet(StandardisedFeatureNet):
     """Two conv stages (16x16 -> 8x8 -> 4x4), a 64-unit feature layer, and a 10-way classifier.
 
     ``features(x)`` returns the feature layer's pre-activations ``(N, 64)``, standardised with the
@@ -71,17 +91,7 @@ class DigitsFeatureNet(nn.Module):
         )
         self.feature = nn.Linear(2 * width * (RESOLUTION // 4) ** 2, feature_dim)
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
-        self.register_buffer("feature_mean", torch.zeros(feature_dim))
-        self.register_buffer("feature_std", torch.ones(feature_dim))
-
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return self.feature(self.conv(x).flatten(1))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.pre_activations(x) - self.feature_mean) / self.feature_std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pre_activations(x))
+        self._standardise(feature_dim)
 
 
 @lru_cache(maxsize=1)
