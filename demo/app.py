@@ -1,5 +1,6 @@
 """The Gradio page: inputs on the left, the student's images (and the teacher's) on the right; for audio
-(mel-spectrogram) students also a player with the first sample's sound.
+(mel-spectrogram) students also a player with the first sample's sound; for super-resolution students an
+image upload on the left and the inputs (nearest, bicubic) above the outputs; video clips as frame strips.
 
 Changing an input regenerates the student at once (one step is instant); *Generate* also runs
 the teacher for the side-by-side comparison. The API endpoint ``/generate`` is what the
@@ -16,7 +17,8 @@ from typing import Any
 
 from onestep.errors import OnestepError
 
-from .model import MAX_SEED, MAX_TEACHER_STEPS, DemoModel, DemoRequest, DemoResult, gallery_items
+from .gallery import input_items, result_items
+from .model import MAX_SEED, MAX_TEACHER_STEPS, DemoModel, DemoRequest, DemoResult
 
 # Tiny images (16x16 digits) are shown at their own resolution and scaled up without blurring.
 CSS = """
@@ -68,6 +70,14 @@ def _default_count(model: DemoModel) -> int:
     return 1000 if model.is_points else 8
 
 
+def _image_label(model: DemoModel) -> str:
+    if model.kind != "image":
+        return "low-res image"
+    h, w = model.lowres_size
+    empty = "; empty: held-out test digits" if model.has_example_images else ""
+    return f"low-res image (resized to {w}x{h}{empty})"
+
+
 def build_app(model: DemoModel, allow_load: bool = True):
     """Build the ``gradio.Blocks`` page for ``model`` (call ``.launch()`` on it, or use :func:`launch_demo`).
 
@@ -76,7 +86,7 @@ def build_app(model: DemoModel, allow_load: bool = True):
     """
     gr = _gradio()
 
-    def request(label, prompt, negative, alpha, seed, steps, count, teacher_steps, with_teacher: bool) -> DemoRequest:
+    def request(label, prompt, negative, alpha, seed, steps, count, teacher_steps, image, with_teacher: bool) -> DemoRequest:
         return DemoRequest(
             label=None if label in (None, "", ALL_CLASSES) else int(label),
             prompt=prompt or "",
@@ -87,34 +97,36 @@ def build_app(model: DemoModel, allow_load: bool = True):
             num_images=None if count is None else int(count),
             teacher_steps=int(teacher_steps or 1),
             with_teacher=with_teacher,
+            image=image if model.kind == "image" else None,  # a hidden upload field keeps its last picture
         )
 
     def generate(with_teacher: bool):
         # A generator: the student's images reach the page before the (much slower) teacher runs.
-        def fn(label, prompt, negative, alpha, seed, steps, count, teacher_steps):
-            req = request(label, prompt, negative, alpha, seed, steps, count, teacher_steps, with_teacher)
+        def fn(label, prompt, negative, alpha, seed, steps, count, teacher_steps, image=None):
+            req = request(label, prompt, negative, alpha, seed, steps, count, teacher_steps, image, with_teacher)
             try:
                 result = model.run_student(req)
-                student = gallery_items(result.student_samples, result.seeds, result.labels, title=f"{len(result.timesteps)}-step student")
+                student = result_items(result, title=f"{len(result.timesteps)}-step student")
+                inputs = input_items(result) or None
                 if model.teacher is None or not with_teacher:
-                    yield format_status(result), student, None, result.latency()
+                    yield format_status(result), student, None, result.latency(), inputs
                     return
                 pending = f"  \n**teacher**: sampling {req.teacher_steps} DDIM steps for the same seeds ..."
-                yield format_status(result) + pending, student, None, result.latency()
+                yield format_status(result) + pending, student, None, result.latency(), inputs
                 model.run_teacher(req, result)
             except OnestepError as e:
                 raise gr.Error(str(e), print_exception=False) from e
-            teacher = gallery_items(result.teacher_samples, result.seeds, result.labels, title=f"teacher, {result.teacher_steps} steps")
-            yield format_status(result), student, teacher, result.latency()
+            teacher = result_items(result, teacher=True, title=f"teacher, {result.teacher_steps} steps")
+            yield format_status(result), student, teacher, result.latency(), inputs
 
         return fn
 
-    def sound(label, prompt, negative, alpha, seed, steps, count, teacher_steps):
+    def sound(label, prompt, negative, alpha, seed, steps, count, teacher_steps, image=None):
         # Audio students: play the first sample (same seed and class as the gallery's first picture) through
         # the toy vocoder. Re-sampling one sample is cheaper than keeping results between events.
         if model.audio is None:
             return gr.Audio(value=None, visible=False)
-        req = request(label, prompt, negative, alpha, seed, steps, 1, teacher_steps, False)
+        req = request(label, prompt, negative, alpha, seed, steps, 1, teacher_steps, image, False)
         try:
             result = model.run_student(req)
         except OnestepError:
@@ -132,12 +144,14 @@ def build_app(model: DemoModel, allow_load: bool = True):
             gr.Textbox(visible=model.kind == "text"),
             gr.Textbox(visible=model.kind == "text"),
             gr.Slider(visible=model.kind == "text"),
+            gr.Image(value=None, visible=model.kind == "image", label=_image_label(model)),
             gr.Slider(maximum=model.max_steps, value=1),
             gr.Slider(maximum=model.max_count, value=_default_count(model), label=_count_label(model)),
             f"loaded {model.student.path}",
             None,
             None,
             None,
+            gr.Gallery(value=None, visible=model.kind == "image"),
         )
 
     has_teacher = model.teacher is not None
@@ -155,6 +169,10 @@ def build_app(model: DemoModel, allow_load: bool = True):
                 alpha = gr.Slider(
                     0.0, 1.0, value=0.0, step=0.05, label="NASA alpha (negative prompt strength; 0 turns it off)",
                     visible=model.kind == "text", elem_id="nasa-alpha",
+                )
+                image = gr.Image(
+                    label=_image_label(model), type="numpy", sources=["upload", "clipboard"], visible=model.kind == "image",
+                    elem_id="lowres-image", height=160,
                 )
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="seed (image i uses seed + i)", elem_id="seed", scale=3)
@@ -174,6 +192,10 @@ def build_app(model: DemoModel, allow_load: bool = True):
                     load = gr.Button("Load student", elem_id="load-student")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="demo-status")
+                inputs_gallery = gr.Gallery(
+                    label="input: low-res (nearest) and bicubic upsampling", columns=4, object_fit="contain", format="png",
+                    elem_id="input-gallery", visible=model.kind == "image", height="auto",
+                )
                 student_gallery = gr.Gallery(
                     label="student", columns=4, object_fit="contain", format="png", elem_id="student-gallery", height="auto"
                 )
@@ -188,20 +210,20 @@ def build_app(model: DemoModel, allow_load: bool = True):
                 with gr.Accordion("latency (JSON)", open=False):
                     latency = gr.JSON(elem_id="latency")
 
-        inputs = [label, prompt, negative, alpha, seed, steps, count, teacher_steps]
-        outputs = [status, student_gallery, teacher_gallery, latency]
+        inputs = [label, prompt, negative, alpha, seed, steps, count, teacher_steps, image]
+        outputs = [status, student_gallery, teacher_gallery, latency, inputs_gallery]
         button.click(generate(True), inputs, outputs, api_name="generate", trigger_mode="always_last").then(
             sound, inputs, student_audio, api_visibility="private", show_progress="hidden"
         )
         gr.on(
-            [label.change, seed.change, steps.release, count.release, prompt.change, negative.change, alpha.release],
+            [label.change, seed.change, steps.release, count.release, prompt.change, negative.change, alpha.release, image.change],
             generate(False), inputs, outputs, api_visibility="private", trigger_mode="always_last", show_progress="minimal",
         ).then(sound, inputs, student_audio, api_visibility="private", show_progress="hidden")
         randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private")
         if allow_load:
             load.click(
                 load_student, folder,
-                [header, label, prompt, negative, alpha, steps, count, status, student_gallery, teacher_gallery, latency],
+                [header, label, prompt, negative, alpha, image, steps, count, status, student_gallery, teacher_gallery, latency, inputs_gallery],
                 api_name="load_student",
             ).then(lambda: gr.Audio(value=None, visible=model.audio is not None), None, student_audio, api_visibility="private")
     return app

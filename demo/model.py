@@ -5,11 +5,16 @@ The sampling goes through the same functions as ``onestep sample``
 :func:`~onestep.samplers.student.teacher_sample_from_seeds` for the side-by-side teacher), so
 the demo has no inference path of its own. Sample ``i`` of a request uses seed ``seed + i``,
 as in ``onestep sample``: the same seed gives the same image in both.
+
+Super-resolution students (image-conditioned: ``digits-sr``'s, an SD x4 upscaler's) take a low-res image
+(an upload, resized to the student's low-res size; without one, ``digits-sr`` students use its held-out
+digits) through :func:`~onestep.samplers.student.super_resolve`, the sampler of ``onestep sample --image``;
+the page shows the input and its bicubic upsampling beside them. Video students (5-D samples) show each
+clip as one strip of frames.
 """
 
 from __future__ import annotations
 
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,6 @@ from onestep.export import Student, load_student
 from onestep.quickstart import TEACHER_STEPS
 from onestep.runtime import default_device, timed
 from onestep.teachers import Teacher, load_teacher
-from onestep.viz import save_samples_picture, to_uint8
 
 logger = get_logger(__name__)
 
@@ -37,6 +41,8 @@ ONE_STEP_STUDENT_MAX_STEPS = 4
 MAX_TEACHER_STEPS = 200
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 1000
+MAX_UPLOAD_SIDE = 4096
+"""Uploaded low-res images larger than this on a side are refused (they are resized to the student's low-res size)."""
 
 
 class DemoInputError(OnestepError):
@@ -56,6 +62,8 @@ class DemoRequest:
         num_images: images (points for 2D students), 1 up to :attr:`DemoModel.max_count`.
         teacher_steps: DDIM steps of the side-by-side teacher.
         with_teacher: also sample the teacher (when the demo has one).
+        image: super-resolution students: the low-res image, a ``(H, W)`` or ``(H, W, C)`` uint8 array (what
+            ``gradio.Image`` gives); resized to the student's low-res size. None: built-in examples, if any.
     """
 
     label: int | None = None
@@ -67,6 +75,7 @@ class DemoRequest:
     num_images: int = 4
     teacher_steps: int = TEACHER_STEPS
     with_teacher: bool = True
+    image: Any = None
 
 
 @dataclass
@@ -83,6 +92,8 @@ class DemoResult:
     teacher_seconds: float | None = None
     teacher_steps: int | None = None
     teacher_guidance_scale: float | None = None
+    lowres: torch.Tensor | None = None
+    """Super-resolution: the low-res inputs ``(M, C, h, w)`` in [-1, 1]; sample ``i`` upscales input ``i mod M``."""
 
     def latency(self) -> dict[str, Any]:
         """Milliseconds per image for the student (and teacher), the speed-up, and the device."""
@@ -112,8 +123,29 @@ class DemoResult:
 
 
 def student_kind(student: Student) -> str:
-    """``"class"``, ``"text"`` or ``"none"``: which inputs the page shows for this student."""
-    return student.conditioning.kind
+    """``"class"``, ``"text"``, ``"image"`` or ``"none"``: which inputs the page shows for this student
+    (class-token students, the video teachers', pick a class like class-label ones)."""
+    kind = student.conditioning.kind
+    return "class" if kind == "class_tokens" else kind
+
+
+def image_to_tensor(image: Any, channels: int) -> torch.Tensor:
+    """An uploaded image (``(H, W)`` or ``(H, W, C)`` array, uint8 0-255 or float 0-1) as ``(1, channels, H, W)``
+    in [-1, 1]: grey from colour by luma, colour from grey by repeating, an alpha channel dropped."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or min(arr.shape[:2]) < 1:
+        raise DemoInputError(f"the low-res image must be a grey or RGB picture, got an array of shape {arr.shape}")
+    if max(arr.shape[:2]) > MAX_UPLOAD_SIDE:
+        raise DemoInputError(f"the low-res image is {arr.shape[1]}x{arr.shape[0]}; at most {MAX_UPLOAD_SIDE} pixels a side")
+    x = torch.from_numpy(arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
+    x = x[None] if x.ndim == 2 else x[..., :3].permute(2, 0, 1)
+    if channels == 1 and x.shape[0] == 3:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+    elif channels == 3 and x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    return (x.clamp(0, 1) * 2 - 1).unsqueeze(0)
 
 
 def check_teacher_matches(student: Student, teacher: Teacher) -> None:
@@ -124,7 +156,8 @@ def check_teacher_matches(student: Student, teacher: Teacher) -> None:
             f"{student.path} of shape {tuple(student.sample_shape)}; pass the teacher the student was distilled from"
         )
     s, t = student.conditioning, teacher.conditioning
-    if (s.kind, s.num_classes) != (t.kind, t.num_classes):
+    classes = lambda c: 0 if c.kind == "image" else c.num_classes  # noqa: E731  (an image teacher counts its training inputs)
+    if (s.kind, classes(s)) != (t.kind, classes(t)) or getattr(s, "image_channels", None) != getattr(t, "image_channels", None):
         raise DemoInputError(
             f"teacher {teacher.name} is conditioned on {t.kind} ({t.num_classes} classes), the student on "
             f"{s.kind} ({s.num_classes} classes); pass the teacher the student was distilled from"
@@ -161,7 +194,7 @@ class DemoModel:
         device = torch.device(device) if device is not None else default_device()
         student = load_student(student_dir, device=device)
         model = cls(student, load_teacher(teacher) if teacher is not None else None, device)
-        if warm_up and model.kind != "text":
+        if warm_up and model.kind != "text" and (model.kind != "image" or model.has_example_images):
             model.run(DemoRequest(num_images=1, steps=1, teacher_steps=1))
         return model
 
@@ -211,7 +244,9 @@ class DemoModel:
     def describe(self) -> str:
         """One line about the loaded models, for the page's header."""
         s = self.student
-        cond = {"class": f"class-conditional ({self.num_classes} classes)", "text": "text-to-image", "none": "unconditional"}[self.kind]
+        cond = {"class": f"class-conditional ({self.num_classes} classes)", "text": "text-to-image", "none": "unconditional",
+                "image": f"super-resolution (x{getattr(s.conditioning, 'scale', '?')}, low-res {self.lowres_size[1]}x{self.lowres_size[0]} inputs)"
+                if self.kind == "image" else ""}[self.kind]
         shape = "x".join(str(d) for d in s.sample_shape)
         k = len(s.timesteps)
         line = f"student `{s.path}`: {s.meta.get('method', '?')}, {k} step{'s' if k > 1 else ''} {s.timesteps}, {cond}, samples {shape}"
@@ -219,6 +254,36 @@ class DemoModel:
             line += f"; teacher `{self.teacher.name}` (DDIM, CFG {self.teacher.guidance_scale:g})"
         gpu = "GPU" if self.device.type == "cuda" else "CPU, no GPU"
         return f"{line}; device {self.device.type} ({gpu})"
+
+    @property
+    def lowres_size(self) -> tuple[int, int]:
+        """Super-resolution students: the ``(h, w)`` an input is resized to (an upscaler's latents sit at the
+        low-res size; a pixel student's output is ``scale`` times it)."""
+        cond, (h, w) = self.student.conditioning, self.student.sample_shape[-2:]
+        return (h, w) if not cond.upsample else (max(1, h // cond.scale), max(1, w // cond.scale))
+
+    @property
+    def has_example_images(self) -> bool:
+        """Students of the built-in ``digits-sr`` teacher: its held-out digits stand in for an upload."""
+        return self.kind == "image" and (self.student.meta.get("teacher") or {}).get("name") == "digits-sr"
+
+    def lowres_for(self, req: DemoRequest) -> torch.Tensor:
+        """The low-res inputs of a super-resolution request, ``(M, C, h, w)`` in [-1, 1]: the upload resized (area
+        average, or bicubic when it is smaller) to :attr:`lowres_size`, or ``digits-sr``'s first held-out digits."""
+        import torch.nn.functional as F
+
+        cond = self.student.conditioning
+        if req.image is None:
+            if not self.has_example_images:
+                raise DemoInputError("upload a low-res image: this student has no built-in examples")
+            from onestep.teachers.sr import digits_sr_split
+
+            return cond.degrade(digits_sr_split("test")[: int(req.num_images)])
+        x = image_to_tensor(req.image, cond.image_channels)
+        if tuple(x.shape[-2:]) != self.lowres_size:
+            smaller = x.shape[-2] < self.lowres_size[0] or x.shape[-1] < self.lowres_size[1]
+            x = F.interpolate(x, size=self.lowres_size, mode="bicubic" if smaller else "area", **({"align_corners": False} if smaller else {}))
+        return x.clamp(-1, 1)
 
     # Requests -----------------------------------------------------------------------------------
 
@@ -238,6 +303,8 @@ class DemoModel:
                 raise DemoInputError(f"class must lie in [0, {self.num_classes - 1}] (got {req.label})")
         elif req.label is not None:
             raise DemoInputError("a class was given, but this student is not class-conditional")
+        if self.kind != "image" and req.image is not None:
+            raise DemoInputError("an image was given, but this student does not take a low-res image")
         if self.kind == "text":
             if not (req.prompt or "").strip():
                 raise DemoInputError("the prompt is empty: type what the image should show")
@@ -267,6 +334,8 @@ class DemoModel:
         seeds = list(range(int(req.seed), int(req.seed) + int(req.num_images)))
         if self.kind == "text":
             return self._run_text_student(req, seeds)
+        if self.kind == "image":
+            return self._run_image_student(req, seeds)
         labels = self.labels_for(req)
         with self._lock:
             s = self.student
@@ -293,6 +362,29 @@ class DemoModel:
                 raise DemoInputError(str(e)) from e
         return DemoResult(xs, sec, timesteps, seeds, None, str(self.device))
 
+    def _run_image_student(self, req: DemoRequest, seeds: list[int]) -> DemoResult:
+        """Super-resolution students: sample ``i`` upscales input ``i mod M`` with seed ``seed + i``
+        (:func:`~onestep.samplers.student.super_resolve`, the sampler of ``onestep sample --image``)."""
+        from onestep.samplers.student import super_resolve
+
+        lowres = self.lowres_for(req)
+        with self._lock:
+            s = self.student
+            timesteps = s.timesteps_for(int(req.steps))
+            xs, sec = timed(super_resolve, s, lowres, seeds, int(req.steps), self.device)
+        return DemoResult(xs, sec, timesteps, seeds, None, str(self.device), lowres=lowres)
+
+    def _image_teacher_spec(self, result: DemoResult):
+        """The teacher conditioned on the request's inputs (sample ``i`` on input ``i mod M``), as a pixel
+        super-resolution student reads them: bicubic-upsampled to the sample size."""
+        import dataclasses
+
+        if self.student.meta.get("upscaler") is not None:
+            raise DemoInputError("the side-by-side teacher is not available for SD x4 upscaler students yet")
+        cond = self.teacher.conditioning
+        images = cond.from_lowres(result.lowres.float(), tuple(self.teacher.sample_shape[-2:]))["image"]
+        return dataclasses.replace(self.teacher, conditioning=cond.with_images(images)), [i % len(images) for i in range(len(result.seeds))]
+
     def run_teacher(self, req: DemoRequest, result: DemoResult) -> DemoResult:
         """Sample the teacher for the seeds and classes of ``result`` (the student's) and add them to it."""
         from onestep.samplers.student import teacher_sample_from_seeds
@@ -302,10 +394,12 @@ class DemoModel:
         if self.kind == "text":
             raise DemoInputError("the side-by-side teacher is not available for text-to-image students yet")
         self.check(req)
-        t = self.teacher
+        t, labels = self.teacher, result.labels
+        if self.kind == "image":
+            t, labels = self._image_teacher_spec(result)
         with self._lock:
             xt, sec = timed(
-                teacher_sample_from_seeds, self._teacher_denoiser, t, result.seeds, result.labels, int(req.teacher_steps),
+                teacher_sample_from_seeds, self._teacher_denoiser, t, result.seeds, labels, int(req.teacher_steps),
                 t.guidance_scale, device=self.device,
             )
         result.teacher_samples, result.teacher_seconds = xt, sec
@@ -322,20 +416,3 @@ class DemoModel:
         with self._lock:
             self.student = student
         logger.info(f"demo now serves the student {student.path}")
-
-
-def gallery_items(x: torch.Tensor, seeds: list[int], labels: list[int] | None, title: str = "") -> list[tuple[np.ndarray, str]]:
-    """Images as ``(H, W[, C])`` uint8 arrays at their own resolution, captioned with class and seed;
-    2D samples as one scatter picture (drawn by :func:`onestep.viz.save_samples_picture`)."""
-    if x.ndim == 2:
-        from PIL import Image
-
-        with tempfile.TemporaryDirectory() as d:
-            path = save_samples_picture(x, Path(d) / "scatter.png", title=title)
-            pic = np.asarray(Image.open(path).convert("RGB"))
-        return [(pic, f"{len(x)} points, seeds {seeds[0]}-{seeds[-1]}")]
-    items = []
-    for i, img in enumerate(to_uint8(x)):
-        caption = f"class {labels[i]}, seed {seeds[i]}" if labels is not None else f"seed {seeds[i]}"
-        items.append((img[..., 0] if img.shape[-1] == 1 else img, caption))
-    return items

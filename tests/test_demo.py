@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from onestep.demo import DemoInputError, DemoModel, DemoRequest
-from onestep.demo.model import MAX_IMAGES, gallery_items
+from onestep.demo.gallery import gallery_items
+from onestep.demo.model import MAX_IMAGES
 from onestep.export import export_student, load_student
 from onestep.samplers.student import sample_student_from_seeds, teacher_sample_from_seeds
 from onestep.teachers import load_teacher
@@ -135,6 +136,67 @@ def test_2d_student_gives_one_scatter_picture_and_a_mismatched_teacher_is_refuse
         DemoModel(load_student(gmm_student), load_teacher(tiny_teacher_dir))
 
 
+@pytest.fixture(scope="module")
+def sr_student(tmp_path_factory):
+    """A one-step student of the built-in digits-sr teacher (a perturbed copy of the teacher)."""
+    teacher = load_teacher("digits-sr")
+    net = teacher.new_backbone()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return export_student(tmp_path_factory.mktemp("demo_sr") / "student", net, teacher, method="tadsr", timesteps=[600])
+
+
+def test_sr_student_upscales_uploads_and_held_out_digits_beside_its_teacher(sr_student):
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from onestep.demo.gallery import input_items, result_items
+    from onestep.samplers.student import super_resolve
+    from onestep.teachers.sr import digits_sr_split
+
+    model = DemoModel.load(sr_student, "digits-sr", device="cpu", warm_up=False)
+    assert model.kind == "image" and model.lowres_size == (4, 4) and model.has_example_images
+    assert "super-resolution (x4, low-res 4x4 inputs)" in model.describe()
+    # No upload: the held-out digits, degraded as training degraded them; sample i upscales digit i.
+    result = model.run(DemoRequest(seed=3, num_images=3, teacher_steps=2))
+    lowres = F.interpolate(digits_sr_split("test")[:3], scale_factor=0.25, mode="area")
+    torch.testing.assert_close(result.lowres, lowres, rtol=0, atol=0)
+    torch.testing.assert_close(result.student_samples, super_resolve(model.student, lowres, [3, 4, 5]), rtol=0, atol=0)
+    t = model.teacher
+    spec = dataclasses.replace(t, conditioning=t.conditioning.with_images(t.conditioning.from_lowres(lowres, (16, 16))["image"]))
+    ref_t = teacher_sample_from_seeds(t.denoiser(), spec, [3, 4, 5], [0, 1, 2], 2, t.guidance_scale)
+    torch.testing.assert_close(result.teacher_samples, ref_t, rtol=0, atol=0)
+    assert [c for _, c in result_items(result)] == ["input 0, seed 3", "input 1, seed 4", "input 2, seed 5"]
+    items = input_items(result)
+    assert [c for _, c in items[:2]] == ["input 0, low-res 4x4", "input 0, bicubic"] and len(items) == 6
+    assert all(img.shape == (16, 16) and img.dtype == np.uint8 for img, _ in items)
+    # An upload (RGB, any size) becomes one grey 4x4 input: the luma, area-averaged; every sample upscales it.
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 24, 3), dtype=np.uint8)
+    up = model.run(DemoRequest(seed=0, num_images=2, image=rgb, with_teacher=False))
+    luma = torch.from_numpy(rgb.astype(np.float32) / 255 @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
+    expected = F.interpolate((luma * 2 - 1)[None, None], size=(4, 4), mode="area")
+    torch.testing.assert_close(up.lowres, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(up.student_samples, super_resolve(model.student, expected, [0, 1]), rtol=0, atol=1e-6)
+    assert (up.student_samples[0] - up.student_samples[1]).abs().max() > 0  # two seeds, one input
+    assert len(input_items(up)) == 2
+    with pytest.raises(DemoInputError, match="grey or RGB picture"):
+        model.run(DemoRequest(image=np.zeros((4, 4, 2), dtype=np.uint8)))
+
+
+def test_image_upload_is_refused_for_other_students_and_video_clips_show_as_strips(demo_student):
+    model = DemoModel(load_student(demo_student), device="cpu")
+    with pytest.raises(DemoInputError, match="does not take a low-res image"):
+        model.check(DemoRequest(image=np.zeros((4, 4), dtype=np.uint8)))
+    clips = torch.rand(2, 1, 4, 16, 16) * 2 - 1
+    (strip, caption), _ = gallery_items(clips, [7, 8], [3, 4])
+    assert strip.shape == (16, 4 * 17 - 1) and caption == "class 3, seed 7"
+    np.testing.assert_array_equal(strip[:, 17:33], to_uint8(clips[0, :, 1][None])[0, ..., 0])
+    assert (strip[:, 16] == 255).all()  # one white column between frames
+
+
 def test_swap_student_keeps_the_current_one_on_error(demo_student, tmp_path):
     from onestep.errors import StudentFormatError
 
@@ -195,8 +257,8 @@ def test_client_generate_returns_images_and_latency(demo_server, demo_student):
     client_mod = _require("gradio_client")
     proc, url = demo_server
     client = client_mod.Client(url, verbose=False)
-    status, student, teacher, latency = client.predict("3", "", "", 0.0, 5, 1, 3, 4, api_name="/generate")
-    assert len(student) == 3 and len(teacher) == 3
+    status, student, teacher, latency, inputs = client.predict("3", "", "", 0.0, 5, 1, 3, 4, None, api_name="/generate")
+    assert len(student) == 3 and len(teacher) == 3 and not inputs  # a class student has no low-res inputs to show
     assert [_image_size(i) for i in student + teacher] == [(16, 16)] * 6
     assert [i["caption"] for i in student] == ["class 3, seed 5", "class 3, seed 6", "class 3, seed 7"]
     assert latency["student"]["ms_per_image"] > 0 and latency["teacher"]["ms_per_image"] > 0
@@ -219,16 +281,16 @@ def test_client_bad_input_returns_a_message_and_the_app_keeps_serving(demo_serve
     proc, url = demo_server
     client = client_mod.Client(url, verbose=False)
     for args, message in [
-        (("3", "", "", 0.0, 0, 9, 2, 4), "greater than maximum value 4"),  # steps out of range
-        (("3", "", "", 0.0, 0, 1, 99, 4), "greater than maximum value 16"),  # too many images
-        (("3", "", "", 0.0, -3, 1, 2, 4), "seed must be a whole number"),
+        (("3", "", "", 0.0, 0, 9, 2, 4, None), "greater than maximum value 4"),  # steps out of range
+        (("3", "", "", 0.0, 0, 1, 99, 4, None), "greater than maximum value 16"),  # too many images
+        (("3", "", "", 0.0, -3, 1, 2, 4, None), "seed must be a whole number"),
     ]:
         with pytest.raises(AppError, match=message):
             client.predict(*args, api_name="/generate")
     with pytest.raises(AppError, match="onestep.json is missing.*still serving"):
         client.predict(str(tmp_path), api_name="/load_student")
     assert proc.poll() is None
-    _, student, _, latency = client.predict("all", "", "", 0.0, 0, 1, 2, 1, api_name="/generate")
+    _, student, _, latency, _ = client.predict("all", "", "", 0.0, 0, 1, 2, 1, None, api_name="/generate")
     assert len(student) == 2 and latency["student"]["ms_total"] > 0
 
 
@@ -244,10 +306,10 @@ def test_client_loads_another_student_and_its_step_range(demo_server, demo_stude
     try:
         header, *_ = client.predict(str(two_step), api_name="/load_student")
         assert "2 steps [800, 400]" in header
-        _, student, _, latency = client.predict("1", "", "", 0.0, 0, 2, 2, 1, api_name="/generate")
+        _, student, _, latency, _ = client.predict("1", "", "", 0.0, 0, 2, 2, 1, None, api_name="/generate")
         assert len(student) == 2 and latency["student"]["timesteps"] == [800, 400]
         with pytest.raises(AppError, match="greater than maximum value 2"):  # a 2-step student: at most 2 steps
-            client.predict("1", "", "", 0.0, 0, 3, 2, 1, api_name="/generate")
+            client.predict("1", "", "", 0.0, 0, 3, 2, 1, None, api_name="/generate")
     finally:
         client.predict(str(demo_student), api_name="/load_student")
 
