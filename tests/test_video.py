@@ -142,6 +142,14 @@ def test_mcm_step_changes_the_generator_and_the_discriminator_not_the_teacher(tm
     assert {"loss/motion", "loss/gan_g", "loss/gan_d", "mix/student_starts"} <= set(logs)
     assert changed(g0, tr.generator.backbone) > 0 and changed(h0, tr.heads) > 0
     assert changed(t0, tr.triad.teacher.backbone) == 0
+    # the EMA target is frozen and evaluated without the temporal convolutions' dropout: the same input, the same target
+    target = tr.extras["target"]
+    assert not target.training and not any(m.training for m in target.modules())
+    x, t = torch.randn(2, 1, FRAMES, 16, 16), torch.tensor([500, 700])
+    cond = tr.conditioning.from_labels([1, 2])
+    with torch.no_grad():
+        a, b = (target(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample for _ in range(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_mcm_refuses_image_teachers_and_scott_gan(tmp_path, tiny_teacher, clips_teacher):

@@ -152,7 +152,8 @@ class DistillTrainer(MethodHelpers, CheckpointMixin):
             load_trainable(self.fake.backbone, weights_file(c.init_fake_score), "init_fake_score",
                            keep_frozen=c.fake_score == "lora")
         self.heads = nn.ModuleDict(self.build_heads())
-        self.extras: dict[str, nn.Module] = dict(self.extra_networks())
+        # frozen: evaluated without dropout (UNet3DConditionModel's temporal convolutions carry a fixed 0.1)
+        self.extras: dict[str, nn.Module] = {k: net.eval() for k, net in self.extra_networks().items()}
 
         # Each process draws its own noise: the stream depends on the seed, the rank and the step.
         self.state = LoopState(c.seed, acc.process_index)
