@@ -82,6 +82,30 @@ def test_a_ctm_step_trains_the_student_moves_the_target_by_ema_and_leaves_the_te
             torch.testing.assert_close(v, 0.9 * tg0[k] + 0.1 * g1[k])
 
 
+def test_ctm_gan_trains_its_head_on_real_against_end_points_and_reaches_the_student(tiny_teacher_dir, tmp_path):
+    plain = make_trainer(ctm_config(tmp_path / "plain", tiny_teacher_dir))
+    assert len(plain.heads) == 0 and not plain.is_fake_step(0)
+    trainer = make_trainer(ctm_config(tmp_path / "gan", tiny_teacher_dir, gan_weight=0.5, gan_head_channels=16))
+    assert trainer.is_fake_step(0) and set(trainer.heads) == {"gan"}
+    g0, t0, h0 = state_of(trainer.generator.backbone), state_of(trainer.teacher.backbone), state_of(trainer.heads)
+    batch = trainer.make_batch()
+    loss, logs = trainer.generator_loss(batch)
+    # the head takes no gradient from the generator's term, the student does (through the teacher's features)
+    loss.backward()
+    assert all(p.grad is None for p in trainer.heads.parameters())
+    assert logs["loss/adv_g"] != 0 and batch["t_d"].shape == (4,) and batch["e_d"].shape == batch["real"].shape
+    d_loss, d_logs = trainer.fake_score_loss(batch)  # hinge on real vs the end points, same t' and noise
+    real, fake = (trainer.discriminate(x, batch["gan_cond"], batch["t_d"], batch["e_d"]) for x in (batch["real"].float(), batch["x_gen"]))
+    torch.testing.assert_close(d_loss, torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
+    trainer.generator.zero_grad(set_to_none=True)
+    logs = trainer.train_step()
+    assert {"loss/adv_g", "loss/adv_d", "grad_norm/fake"} <= set(logs)
+    assert changed(g0, trainer.generator.backbone) > 0 and changed(h0, trainer.heads) > 0
+    assert changed(t0, trainer.teacher.backbone) == 0
+    with pytest.raises(ConfigError, match="gan_weight must be >= 0"):
+        ctm_config(tmp_path, tiny_teacher_dir, gan_weight=-1.0)
+
+
 def test_gamma_one_is_the_consistency_sampler_and_gamma_zero_is_deterministic(tiny_teacher_dir, tmp_path):
     trainer = make_trainer(ctm_config(tmp_path, tiny_teacher_dir))
     ts = [959, 599, 239]

@@ -22,14 +22,20 @@ Per iteration (CTM Alg. 1 / SoundCTM sec. 3, on the N-point grid ``0 = t_0 < t_1
    channels, squared differences averaged per map and summed over maps (``distance: l2`` for plain MSE);
 6. ``L_DSM``: the student at ``s = t`` is a denoiser, trained with the teacher's own diffusion loss on
    ``g_theta(x_t', t', t')`` (CTM eq. 9), weighted ``dsm_weight``;
-7. the target follows the student by EMA (``target_ema_decay``; 0: the student itself, stop-gradient).
+7. the target follows the student by EMA (``target_ema_decay``; 0: the student itself, stop-gradient);
+8. with ``gan_weight > 0``, CTM's GAN term (CTM eq. 11, which its one-step results rest on; SoundCTM has
+   none): the end points ``z_est`` against real samples, through a time-aware discriminator on the frozen
+   teacher's bottleneck (:mod:`onestep.trainers.latent_gan`, TAD-SR's), its head trained in the
+   fake-score step.
 
 Choices where the papers leave one: the solver is DDIM on the grid (the teacher's own deterministic
 sampler; CTM uses Heun in EDM time); ``k`` is drawn per iteration (CTM fixes it per run), so short and long
 teacher segments are both learned; ``u`` and ``s`` lie on the grid, and class-conditional students take
 ``s`` as extra class-table rows (one block per grid point), so gamma-sampling snaps ``s~`` to the grid; the
 DSM weight is a fixed number (CTM balances it by gradient norms); the teacher's features are read at a low
-label (``feature_timestep``, CTM's ``sigma_min``) with the sample's own condition.
+label (``feature_timestep``, CTM's ``sigma_min``) with the sample's own condition; the GAN's discriminator
+reads the teacher's features (CTM: a StyleGAN-XL discriminator on pretrained feature networks) and its
+weight is fixed (CTM: adaptive).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from onestep.teachers import Teacher
 from .base import DistillTrainer
 from .config import DistillConfig, load_teacher_with_data
 from .helpers import ema_into
+from .latent_gan import TeacherFeatureGAN
 
 DISTANCES = ("teacher_features", "l2")
 
@@ -88,6 +95,8 @@ class CTMConfig(DistillConfig):
     gamma: float = config_field("gamma of the student's gamma-sampling: 0 deterministic jumps, 1 jump to the end and re-noise", 0.0)
     jump_embedding_dim: int = config_field("UNet2DConditionModel students: time_cond_proj_dim of the embedding of s", 256)
     sampling_steps: int = config_field("default sampling steps recorded in the student (1 to N; any of them works)", 1)
+    gan_weight: float = config_field("weight of the time-aware adversarial term on the end points z_est (CTM's GAN; 0: none)", 0.0)
+    gan_head_channels: int = config_field("width of the time-aware discriminator head on the teacher's bottleneck", 64)
 
     def __post_init__(self):
         super().__post_init__()
@@ -109,8 +118,8 @@ class CTMConfig(DistillConfig):
             raise ConfigError(f"target_ema_decay must lie in [0, 1) (got {self.target_ema_decay})")
         if self.distance not in DISTANCES:
             raise ConfigError(f"distance must be one of {DISTANCES} (got {self.distance!r})")
-        if self.feature_timestep < 0 or self.dsm_weight < 0:
-            raise ConfigError("feature_timestep and dsm_weight must be >= 0")
+        if self.feature_timestep < 0 or self.dsm_weight < 0 or self.gan_weight < 0:
+            raise ConfigError("feature_timestep, dsm_weight and gan_weight must be >= 0")
         if not 0 <= self.end_jump_prob <= 1:
             raise ConfigError(f"end_jump_prob must lie in [0, 1] (got {self.end_jump_prob})")
         if not 0 <= self.uncond_prob < 1:
@@ -121,7 +130,7 @@ class CTMConfig(DistillConfig):
             raise ConfigError("jump_embedding_dim must be at least 2")
 
 
-class CTMTrainer(DistillTrainer):
+class CTMTrainer(TeacherFeatureGAN, DistillTrainer):
     config_class = CTMConfig
     uses_real_data = True
     config: CTMConfig
@@ -155,11 +164,14 @@ class CTMTrainer(DistillTrainer):
             return {}
         return {"target": copy.deepcopy(self.generator.backbone).requires_grad_(False)}
 
+    def build_heads(self) -> dict[str, nn.Module]:
+        return {"gan": self.time_aware_head(self.config.gan_head_channels)} if self.config.gan_weight > 0 else {}
+
     def is_generator_step(self, step: int) -> bool:
         return True
 
     def is_fake_step(self, step: int) -> bool:
-        return False  # no fake score, no heads
+        return self.config.gan_weight > 0  # no fake score: the step trains the GAN's head, if any
 
     # ------------------------------------------------------------ draws
     def draw(self, n: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -238,10 +250,17 @@ class CTMTrainer(DistillTrainer):
             loss_dsm = self.denoising_loss_of(self.student.g(x_n, t_n, t_n, cond), x0, x_n, t_n, noise)
             loss = loss + c.dsm_weight * loss_dsm
             logs["loss/dsm"] = loss_dsm.item()
+        # 8. The GAN term on the end points.
+        if c.gan_weight > 0:
+            batch["gan_cond"] = cond
+            loss_adv = self.adversarial_loss(z_est, cond, batch)
+            loss = loss + c.gan_weight * loss_adv
+            logs["loss/adv_g"] = loss_adv.item()
         return loss, logs
 
     def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        raise RuntimeError("CTM has no fake-score step")  # is_fake_step is always False
+        """The GAN head's hinge loss: real samples against the generator step's end points (same condition)."""
+        return self.discriminator_loss(batch["real"].float(), batch["x_gen"], batch["gan_cond"], batch)
 
     def after_generator_step(self) -> None:
         """7. The target follows the student (then the export EMA steps, as for every method)."""

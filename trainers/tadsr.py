@@ -29,7 +29,6 @@ official configuration (hsd weight 1, GAN weight 0.02, hinge losses, student at 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +43,7 @@ from onestep.schedule import expand_like
 from .base import DistillTrainer
 from .config import DistillConfig
 from .helpers import inject_gradient
+from .latent_gan import TeacherFeatureGAN, TimeAwareHead
 
 HFSD_WEIGHTINGS = ("eps", "x0")
 
@@ -89,30 +89,6 @@ class TADSRConfig(DistillConfig):
         return {k: v for k, v in (("prompt", self.prompt), ("noise_level", self.noise_level)) if v is not None}
 
 
-class TimeAwareHead(nn.Module):
-    """Discriminator on bottleneck features ``(B, C, H, W)`` that takes the noise level explicitly:
-    ``D(f, t) = w . h(f) + <h(f), e(t)> / sqrt(width)`` (a projection discriminator on a timestep embedding)."""
-
-    def __init__(self, in_channels: int, width: int = 64, num_train_timesteps: int = 1000):
-        super().__init__()
-        groups = 8 if in_channels % 8 == 0 and width % 8 == 0 else 1
-        self.width, self.T = width, num_train_timesteps
-        self.features = nn.Sequential(
-            nn.GroupNorm(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, width, 3, padding=1),
-            nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.out = nn.Linear(width, 1)
-        self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from diffusers.models.embeddings import get_timestep_embedding
-
-        h = self.features(feats.float())
-        e = self.time(get_timestep_embedding(t.float(), self.width).to(h))
-        return (self.out(h).squeeze(-1) + (h * e).sum(-1) / math.sqrt(self.width))
-
-
 def hfsd_gradient(x_s, x_tch, x0_at_s, x0_at_tch, a_t, s_t, weighting: str = "eps") -> torch.Tensor:
     """HFSD's gradient for the student output ``x_s``: ``eps_T(x_s,t) - eps_T(x_tch,t)`` written with the
     teacher's x0 predictions at the two noised points (same noise), ``(a/s) [(x_s - x_tch) - (x0_s - x0_tch)]``;
@@ -123,7 +99,7 @@ def hfsd_gradient(x_s, x_tch, x0_at_s, x0_at_tch, a_t, s_t, weighting: str = "ep
     return torch.nan_to_num(diff)
 
 
-class TADSRTrainer(DistillTrainer):
+class TADSRTrainer(TeacherFeatureGAN, DistillTrainer):
     config_class = TADSRConfig
     config: TADSRConfig
     uses_real_data = True  # paired (high-res, condition) draws: the conditions and the discriminator's real images
@@ -137,17 +113,7 @@ class TADSRTrainer(DistillTrainer):
             raise ConfigError(f"tadsr needs paired high-res images and conditions; teacher {spec.name} brings none{hint}")
         if self.config.gan_weight <= 0:
             return {}
-        x, cond = spec.real_data(1, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            _, feats = self.triad.teacher(x, torch.zeros(1, dtype=torch.long), cond, return_features=True)
-        if feats.ndim != 4:
-            raise ConfigError("tadsr's time-aware discriminator reads a UNet's (B, C, H, W) bottleneck features")
-        return {"gan": TimeAwareHead(feats.shape[1], self.config.gan_head_channels, self.schedule.num_train_timesteps)}
-
-    def discriminate(self, x: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Time-aware logits of ``x`` noised at ``t`` with ``noise``, through the frozen teacher's bottleneck."""
-        _, feats = self.teacher(self.schedule.add_noise(x, noise, t), t, cond, return_features=True)
-        return self.heads["gan"](feats, t)
+        return {"gan": self.time_aware_head(self.config.gan_head_channels)}
 
     @torch.no_grad()
     def teacher_sample(self, z: torch.Tensor, cond) -> torch.Tensor:
@@ -181,15 +147,7 @@ class TADSRTrainer(DistillTrainer):
             logs.update({"loss/hfsd": loss_hfsd.item(), "hfsd/grad_abs": grad.abs().mean().item()})
         if c.gan_weight > 0:
             # 3. Time-aware adversarial term at t' ~ U{0 .. T-1}, through the frozen teacher and head.
-            t_d = self.sample_t(n)
-            batch["t_d"], batch["e_d"] = t_d, self.randn(tuple(x_s.shape))
-            for p in self.heads.parameters():
-                p.requires_grad_(False)
-            try:
-                loss_adv = -self.discriminate(x_s, cond, t_d, batch["e_d"]).mean()
-            finally:
-                for p in self.heads.parameters():
-                    p.requires_grad_(True)
+            loss_adv = self.adversarial_loss(x_s, cond, batch)
             loss = loss + c.gan_weight * loss_adv
             logs["loss/adv_g"] = loss_adv.item()
         return loss, logs
@@ -202,15 +160,7 @@ class TADSRTrainer(DistillTrainer):
             with torch.no_grad():
                 t0 = torch.full((x_real.shape[0],), self.config.generator_timesteps[0], dtype=torch.long, device=self.device)
                 x_fake = self.generator(batch["noise"], t0, cond)
-        t_d = batch.get("t_d")
-        if t_d is None:
-            t_d, batch["e_d"] = self.sample_t(x_real.shape[0]), self.randn(tuple(x_real.shape))
-        with torch.no_grad():  # the teacher's features carry no gradient here: only the head trains
-            _, f_real = self.teacher(self.schedule.add_noise(x_real, batch["e_d"], t_d), t_d, cond, return_features=True)
-            _, f_fake = self.teacher(self.schedule.add_noise(x_fake.detach(), batch["e_d"], t_d), t_d, cond, return_features=True)
-        d_real, d_fake = self.heads["gan"](f_real, t_d), self.heads["gan"](f_fake, t_d)
-        loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-        return loss, {"loss/adv_d": loss.item(), "adv/d_real": d_real.mean().item(), "adv/d_fake": d_fake.mean().item()}
+        return self.discriminator_loss(x_real, x_fake, cond, batch)
 
     def is_fake_step(self, step: int) -> bool:
         return self.config.gan_weight > 0
@@ -222,4 +172,4 @@ def _twice(cond):
     return cat_cond(cond, cond)
 
 
-__all__ = ["TADSRConfig", "TADSRTrainer", "TimeAwareHead", "hfsd_gradient"]
+__all__ = ["TADSRConfig", "TADSRTrainer", "TimeAwareHead", "hfsd_gradient"]  # TimeAwareHead: trainers/latent_gan.py
