@@ -118,6 +118,16 @@ def model_card(meta: dict[str, Any]) -> str:
             "```",
             "",
         ]
+    elif pipeline and meta["model_class"] == "UNet3DConditionModel":  # a TextToVideoSDPipeline folder
+        lines += [
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            "",
+            'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")',
+            f'frames = pipe("a cat walking", num_frames={meta["sample_shape"][1]}, num_inference_steps={steps}, guidance_scale=1.0).frames[0]',
+            "```",
+            "",
+        ]
     elif pipeline:
         lines += [
             "```python",

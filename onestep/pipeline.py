@@ -23,7 +23,7 @@ from .errors import StudentFormatError
 from .files import PICKLE_SUFFIXES
 from .schedule import FLOW_SCHEDULERS, NoiseSchedule
 from .teachers.latents import LatentVAE
-from .teachers.sd import SD_PARTS, SDXL_PARTS, is_sdxl, read_model_index
+from .teachers.sd import SD_PARTS, SDXL_PARTS, is_sdxl, is_text_to_video, read_model_index
 from .teachers.sd3 import T5_MAX_LENGTH, SD3PromptEncoder, is_sd3, sd3_parts
 from .teachers.text import DEFAULT_VALIDATION_PROMPTS, PromptEncoder, TextConditioning
 
@@ -107,7 +107,8 @@ def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_sub
     if is_sd3(index):
         model, model_class, all_parts = "transformer", "SD3Transformer2DModel", sd3_parts(src, index)
     else:
-        model, model_class, all_parts = "unet", "UNet2DConditionModel", SDXL_PARTS if is_sdxl(index) else SD_PARTS
+        unet_class = "UNet3DConditionModel" if is_text_to_video(index) else "UNet2DConditionModel"  # TextToVideoSDPipeline: SD's parts
+        model, model_class, all_parts = "unet", unet_class, SDXL_PARTS if is_sdxl(index) else SD_PARTS
     if generator_subfolder != model:
         raise ValueError(f"the student {model_class} must sit in {model}/ for diffusers to find it")
     parts = [p for p in all_parts if p not in (model, "scheduler")]

@@ -68,8 +68,10 @@ def save_image_grid(x: torch.Tensor, path: str | Path, title: str = "", nrow: in
 
 
 def save_samples_picture(x: torch.Tensor, path: str | Path, title: str = "", nrow: int = 10) -> Path:
-    """Save samples as a picture: an image grid for ``(N, C, H, W)`` (:func:`save_image_grid`), a
-    scatter plot for ``(N, 2)``."""
+    """Save samples as a picture: an image grid for ``(N, C, H, W)`` (:func:`save_image_grid`), one clip a
+    row (frames left to right) for video ``(N, C, F, H, W)``, a scatter plot for ``(N, 2)``."""
+    if x.ndim == 5:
+        return save_image_grid(x.transpose(1, 2).flatten(0, 1), path, title, nrow=x.shape[2])
     if x.ndim != 2:
         return save_image_grid(x, path, title, nrow)
     path = Path(path)
@@ -115,3 +117,25 @@ def save_comparison(
     if title:
         fig.suptitle(title)
     return _save(fig, path, dpi=110)
+
+
+def save_clip_gifs(x: torch.Tensor, out: str | Path, fps: float = 4.0, prefix: str = "clip") -> list[Path]:
+    """Each video sample of ``x`` ``(N, C, F, H, W)`` in [-1, 1] as an endlessly looping GIF
+    ``<prefix>_00000.gif``, ... in ``out``, scaled up (nearest) to at least 128 pixels a side as the grids are."""
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n, _, f, h, w = x.shape
+    factor = max(1, -(-128 // max(h, w)))
+    frames = x.detach().float().transpose(1, 2).flatten(0, 1)  # (N * F, C, H, W), clip-major
+    if factor > 1:
+        frames = torch.nn.functional.interpolate(frames, scale_factor=factor, mode="nearest")
+    arr = to_uint8(frames).reshape(n, f, h * factor, w * factor, -1)
+    paths = []
+    for i in range(n):
+        pics = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr[i]]
+        path = out / f"{prefix}_{i:05d}.gif"
+        pics[0].save(path, save_all=True, append_images=pics[1:], duration=int(1000 / fps), loop=0)
+        paths.append(path)
+    return paths

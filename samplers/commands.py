@@ -13,7 +13,7 @@ from onestep.audio import audio_meta_of, write_sounds
 from onestep.errors import OnestepError
 from onestep.export import load_student
 from onestep.runtime import default_device
-from onestep.viz import save_samples_picture, to_uint8
+from onestep.viz import save_clip_gifs, save_samples_picture, to_uint8
 
 from .student import sample_student_from_seeds, sample_text_student, super_resolve
 
@@ -42,7 +42,8 @@ def sample_to_folder(
 
     Writes ``samples.npz`` (``samples``: raw float32, ``labels``, ``seeds``), one PNG per image
     (``sample_00000.png``, ...) and ``grid.png`` (a scatter plot for 2D students); audio (mel-spectrogram)
-    students also get ``sample_00000.wav``, ... (:func:`onestep.audio.write_sounds`). ``gamma`` and ``nu``
+    students also get ``sample_00000.wav``, ... (:func:`onestep.audio.write_sounds`); video students one looping
+    ``clip_00000.gif`` per clip instead of the PNGs, and ``grid.png`` one clip a row. ``gamma`` and ``nu``
     override a CTM student's gamma- and nu-sampling (:mod:`onestep.ctm`). Image-conditioned
     (super-resolution) students take ``images``, a folder of low-resolution images (or one image file):
     sample ``i`` super-resolves image ``i mod n`` (files sorted by name); ``labels`` in ``samples.npz``
@@ -105,6 +106,8 @@ def sample_to_folder(
 
         for i, img in enumerate(to_uint8(x)):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"sample_{i:05d}.png")
+    if x.ndim == 5:  # video: each clip as a looping GIF
+        save_clip_gifs(x, out)
     save_samples_picture(x, out / "grid.png", title=f"{student.meta.get('method', '')} student, {len(timesteps)} step(s)")
     audio = audio_meta_of(student.meta)
     if audio is not None:  # mel-spectrogram students (the sounds teacher): also sample_00000.wav, ... through the toy vocoder

@@ -117,6 +117,28 @@ def make_tiny_sd(out: str | Path, seed: int = 0, prediction_type: str = "epsilon
     return out
 
 
+def make_tiny_t2v(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random text-to-video pipeline folder (``TextToVideoSDPipeline``: SD's parts with a
+    ``UNet3DConditionModel``, latents 4 x F x 8 x 8, DDIM scheduler config)."""
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    unet = UNet3DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=4, norm_num_groups=4,
+    )
+    pipe = TextToVideoSDPipeline(
+        vae=tiny_vae(), text_encoder=CLIPTextModel(tiny_text_config(len(tok))), tokenizer=tok, unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def make_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
     """A tiny random SDXL-style pipeline folder: two text encoders (the second with a projection:
     pooled embeddings), ``addition_embed_type="text_time"`` (pooled embeddings and time ids)."""

@@ -207,6 +207,7 @@ class DistillConfig:
     validation_prompts: str | None = config_field("text-to-image: a prompt file for previews (default: a fixed list of 8 prompts)")
     negative_prompt: str | None = config_field("text-to-image: replaces the empty prompt as the unconditional branch of guidance")
     resolution: int | None = config_field("text-to-image: image side in pixels (default: the UNet's sample_size times the VAE factor)")
+    num_frames: int | None = config_field("text-to-video teachers (TextToVideoSDPipeline folders): frames per clip (default 16)")
     real_images: str | None = config_field(
         "text-to-image: a folder of images with captions (metadata.jsonl with file_name and text, or a .txt per image) "
         "for GAN terms and consistency distillation; VAE latents are cached under $ONESTEP_CACHE/latents"
@@ -256,7 +257,7 @@ class DistillConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must lie in [0, 1) (got {getattr(self, name)})")
-        for name in ("lora_alpha", "generator_lora_alpha", "resolution"):
+        for name in ("lora_alpha", "generator_lora_alpha", "resolution", "num_frames"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 when set (got {getattr(self, name)})")
         for name in ("lr_generator", "lr_fake"):
@@ -358,6 +359,7 @@ def load_teacher_for(
         validation_prompts=config.validation_prompts,
         negative_prompt=config.negative_prompt,
         resolution=config.resolution,
+        num_frames=config.num_frames,
         real_images=config.real_images,
         cache_text_embeddings=config.cache_text_embeddings,
         text_cache_dtype=text_cache_dtype,

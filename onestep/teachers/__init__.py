@@ -57,15 +57,19 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
     from the cache when offline); the teacher is then named by its id.
 
     Text-to-image folders (a ``UNet2DConditionModel`` with VAE, text encoder(s) and
-    tokenizer(s): SD1.5, SD2.1, SDXL) load through :func:`onestep.teachers.sd.load_text_to_image_teacher`,
+    tokenizer(s): SD1.5, SD2.1, SDXL) and text-to-video ones (``TextToVideoSDPipeline``: a ``UNet3DConditionModel``
+    with VAE, text encoder and tokenizer; option ``num_frames``) load through
+    :func:`onestep.teachers.sd.load_text_to_image_teacher`,
     flow-matching SD3 folders (an ``SD3Transformer2DModel``) through
     :func:`onestep.teachers.sd3.load_sd3_teacher`, SD x4 upscaler folders (``StableDiffusionUpscalePipeline``)
     through :func:`onestep.teachers.upscaler.load_upscaler_teacher` (options ``prompt``, ``noise_level``,
     ``resolution``, ``real_images``); the text-to-image ones take ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``,
     ``resolution``, ``real_images``, ``cache_text_embeddings``, ``text_cache_dtype``, ``device``, ``prompt_column``,
     ``weights_dtype``, ``text_compute``);
-    other teachers ignore them, and refuse the upscaler's."""
+    other teachers ignore them, and refuse the upscaler's and ``num_frames``."""
     s = str(spec)
+    if text_options.get("num_frames") is None:
+        text_options.pop("num_frames", None)
     if s.startswith("gmm-") or s in ("digits", "digits-sr", "sounds"):
         _refuse_upscaler_options(text_options, s)
     if s.startswith("gmm-"):
@@ -98,16 +102,19 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
             )
         path, name = resolve_hub_teacher(s, allow_hub), s
     if (path / "model_index.json").is_file():
-        from .sd import component_class, load_text_to_image_teacher, read_model_index
+        from .sd import component_class, is_text_to_video, load_text_to_image_teacher, read_model_index
 
         index = read_model_index(path)
         from .upscaler import is_upscaler, load_upscaler_teacher
 
+        frames = {"num_frames": text_options.pop("num_frames")} if "num_frames" in text_options and is_text_to_video(index) else {}
+        if "num_frames" in text_options:
+            raise TeacherError(f"num_frames: an option of text-to-video teachers; {name} is not one")
         if is_upscaler(index):  # StableDiffusionUpscalePipeline: image-conditioned, in latent space
             return load_upscaler_teacher(path, name=name, **text_options)
         _refuse_upscaler_options(text_options, name)
-        if component_class(index, "unet") == "UNet2DConditionModel":
-            return load_text_to_image_teacher(path, name=name, **text_options)
+        if component_class(index, "unet") == "UNet2DConditionModel" or is_text_to_video(index):
+            return load_text_to_image_teacher(path, name=name, **text_options, **frames)
         if component_class(index, "transformer") == "SD3Transformer2DModel":
             from .sd3 import load_sd3_teacher
 
@@ -117,12 +124,15 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
 
 
 def _refuse_upscaler_options(options: dict, name: str) -> None:
-    """Refuse the SD x4 upscaler's own options (``prompt``, ``noise_level``) for a teacher that is not one."""
+    """Refuse the SD x4 upscaler's own options (``prompt``, ``noise_level``) for a teacher that is not one, and
+    ``num_frames`` (text-to-video folders take it: they load through the text-to-image loader, which checks it)."""
     from .upscaler import UPSCALER_OPTIONS
 
     given = sorted(k for k in UPSCALER_OPTIONS if options.pop(k, None) is not None)
     if given:
         raise TeacherError(f"{', '.join(given)}: options of SD x4 upscaler teachers; {name} is not one")
+    if options.pop("num_frames", None) is not None:
+        raise TeacherError(f"num_frames: an option of text-to-video teachers; {name} is not one")
 
 def load_unet_and_schedule(path: Path, unet_class: type) -> tuple[nn.Module, dict[str, Any], NoiseSchedule, dict[str, Any]]:
     """A pixel pipeline folder's denoiser (``unet/``, safetensors only), its scheduler config and noise schedule,

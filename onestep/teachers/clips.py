@@ -26,8 +26,9 @@ UNET_CONFIG = dict(
     sample_size=SIZE,
     in_channels=1,
     out_channels=1,
-    down_block_types=("DownBlock3D", "DownBlock3D"),
-    up_block_types=("UpBlock3D", "UpBlock3D"),
+    # cross-attention (the class token) at the 8x8 level on the way down and up, besides the mid block
+    down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
+    up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
     block_out_channels=(32, 48),
     layers_per_block=1,
     norm_num_groups=8,
@@ -73,8 +74,8 @@ def load_clips_teacher(path: str | Path = CLIPS_TEACHER, name: str = "digit-clip
     conditioning = conditioning_from_dict(meta.get("conditioning", TEACHER_META["conditioning"]))
     if not isinstance(conditioning, ClassTokenConditioning) or unet.config.cross_attention_dim != conditioning.num_classes + 1:
         raise TeacherError(
-            f"{path}: video teachers load as pixel-space class-token models (onestep_teacher.json with class_tokens conditioning, "
-            "cross_attention_dim = num_classes + 1); latent text-to-video pipelines (VAE, text encoder) are not supported yet"
+            f"{path}: pixel-space video teachers are class-token models (onestep_teacher.json with class_tokens conditioning, "
+            "cross_attention_dim = num_classes + 1); a latent text-to-video pipeline needs vae/, text_encoder/ and tokenizer/"
         )
     cfg = unet.config
     return Teacher(
@@ -93,17 +94,19 @@ def load_clips_teacher(path: str | Path = CLIPS_TEACHER, name: str = "digit-clip
 
 
 def is_video_teacher_folder(spec: str | Path) -> bool:
-    """True for a local pipeline folder whose ``unet`` is a ``UNet3DConditionModel``."""
+    """True for a local pixel-space pipeline folder whose ``unet`` is a ``UNet3DConditionModel`` (no text encoder:
+    latent text-to-video folders load through :func:`onestep.teachers.sd.load_text_to_image_teacher`)."""
     import json
 
     index = Path(spec).expanduser() / "model_index.json"
     if not index.is_file():
         return False
     try:
-        unet = json.loads(index.read_text()).get("unet")
+        parsed = json.loads(index.read_text())
+        unet, text = parsed.get("unet"), parsed.get("text_encoder")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(unet, list) and len(unet) == 2 and unet[1] == "UNet3DConditionModel"
+    return isinstance(unet, list) and len(unet) == 2 and unet[1] == "UNet3DConditionModel" and not (isinstance(text, list) and text[1])
 
 
 __all__ = ["CLIPS_TEACHER", "SCHEDULER_CONFIG", "TEACHER_META", "UNET_CONFIG", "clips_sampler", "is_video_teacher_folder", "load_clips_teacher"]

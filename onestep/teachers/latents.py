@@ -37,7 +37,12 @@ class LatentVAE(nn.Module):
         return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images (float32, about ``[-1, 1]``, not clamped) from latents."""
+        """Images (float32, about ``[-1, 1]``, not clamped) from latents; latent clips ``(B, C, F, h, w)``
+        frame by frame into ``(B, 3, F, H, W)``, as ``TextToVideoSDPipeline`` decodes them."""
+        if z.ndim == 5:
+            b, _, f = z.shape[:3]
+            frames = self.decode(z.permute(0, 2, 1, 3, 4).flatten(0, 1))
+            return frames.unflatten(0, (b, f)).permute(0, 2, 1, 3, 4)
         x = z / self.vae.config.scaling_factor
         if self._shift():
             x = x + self._shift()

@@ -4,7 +4,9 @@ pipeline folders on disk, in latent space; and the folder checks the SD3 loader 
 A teacher folder is what ``pipeline.save_pretrained`` writes: ``model_index.json``, ``unet/``
 (a ``UNet2DConditionModel``), ``vae/`` (``AutoencoderKL``), ``text_encoder/`` + ``tokenizer/``
 (CLIP) and ``scheduler/``; SDXL adds ``text_encoder_2/`` (with projection: pooled embeddings)
-and ``tokenizer_2/``. Everything loads with ``from_pretrained(path)`` from safetensors; nothing
+and ``tokenizer_2/``. A text-to-video folder (diffusers' ``TextToVideoSDPipeline``: the SD parts with a
+``UNet3DConditionModel``) loads the same way, its samples latent clips ``(C, F, h, w)`` decoded frame by
+frame. Everything loads with ``from_pretrained(path)`` from safetensors; nothing
 reaches a hub and no remote code runs.
 
 Latent space throughout (:mod:`onestep.teachers.latents`): the generator, the fake score and the
@@ -30,6 +32,8 @@ from .text import PromptEncoder, TextConditioning, text_conditioning
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = SD_PARTS + ("text_encoder_2", "tokenizer_2")
+DEFAULT_FRAMES = 16
+"""Frames of a text-to-video teacher's clips unless ``num_frames`` says otherwise (``TextToVideoSDPipeline``'s default)."""
 
 
 def read_model_index(path: Path) -> dict[str, Any]:
@@ -50,6 +54,11 @@ def component_class(index: dict[str, Any], part: str) -> str | None:
     if isinstance(entry, list) and len(entry) == 2:
         return entry[1]
     return None if entry is None else str(entry)
+
+
+def is_text_to_video(index: dict[str, Any]) -> bool:
+    """A latent text-to-video folder: a ``UNet3DConditionModel`` with a text encoder (``TextToVideoSDPipeline``)."""
+    return component_class(index, "unet") == "UNet3DConditionModel" and component_class(index, "text_encoder") is not None
 
 
 def is_sdxl(index: dict[str, Any]) -> bool:
@@ -90,8 +99,10 @@ def load_text_to_image_teacher(
     prompt_column: str | None = None,
     weights_dtype: torch.dtype | None = None,
     text_compute: str = "storage",
+    num_frames: int | None = None,
 ):
-    """Load a Stable Diffusion / SDXL pipeline folder as a latent :class:`~onestep.teachers.Teacher`.
+    """Load a Stable Diffusion / SDXL (or SD-layout text-to-video) pipeline folder as a latent
+    :class:`~onestep.teachers.Teacher`.
 
     Args:
         path: the pipeline folder.
@@ -113,14 +124,21 @@ def load_text_to_image_teacher(
             float32 weights are never all in memory (SDXL: 10.3 GB).
         text_compute: what text encoders loaded in bf16 / fp16 compute in: ``"storage"`` or ``"float32"``
             (:mod:`onestep.precision`).
+        num_frames: text-to-video folders: frames per clip (default :data:`DEFAULT_FRAMES`); refused for images.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel, UNet3DConditionModel
 
     index = read_model_index(path)
     check_parts(path, index)
-    xl = is_sdxl(index)
+    xl, video = is_sdxl(index), is_text_to_video(index)
+    if num_frames is not None and (not video or isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+        raise ConfigError(f"num_frames must be a whole number >= 1 (got {num_frames!r})" if video else
+                          f"num_frames: an option of text-to-video teachers; {path} is a text-to-image pipeline")
+    if video and real_images:
+        raise ConfigError(f"real_images: {path} is a text-to-video teacher, and real_images are still images, not clips")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, **dtype_option(weights_dtype))
+        unet_class = UNet3DConditionModel if video else UNet2DConditionModel
+        unet = unet_class.from_pretrained(path / "unet", use_safetensors=True, **dtype_option(weights_dtype))
         vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
     except (OSError, ValueError) as e:
         raise TeacherError(f"{path}: cannot load the UNet or the VAE ({e})") from e
@@ -139,18 +157,21 @@ def load_text_to_image_teacher(
         cache_text_embeddings=cache_text_embeddings, zero_empty_prompt=bool(xl and index.get("force_zeros_for_empty_prompt", False)),
         text_cache_dtype=text_cache_dtype, prompt_column=prompt_column,
     )
+    frames = (int(num_frames or DEFAULT_FRAMES),) if video else ()
+    meta = {"pipeline": index.get("_class_name"), "pipeline_folder": str(path.resolve()), "sdxl": xl, "resolution": side}
     return Teacher(
         name=name,
         backbone=unet,
         schedule=schedule,
         prediction_type=sched_cfg.get("prediction_type", "epsilon"),
         conditioning=conditioning,
-        sample_shape=(int(unet.config.in_channels), side // f, side // f),
-        guidance_scale=5.0 if xl else 7.5,
+        sample_shape=(int(unet.config.in_channels), *frames, side // f, side // f),
+        # the pipelines' defaults: TextToVideoSDPipeline 9, SDXL 5, SD 7.5
+        guidance_scale=9.0 if video else 5.0 if xl else 7.5,
         clip=None,  # latents are not clamped
         sha256=_sha256_of(list((path / "unet").glob("*.safetensors"))),
         real_data=real_data,
-        meta={"pipeline": index.get("_class_name"), "pipeline_folder": str(path.resolve()), "sdxl": xl, "resolution": side},
+        meta=meta | ({"modality": "video", "frames": frames[0]} if video else {}),
         vae=latent_vae,
     )
 
@@ -188,7 +209,9 @@ __all__ = [
     "SD_PARTS",
     "check_parts",
     "component_class",
+    "DEFAULT_FRAMES",
     "is_sdxl",
+    "is_text_to_video",
     "load_text_to_image_teacher",
     "read_json_object",
     "read_model_index",
