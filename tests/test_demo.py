@@ -27,16 +27,20 @@ def _require(module: str):
     return pytest.importorskip(module)
 
 
-@pytest.fixture(scope="module")
-def demo_student(tmp_path_factory, tiny_teacher_dir):
-    """A one-step student of the tiny teacher (its generator is a perturbed copy of the teacher)."""
-    teacher = load_teacher(tiny_teacher_dir)
+def perturbed_student(folder, teacher, method: str, timestep: int, seed: int):
+    """A one-step student whose generator is a copy of ``teacher`` with small random changes."""
     net = teacher.new_backbone()
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    return export_student(tmp_path_factory.mktemp("demo") / "student", net, teacher, method="dmd2", timesteps=[800])
+    return export_student(folder, net, teacher, method=method, timesteps=[timestep])
+
+
+@pytest.fixture(scope="module")
+def demo_student(tmp_path_factory, tiny_teacher_dir):
+    """A one-step student of the tiny teacher (its generator is a perturbed copy of the teacher)."""
+    return perturbed_student(tmp_path_factory.mktemp("demo") / "student", load_teacher(tiny_teacher_dir), "dmd2", 800, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +143,7 @@ def test_2d_student_gives_one_scatter_picture_and_a_mismatched_teacher_is_refuse
 @pytest.fixture(scope="module")
 def sr_student(tmp_path_factory):
     """A one-step student of the built-in digits-sr teacher (a perturbed copy of the teacher)."""
-    teacher = load_teacher("digits-sr")
-    net = teacher.new_backbone()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return export_student(tmp_path_factory.mktemp("demo_sr") / "student", net, teacher, method="tadsr", timesteps=[600])
+    return perturbed_student(tmp_path_factory.mktemp("demo_sr") / "student", load_teacher("digits-sr"), "tadsr", 600, seed=2)
 
 
 def test_sr_student_upscales_uploads_and_held_out_digits_beside_its_teacher(sr_student):
