@@ -108,6 +108,8 @@ def build_trainer(row: str, teacher: str, work: Path, assets: dict[str, str] | N
         overrides.update(teacher=assets["sd"], prompts=assets["prompts"], batch_size=2)
         if row in REAL_ROWS:
             overrides["real_images"] = assets["images"]
+        if row == "consistency":  # digits_lcm's first-step label: pixel students only (an LCMScheduler starts at the top)
+            overrides["first_step_timestep"] = None
     elif teacher != "digits":
         raise SystemExit(f"unknown teacher {teacher!r}; use one of {', '.join(TEACHERS)}")
     overrides.update(extra_overrides or {})
