@@ -50,10 +50,10 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, ema_deca
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("onestep/assets/clips-teacher"), help="output folder")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=3600, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
