@@ -12,7 +12,7 @@ for ``--num`` seeds (sample ``i``: seed ``seed + i``, class ``i % 10``, the same
 - seconds for the whole row (one thread).
 
 Real test clips are scored as a reference row. Writes ``table.md``, ``results.json`` and ``frames.png`` (one clip a
-row, frames left to right: teacher 50 | student 1 | student 4) to ``--out``.
+row, frames left to right: teacher 50 | student 1 | student 4) and ``clips.gif`` (the same clips moving) to ``--out``.
 
     OMP_NUM_THREADS=1 python benchmarks/video.py --out benchmarks/video-out
 """
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from onestep.samplers.student import sample_student_from_seeds, teacher_sample_from_seeds
     from onestep.trainers import load_config, make_trainer
     from onestep.video import clips_dataset, frames_of
-    from onestep.viz import save_image_grid
+    from onestep.viz import save_clip_gifs, save_image_grid
 
     a.out.mkdir(parents=True, exist_ok=True)
     config = load_config(a.config, {"output_dir": str(a.out / "run"), "overwrite": True} if a.generator is None else {"output_dir": str(a.out / "run-view")})
@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     pic = torch.cat([torch.cat([frames_of(samples[key][i : i + 1]) for key in ("teacher", 1, 4)]) for i in range(m)])
     frames = samples["teacher"].shape[2]
     save_image_grid(pic, a.out / "frames.png", title="teacher DDIM | MCM 1 step | MCM 4 steps", nrow=3 * frames)
+    # the same clips moving: one looping GIF, a clip a row (teacher | 1 step | 4 steps), one white pixel between
+    pad = lambda x: torch.nn.functional.pad(x, (0, 1, 0, 1), value=1.0)  # noqa: E731
+    mosaic = torch.stack([torch.cat([torch.cat([pad(samples[key][i, :, f]) for key in ("teacher", 1, 4)], -1) for i in range(m)], -2)
+                          for f in range(frames)], 1)
+    (save_clip_gifs(mosaic[None], a.out, prefix="clips")[0]).replace(a.out / "clips.gif")
 
     cols = ["frame_accuracy", "velocity_to_teacher", "velocity_to_grid", "velocity_residual", "speed", "seconds"]
     lines = [

@@ -121,13 +121,13 @@ def save_comparison(
 
 def save_clip_gifs(x: torch.Tensor, out: str | Path, fps: float = 4.0, prefix: str = "clip") -> list[Path]:
     """Each video sample of ``x`` ``(N, C, F, H, W)`` in [-1, 1] as an endlessly looping GIF
-    ``<prefix>_00000.gif``, ... in ``out``, scaled up (nearest) to at least 128 pixels a side as the grids are."""
+    ``<prefix>_00000.gif``, ... in ``out``, scaled up (nearest) until the shorter side is at least 128 pixels."""
     from PIL import Image
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n, _, f, h, w = x.shape
-    factor = max(1, -(-128 // max(h, w)))
+    factor = max(1, -(-128 // min(h, w)))
     frames = x.detach().float().transpose(1, 2).flatten(0, 1)  # (N * F, C, H, W), clip-major
     if factor > 1:
         frames = torch.nn.functional.interpolate(frames, scale_factor=factor, mode="nearest")
