@@ -68,10 +68,8 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
     ``weights_dtype``, ``text_compute``);
     other teachers ignore them, and refuse the upscaler's and ``num_frames``."""
     s = str(spec)
-    if text_options.get("num_frames") is None:
-        text_options.pop("num_frames", None)
     if s.startswith("gmm-") or s in ("digits", "digits-sr", "sounds"):
-        _refuse_upscaler_options(text_options, s)
+        _refuse_foreign_options(text_options, s)
     if s.startswith("gmm-"):
         return _gmm_teacher(s)
     if s == "digits":
@@ -87,7 +85,7 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
     from .clips import is_video_teacher_folder, load_clips_teacher
 
     if s == "digit-clips" or is_video_teacher_folder(s):  # video (UNet3DConditionModel): the built-in one or a folder
-        _refuse_upscaler_options(text_options, s)
+        _refuse_foreign_options(text_options, s)
         return load_clips_teacher() if s == "digit-clips" else load_clips_teacher(Path(s).expanduser(), name=s)
     path = Path(s).expanduser()
     name = str(path)
@@ -105,34 +103,35 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
         from .sd import component_class, is_text_to_video, load_text_to_image_teacher, read_model_index
 
         index = read_model_index(path)
-        from .upscaler import is_upscaler, load_upscaler_teacher
+        from .upscaler import UPSCALER_OPTIONS, is_upscaler, load_upscaler_teacher
 
-        frames = {"num_frames": text_options.pop("num_frames")} if "num_frames" in text_options and is_text_to_video(index) else {}
-        if "num_frames" in text_options:
-            raise TeacherError(f"num_frames: an option of text-to-video teachers; {name} is not one")
         if is_upscaler(index):  # StableDiffusionUpscalePipeline: image-conditioned, in latent space
+            _refuse_foreign_options(text_options, name, keep=UPSCALER_OPTIONS)
             return load_upscaler_teacher(path, name=name, **text_options)
-        _refuse_upscaler_options(text_options, name)
+        _refuse_foreign_options(text_options, name, keep=VIDEO_OPTIONS if is_text_to_video(index) else ())
         if component_class(index, "unet") == "UNet2DConditionModel" or is_text_to_video(index):
-            return load_text_to_image_teacher(path, name=name, **text_options, **frames)
+            return load_text_to_image_teacher(path, name=name, **text_options)
         if component_class(index, "transformer") == "SD3Transformer2DModel":
             from .sd3 import load_sd3_teacher
 
             return load_sd3_teacher(path, name=name, **text_options)
-    _refuse_upscaler_options(text_options, name)
+    _refuse_foreign_options(text_options, name)
     return _pipeline_teacher(path, name=name)
 
 
-def _refuse_upscaler_options(options: dict, name: str) -> None:
-    """Refuse the SD x4 upscaler's own options (``prompt``, ``noise_level``) for a teacher that is not one, and
-    ``num_frames`` (text-to-video folders take it: they load through the text-to-image loader, which checks it)."""
+#: Loader options only text-to-video folders take (checked by the text-to-image loader that loads them).
+VIDEO_OPTIONS = ("num_frames",)
+
+
+def _refuse_foreign_options(options: dict, name: str, keep: tuple[str, ...] = ()) -> None:
+    """Drop from ``options`` the options only some teachers take (the SD x4 upscaler's ``prompt`` and
+    ``noise_level``, text-to-video's ``num_frames``), all but ``keep``; refuse any of them that was set."""
     from .upscaler import UPSCALER_OPTIONS
 
-    given = sorted(k for k in UPSCALER_OPTIONS if options.pop(k, None) is not None)
-    if given:
-        raise TeacherError(f"{', '.join(given)}: options of SD x4 upscaler teachers; {name} is not one")
-    if options.pop("num_frames", None) is not None:
-        raise TeacherError(f"num_frames: an option of text-to-video teachers; {name} is not one")
+    for keys, what in ((UPSCALER_OPTIONS, "options of SD x4 upscaler teachers"), (VIDEO_OPTIONS, "an option of text-to-video teachers")):
+        given = sorted(k for k in keys if k not in keep and options.pop(k, None) is not None)
+        if given:
+            raise TeacherError(f"{', '.join(given)}: {what}; {name} is not one")
 
 def load_unet_and_schedule(path: Path, unet_class: type) -> tuple[nn.Module, dict[str, Any], NoiseSchedule, dict[str, Any]]:
     """A pixel pipeline folder's denoiser (``unet/``, safetensors only), its scheduler config and noise schedule,
