@@ -374,20 +374,9 @@ class DemoModel:
             xs, sec = timed(super_resolve, s, lowres, seeds, int(req.steps), self.device)
         return DemoResult(xs, sec, timesteps, seeds, None, str(self.device), lowres=lowres)
 
-    def _image_teacher_spec(self, result: DemoResult):
-        """The teacher conditioned on the request's inputs (sample ``i`` on input ``i mod M``), as a pixel
-        super-resolution student reads them: bicubic-upsampled to the sample size."""
-        import dataclasses
-
-        if self.student.meta.get("upscaler") is not None:
-            raise DemoInputError("the side-by-side teacher is not available for SD x4 upscaler students yet")
-        cond = self.teacher.conditioning
-        images = cond.from_lowres(result.lowres.float(), tuple(self.teacher.sample_shape[-2:]))["image"]
-        return dataclasses.replace(self.teacher, conditioning=cond.with_images(images)), [i % len(images) for i in range(len(result.seeds))]
-
     def run_teacher(self, req: DemoRequest, result: DemoResult) -> DemoResult:
         """Sample the teacher for the seeds and classes of ``result`` (the student's) and add them to it."""
-        from onestep.samplers.student import teacher_sample_from_seeds
+        from onestep.samplers.student import on_lowres, teacher_sample_from_seeds
 
         if self.teacher is None:
             raise DemoInputError("this demo has no teacher: start it with --teacher to compare")
@@ -396,7 +385,9 @@ class DemoModel:
         self.check(req)
         t, labels = self.teacher, result.labels
         if self.kind == "image":
-            t, labels = self._image_teacher_spec(result)
+            if self.student.meta.get("upscaler") is not None:
+                raise DemoInputError("the side-by-side teacher is not available for SD x4 upscaler students yet")
+            t, labels = on_lowres(self.teacher, result.lowres, len(result.seeds))  # as super_resolve conditions the student
         with self._lock:
             xt, sec = timed(
                 teacher_sample_from_seeds, self._teacher_denoiser, t, result.seeds, labels, int(req.teacher_steps),

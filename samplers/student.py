@@ -202,6 +202,17 @@ def sample_upscaler_student(
     return torch.cat(outs)
 
 
+def on_lowres(spec, lowres: torch.Tensor, n: int):
+    """``spec`` (a pixel super-resolution student or teacher) conditioned on low-res images ``(M, C, h, w)`` in
+    [-1, 1], bicubic-upsampled to its sample size as training read them, and the labels of ``n`` samples:
+    sample ``i`` on image ``i mod M``."""
+    import dataclasses
+
+    cond = spec.conditioning
+    images = cond.from_lowres(lowres.float(), tuple(spec.sample_shape[-2:]))["image"]
+    return dataclasses.replace(spec, conditioning=cond.with_images(images)), [i % len(lowres) for i in range(n)]
+
+
 def super_resolve(
     student, lowres: torch.Tensor, seeds: list[int] | range, steps: int | None = None, device: torch.device | str = "cpu", batch_size: int = 64
 ) -> torch.Tensor:
@@ -209,8 +220,6 @@ def super_resolve(
     super-resolves ``lowres[i % len(lowres)]`` (``(N, C, h, w)`` in [-1, 1]). An SD x4 upscaler student
     goes through :func:`sample_upscaler_student` (decoded, its low-res images noised per seed); a pixel
     student (``digits-sr``) reads them bicubic-upsampled to its sample size. Returns ``[-1, 1]`` images."""
-    import dataclasses
-
     from onestep.errors import ConfigError
 
     cond = student.conditioning
@@ -221,8 +230,6 @@ def super_resolve(
         return sample_upscaler_student(student, lowres, seeds, steps, device=device, batch_size=min(batch_size, 16))
     if lowres.ndim != 4 or lowres.shape[1] != cond.image_channels:
         raise ConfigError(f"low-res images must be (N, {cond.image_channels}, h, w), got {tuple(lowres.shape)}")
-    images = cond.from_lowres(lowres.float(), tuple(student.sample_shape[-2:]))["image"]
-    spec = dataclasses.replace(student, conditioning=cond.with_images(images))
-    labels = [i % len(lowres) for i in range(len(seeds))]
+    spec, labels = on_lowres(student, lowres, len(seeds))
     x, _ = sample_student_from_seeds(student.generator, spec, student.timesteps_for(steps), seeds, labels, device=device, batch_size=batch_size)
     return x.clamp(-1, 1).cpu()
