@@ -96,17 +96,16 @@ def load_clips_teacher(path: str | Path = CLIPS_TEACHER, name: str = "digit-clip
 def is_video_teacher_folder(spec: str | Path) -> bool:
     """True for a local pixel-space pipeline folder whose ``unet`` is a ``UNet3DConditionModel`` (no text encoder:
     latent text-to-video folders load through :func:`onestep.teachers.sd.load_text_to_image_teacher`)."""
-    import json
+    from .sd import component_class, is_text_to_video, read_model_index
 
-    index = Path(spec).expanduser() / "model_index.json"
-    if not index.is_file():
+    path = Path(spec).expanduser()
+    if not (path / "model_index.json").is_file():
         return False
     try:
-        parsed = json.loads(index.read_text())
-        unet, text = parsed.get("unet"), parsed.get("text_encoder")
-    except (OSError, ValueError, AttributeError):
+        index = read_model_index(path)
+    except TeacherError:  # not valid JSON, or not an object: not a folder this loader takes
         return False
-    return isinstance(unet, list) and len(unet) == 2 and unet[1] == "UNet3DConditionModel" and not (isinstance(text, list) and text[1])
+    return component_class(index, "unet") == "UNet3DConditionModel" and not is_text_to_video(index)
 
 
 __all__ = ["CLIPS_TEACHER", "SCHEDULER_CONFIG", "TEACHER_META", "UNET_CONFIG", "clips_sampler", "is_video_teacher_folder", "load_clips_teacher"]
