@@ -29,6 +29,7 @@ from onestep.export import Student, load_student
 from onestep.quickstart import TEACHER_STEPS
 from onestep.runtime import default_device, timed
 from onestep.teachers import Teacher, load_teacher
+from onestep.teachers.latents import luma
 
 logger = get_logger(__name__)
 
@@ -142,7 +143,7 @@ def image_to_tensor(image: Any, channels: int) -> torch.Tensor:
     x = torch.from_numpy(arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
     x = x[None] if x.ndim == 2 else x[..., :3].permute(2, 0, 1)
     if channels == 1 and x.shape[0] == 3:
-        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+        x = luma(x)
     elif channels == 3 and x.shape[0] == 1:
         x = x.expand(3, -1, -1)
     return (x.clamp(0, 1) * 2 - 1).unsqueeze(0)

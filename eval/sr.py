@@ -99,7 +99,7 @@ def ground_truth(student, images: str | None, num_samples: int | None) -> tuple[
 
         hr, src = digits_sr_split("test"), "digits-sr held-out digits"
     else:
-        from onestep.teachers.latents import load_image
+        from onestep.teachers.latents import load_image, luma
 
         from .images import image_files
 
@@ -110,7 +110,7 @@ def ground_truth(student, images: str | None, num_samples: int | None) -> tuple[
         files = files[:num_samples] if num_samples else files
         hr = torch.stack([load_image(f, side) for f in files])
         if cond.image_channels == 1:  # grey: the luma of the RGB crop
-            hr = (hr * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            hr = luma(hr)
         src = str(folder)
     if tuple(hr.shape[1:]) != (cond.image_channels, side, side):
         raise OnestepError(f"ground truth of shape {tuple(hr.shape[1:])}; this student makes {(cond.image_channels, side, side)}")

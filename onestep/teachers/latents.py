@@ -87,6 +87,12 @@ def read_image_captions(folder: str | Path) -> list[tuple[Path, str]]:
     return pairs
 
 
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """Grey images from RGB ones, ``(..., 3, H, W)`` to ``(..., 1, H, W)``: ITU-R 601 luma, the weights of
+    PIL's ``convert("L")``."""
+    return (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(3, 1, 1)).sum(-3, keepdim=True)
+
+
 def load_image(path: Path, size: int) -> torch.Tensor:
     """``(3, size, size)`` in ``[-1, 1]``: the short side resized to ``size`` (bicubic), centre-cropped."""
     import numpy as np
@@ -231,5 +237,6 @@ __all__ = [
     "latent_cache_dir",
     "latent_cache_key",
     "load_image",
+    "luma",
     "read_image_captions",
 ]
