@@ -226,26 +226,28 @@ class DemoModel:
 
     @property
     def audio(self) -> dict | None:
-        """The student's audio settings (mel-spectrogram students of the ``sounds`` teacher), else None."""
+        """The student's audio settings (students of the ``sounds`` teacher or of an AudioLDM one), else None."""
         from onestep.audio import audio_meta_of
 
         return audio_meta_of(self.student.meta)
 
     def sound_of(self, x: torch.Tensor) -> tuple[int, np.ndarray] | None:
         """The first sample of ``x`` as ``(sample rate, int16 waveform)`` for ``gradio.Audio``, vocoded as
-        ``onestep sample`` writes WAVs (:func:`onestep.audio.write_sounds`); None for non-audio students."""
-        from onestep.audio import AUDIO_META, mel_to_waveform
+        ``onestep sample`` writes WAVs (:func:`onestep.audio.waveforms_of`); None for non-audio students."""
+        from onestep.audio import waveforms_of
 
         if self.audio is None:
             return None
-        w = mel_to_waveform(x[:1].detach().float().cpu())[0].numpy()
+        waves, rate = waveforms_of(x[:1].detach().float().cpu(), self.audio, self.student.vae)
+        w = waves[0].numpy()
         w = 0.9 * w / max(float(np.abs(w).max()), 1e-9)  # the peak level write_wav gives
-        return int(AUDIO_META["sample_rate"]), np.round(w * 32767).astype(np.int16)
+        return int(rate), np.round(w * 32767).astype(np.int16)
 
     def describe(self) -> str:
         """One line about the loaded models, for the page's header."""
         s = self.student
-        cond = {"class": f"class-conditional ({self.num_classes} classes)", "text": "text-to-image", "none": "unconditional",
+        cond = {"class": f"class-conditional ({self.num_classes} classes)", "text": "text-to-audio" if self.audio else "text-to-image",
+                "none": "unconditional",
                 "image": f"super-resolution (x{getattr(s.conditioning, 'scale', '?')}, low-res {self.lowres_size[1]}x{self.lowres_size[0]} inputs)"
                 if self.kind == "image" else ""}[self.kind]
         shape = "x".join(str(d) for d in s.sample_shape)

@@ -272,28 +272,41 @@ def audio_meta_of(meta: dict) -> dict | None:
     return None
 
 
-def write_sounds(mels: torch.Tensor, out: str | Path, prefix: str = "sample", n_iter: int = 32, audio: dict | None = None) -> list[Path]:
-    """Vocode mel spectrograms ``(N, 1, N_MELS, FRAMES)`` and write ``{prefix}_{i:05d}.wav`` into ``out``.
+def waveforms_of(samples: torch.Tensor, audio: dict | None = None, vae=None, n_iter: int = 32) -> tuple[torch.Tensor, int]:
+    """The sounds ``(N, num_samples)`` of a model's samples and their sample rate.
 
-    ``audio`` (a model's audio settings, :func:`audio_meta_of`) must match this module's: the toy
-    vocoder knows no other mel layout."""
+    A model with a vocoder (an AudioLDM teacher or student: ``vae`` is its
+    :class:`~onestep.teachers.audioldm.MelVAE`, ``samples`` the spectrogram pictures it decodes to) goes
+    through it; otherwise ``samples`` are the built-in teacher's mel spectrograms ``(N, 1, N_MELS, FRAMES)``
+    and the toy vocoder (Griffin-Lim, ``n_iter`` iterations) runs, whose settings ``audio`` (a model's,
+    :func:`audio_meta_of`) must match."""
     from .errors import OnestepError
 
+    if vae is not None and hasattr(vae, "waveform"):
+        return vae.waveform(samples), vae.sample_rate
     if audio is not None:
+        if "vocoder" in audio and audio["vocoder"] != AUDIO_META["vocoder"]:
+            raise OnestepError(f"this model's sounds come from its {audio['vocoder']} vocoder; load the model with it (its vae)")
         keys = ("sample_rate", "n_fft", "hop", "n_mels", "frames")
         wrong = {k: audio.get(k) for k in keys if audio.get(k) != AUDIO_META[k]}
         if wrong:
             raise OnestepError(f"audio settings {wrong} differ from the built-in vocoder's ({ {k: AUDIO_META[k] for k in keys} }); "
                                "only students of the built-in sounds teacher can be turned into WAV files")
+    return mel_to_waveform(samples, n_iter=n_iter), SAMPLE_RATE
+
+
+def write_sounds(mels: torch.Tensor, out: str | Path, prefix: str = "sample", n_iter: int = 32, audio: dict | None = None,
+                 vae=None) -> list[Path]:
+    """Turn a model's samples into sound (:func:`waveforms_of`) and write ``{prefix}_{i:05d}.wav`` into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    waves = mel_to_waveform(mels, n_iter=n_iter)
-    return [write_wav(out / f"{prefix}_{i:05d}.wav", w) for i, w in enumerate(waves)]
+    waves, rate = waveforms_of(mels, audio, vae, n_iter=n_iter)
+    return [write_wav(out / f"{prefix}_{i:05d}.wav", w, sample_rate=rate) for i, w in enumerate(waves)]
 
 
 __all__ = [
     "AUDIO_META", "CLASS_NAMES", "audio_meta_of", "FRAMES", "HOP", "N_FFT", "N_MELS", "NUM_CLASSES", "NUM_SAMPLES", "SAMPLE_RATE", "SPLITS",
     "dominant_frequency", "griffin_lim", "mel_centers", "mel_filterbank", "mel_spectrogram", "mel_to_magnitude",
     "mel_to_waveform", "read_wav", "sounds_dataset", "sounds_waveforms", "spectral_centroid", "stft_magnitude",
-    "synth_sound", "write_sounds", "write_wav",
+    "synth_sound", "waveforms_of", "write_sounds", "write_wav",
 ]

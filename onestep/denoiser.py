@@ -33,7 +33,8 @@ def call_backbone(backbone: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: C
     ``t`` is the backbone's own timestep input (:meth:`NoiseSchedule.model_timestep`). A dict
     condition is passed as keywords (``encoder_hidden_states``, ``timestep_cond``,
     ``pooled_projections``, ...); its SDXL keys ``text_embeds`` and ``time_ids`` go into
-    ``added_cond_kwargs``. Transformers take ``hidden_states`` and ``timestep`` as keywords too. An
+    ``added_cond_kwargs``; a ``UNet2DConditionModel`` given none of ``encoder_hidden_states`` gets None
+    (AudioLDM: the text embedding is its ``class_labels``). Transformers take ``hidden_states`` and ``timestep`` as keywords too. An
     ``"image"`` entry (:data:`~onestep.conditioning.CONCAT_KEY`, image-conditioned teachers such as the SD
     x4 upscaler) is concatenated to ``x`` along the channels; the rest is passed as above.
     """
@@ -49,6 +50,8 @@ def call_backbone(backbone: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: C
         added = {k: cond[k] for k in ADDED_COND_KEYS if k in cond}
         if added:
             kwargs["added_cond_kwargs"] = added
+        if "encoder_hidden_states" not in kwargs and "cross_attention_dim" in (getattr(backbone, "config", None) or {}):
+            kwargs["encoder_hidden_states"] = None  # AudioLDM's UNet: the text comes as class_labels, no attention context
         out = backbone(x, t, **kwargs)
     else:
         out = backbone(x, t, class_labels=cond)

@@ -118,6 +118,18 @@ def model_card(meta: dict[str, Any]) -> str:
             "```",
             "",
         ]
+    elif pipeline and meta.get("audio"):  # an AudioLDMPipeline folder
+        seconds = meta["audio"]["audio_length_in_s"]
+        lines += [
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            "",
+            'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")',
+            f'audio = pipe("a dog barking", audio_length_in_s={seconds:g}, num_inference_steps={steps}, guidance_scale=1.0).audios[0]',
+            f"# a float waveform at {meta['audio']['sample_rate']} Hz",
+            "```",
+            "",
+        ]
     elif pipeline and meta["model_class"] == "UNet3DConditionModel":  # a TextToVideoSDPipeline folder
         lines += [
             "```python",

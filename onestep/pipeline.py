@@ -22,6 +22,7 @@ import torch
 from .errors import StudentFormatError
 from .files import PICKLE_SUFFIXES
 from .schedule import FLOW_SCHEDULERS, NoiseSchedule
+from .teachers.audioldm import AUDIOLDM_PARTS, is_audioldm, student_audio_parts
 from .teachers.latents import LatentVAE
 from .teachers.sd import SD_PARTS, SDXL_PARTS, is_sdxl, is_text_to_video, read_model_index
 from .teachers.sd3 import T5_MAX_LENGTH, SD3PromptEncoder, is_sd3, sd3_parts
@@ -98,14 +99,17 @@ def write_student_index(
 
 def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_subfolder: str = "unet") -> None:
     """Make the student folder a diffusers pipeline: copy VAE, text encoder(s) and tokenizer(s) from
-    the teacher's folder, add a scheduler for the student's timesteps (unless one is there) and
-    ``model_index.json``, and the student network under a single-file name too:
+    the teacher's folder (and an AudioLDM teacher's vocoder, its audio settings added to ``meta["audio"]``),
+    add a scheduler for the student's timesteps (unless one is there) and ``model_index.json``, and the student network under a single-file name too:
     ``student_unet.safetensors`` (SD / SDXL) or ``student_transformer.safetensors`` (SD3), a hard link to
     the weights file (no second copy on disk) unless the weights are sharded."""
     src = Path(teacher.meta["pipeline_folder"])
     index = read_model_index(src)
     if is_sd3(index):
         model, model_class, all_parts = "transformer", "SD3Transformer2DModel", sd3_parts(src, index)
+    elif is_audioldm(index):  # AudioLDMPipeline: the vocoder too, and the clip's audio settings in onestep.json
+        model, model_class, all_parts = "unet", "UNet2DConditionModel", AUDIOLDM_PARTS
+        meta["audio"] = dict(teacher.meta["audio"])
     else:
         unet_class = "UNet3DConditionModel" if is_text_to_video(index) else "UNet2DConditionModel"  # TextToVideoSDPipeline: SD's parts
         model, model_class, all_parts = "unet", unet_class, SDXL_PARTS if is_sdxl(index) else SD_PARTS
@@ -132,17 +136,23 @@ def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_sub
 
 
 def student_text_parts(path: Path, meta: dict[str, Any], device: torch.device | str = "cpu") -> tuple[TextConditioning, LatentVAE]:
-    """The text conditioning and VAE of a text-to-image student folder (its own copies of the teacher's parts)."""
+    """The text conditioning and VAE of a text-to-image (or text-to-audio: a :class:`~onestep.teachers.audioldm.MelVAE`)
+    student folder (its own copies of the teacher's parts)."""
     from diffusers import AutoencoderKL
 
     cm = meta["conditioning"]
     n = int(cm.get("text_encoders") or 1)
     family = cm.get("family") or ("sdxl" if n == 2 else "sd")
-    for part in ("vae", "text_encoder", "tokenizer") + tuple(x for i in range(2, n + 1) for x in (f"text_encoder_{i}", f"tokenizer_{i}")):
+    parts = ("vae", "text_encoder", "tokenizer") + tuple(x for i in range(2, n + 1) for x in (f"text_encoder_{i}", f"tokenizer_{i}"))
+    for part in parts + (("vocoder",) if family == "audioldm" else ()):
         if not (path / part).is_dir():
-            raise StudentFormatError(f"{path}: a text-to-image student needs {part}/ (copied from the teacher at export)")
+            raise StudentFormatError(f"{path}: a text-to-{'audio' if family == 'audioldm' else 'image'} student needs {part}/ "
+                                     "(copied from the teacher at export)")
     size = cm.get("image_size") or [meta["sample_shape"][1] * 8] * 2
-    if family == "sd3":
+    vae = None
+    if family == "audioldm":
+        encoder, vae = student_audio_parts(path, meta, device)
+    elif family == "sd3":
         encoder = SD3PromptEncoder(
             path, tuple(size), cm["joint_attention_dim"], t5=n == 3,
             max_sequence_length=cm.get("max_sequence_length", T5_MAX_LENGTH), device=device,
@@ -155,7 +165,8 @@ def student_text_parts(path: Path, meta: dict[str, Any], device: torch.device | 
         negative_prompt=cm.get("negative_prompt"),
         zero_empty_prompt=bool(cm.get("zero_empty_prompt", False)),
     )
-    vae = LatentVAE(AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)).to(device)
+    if vae is None:
+        vae = LatentVAE(AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)).to(device)
     return conditioning, vae
 
 

@@ -110,8 +110,8 @@ def sample_to_folder(
         save_clip_gifs(x, out)
     save_samples_picture(x, out / "grid.png", title=f"{student.meta.get('method', '')} student, {len(timesteps)} step(s)")
     audio = audio_meta_of(student.meta)
-    if audio is not None:  # mel-spectrogram students (the sounds teacher): also sample_00000.wav, ... through the toy vocoder
-        write_sounds(x, out, audio=audio)
+    if audio is not None:  # mel-spectrogram students: also sample_00000.wav, ... (the toy vocoder, or an AudioLDM student's own)
+        write_sounds(x, out, audio=audio, vae=student.vae)
     (out / "sampling.json").write_text(
         json.dumps(
             {"student": str(student.path), "timesteps": timesteps, "seeds": [seeds[0], seeds[-1]], "label": label,

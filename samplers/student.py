@@ -152,7 +152,11 @@ def sample_text_student(
         raise ConfigError("nasa_alpha needs a negative prompt")
     seeds = list(seeds)
     labels = [prompts[i % len(prompts)] for i in range(len(seeds))]
-    negative = student.conditioning.encode([negative_prompt])["encoder_hidden_states"].to(device) if nasa_alpha else None
+    negative = student.conditioning.encode([negative_prompt]) if nasa_alpha else None
+    if negative is not None and "encoder_hidden_states" not in negative:
+        raise ConfigError("NASA acts on the UNet's cross-attention to the prompt, and this student's UNet (AudioLDM) attends to "
+                          "no prompt tokens: sample it without a negative prompt")
+    negative = negative["encoder_hidden_states"].to(device) if negative is not None else None
     with nasa(student.generator.backbone, negative, nasa_alpha):
         x, _ = sample_student_from_seeds(student.generator, student, student.timesteps_for(steps), seeds, labels, device, batch_size)
     if not decode or student.vae is None:

@@ -139,6 +139,63 @@ def make_tiny_t2v(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def write_roberta_vocab(folder: Path) -> dict[str, int]:
+    """An offline byte-level RoBERTa tokenizer's ``vocab.json`` (``<s>``, ``<pad>``, ``</s>``, ``<unk>``, the 256 byte
+    symbols, ``<mask>``) and an empty ``merges.txt``: what ``RobertaTokenizer.from_pretrained`` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab |= {s: len(vocab) + i for i, s in enumerate(byte_symbols())}
+    vocab["<mask>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return vocab
+
+
+AUDIO_MELS = 16  # the vocoder's mel bins: latents 4 x 8 x 8 (16 frames x 16 bins, the VAE downsamples by 2)
+
+
+def make_tiny_audioldm(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random text-to-audio pipeline folder (``AudioLDMPipeline``): a CLAP text encoder with projection and an
+    offline RoBERTa tokenizer, a UNet taking the text embedding as ``class_labels`` (``simple_projection``,
+    concatenated to the time embedding; no cross-attention context), a one-channel mel VAE, a HiFi-GAN vocoder
+    (16 mel bins, 16x upsampling at 8 kHz: 16 frames are 256 samples, 0.032 s) and a DDIM scheduler config."""
+    import tempfile
+
+    from diffusers import AudioLDMPipeline, AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import ClapTextConfig, ClapTextModelWithProjection, RobertaTokenizer, SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_roberta_vocab(Path(tmp))
+        tok = RobertaTokenizer.from_pretrained(tmp, model_max_length=TOKEN_LENGTH)
+    projection = 8
+    text = ClapTextConfig(
+        vocab_size=len(tok), hidden_size=TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=TOKEN_LENGTH + 2, type_vocab_size=1, bos_token_id=0, pad_token_id=1, eos_token_id=2, projection_dim=projection,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=(8, 16), attention_head_dim=4, norm_num_groups=4,  # (self-attention: no context is given)
+        class_embed_type="simple_projection", projection_class_embeddings_input_dim=projection, class_embeddings_concat=True,
+    )
+    vae = AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=2 * LATENT_SIZE,
+    )
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=AUDIO_MELS, sampling_rate=8000, upsample_initial_channel=16, upsample_rates=[4, 4], upsample_kernel_sizes=[8, 8],
+        resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False,
+    ))
+    pipe = AudioLDMPipeline(
+        vae=vae, text_encoder=ClapTextModelWithProjection(text), tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER),
+        vocoder=vocoder,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def make_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
     """A tiny random SDXL-style pipeline folder: two text encoders (the second with a projection:
     pooled embeddings), ``addition_embed_type="text_time"`` (pooled embeddings and time ids)."""

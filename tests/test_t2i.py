@@ -334,7 +334,8 @@ def test_sample_cli_with_prompts(sd_dir, prompt_file, tmp_path):
         sample_to_folder(student, out, 2, prompts=None, nasa_alpha=0.5)
 
 
-SD_PRESETS = ["sd15_dmd2", "sd15_vsd_pgsb", "sd15_fdistill_js", "sd15_lcm", "sd15_ctm", "sd15_boot", "sdxl_dmd2_lora"]
+SD_PRESETS = ["sd15_dmd2", "sd15_vsd_pgsb", "sd15_fdistill_js", "sd15_lcm", "sd15_ctm", "sd15_boot", "sdxl_dmd2_lora", "audioldm_dmd2",
+              "audioldm_lcm"]
 
 
 @pytest.mark.parametrize("preset", SD_PRESETS)

@@ -208,6 +208,13 @@ class DistillConfig:
     negative_prompt: str | None = config_field("text-to-image: replaces the empty prompt as the unconditional branch of guidance")
     resolution: int | None = config_field("text-to-image: image side in pixels (default: the UNet's sample_size times the VAE factor)")
     num_frames: int | None = config_field("text-to-video teachers (TextToVideoSDPipeline folders): frames per clip (default 16)")
+    audio_length_in_s: float | None = config_field(
+        "text-to-audio teachers (AudioLDMPipeline folders): seconds per clip (default: the UNet's sample_size, as the pipeline)"
+    )
+    real_audio: str | None = config_field(
+        "text-to-audio teachers: a folder of mono 16-bit WAV files at the vocoder's rate with captions (metadata.jsonl with "
+        "file_name and text, or a .txt per file), for consistency distillation and GAN terms; latents cached as for real_images"
+    )
     real_images: str | None = config_field(
         "text-to-image: a folder of images with captions (metadata.jsonl with file_name and text, or a .txt per image) "
         "for GAN terms and consistency distillation; VAE latents are cached under $ONESTEP_CACHE/latents"
@@ -257,7 +264,7 @@ class DistillConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must lie in [0, 1) (got {getattr(self, name)})")
-        for name in ("lora_alpha", "generator_lora_alpha", "resolution", "num_frames"):
+        for name in ("lora_alpha", "generator_lora_alpha", "resolution", "num_frames", "audio_length_in_s"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 when set (got {getattr(self, name)})")
         for name in ("lr_generator", "lr_fake"):
@@ -360,6 +367,8 @@ def load_teacher_for(
         negative_prompt=config.negative_prompt,
         resolution=config.resolution,
         num_frames=config.num_frames,
+        audio_length_in_s=config.audio_length_in_s,
+        real_audio=config.real_audio,
         real_images=config.real_images,
         cache_text_embeddings=config.cache_text_embeddings,
         text_cache_dtype=text_cache_dtype,
@@ -378,7 +387,8 @@ def load_teacher_with_data(config: DistillConfig, teacher: Teacher | None, what:
     if teacher.real_data is None:
         raise ConfigError(
             f"{what} noises real samples, and teacher {teacher.name} brings no data (built-in digits and gmm-* teachers "
-            "do; a text-to-image teacher takes real_images; another diffusers folder names its data in onestep_teacher.json)"
+            "do; a text-to-image teacher takes real_images, an AudioLDM one real_audio; another diffusers folder names its "
+            "data in onestep_teacher.json)"
         )
     return teacher
 

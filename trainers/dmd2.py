@@ -113,7 +113,7 @@ class DMD2Trainer(DistillTrainer):
             fix = "" if self.gan_required else ", or set gan_weight_generator: 0"
             raise ConfigError(
                 f"{self.method_name}: the GAN term trains its discriminator on real samples, and teacher {spec.name} "
-                f"brings none; point real_images at a captioned image folder{fix}"
+                f"brings none; point real_images at a captioned image folder (real_audio at captioned WAV files for AudioLDM){fix}"
             )
         # Probe the fake score's bottleneck once to size the head.
         x = torch.zeros(1, *spec.sample_shape)

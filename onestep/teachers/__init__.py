@@ -63,10 +63,12 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
     flow-matching SD3 folders (an ``SD3Transformer2DModel``) through
     :func:`onestep.teachers.sd3.load_sd3_teacher`, SD x4 upscaler folders (``StableDiffusionUpscalePipeline``)
     through :func:`onestep.teachers.upscaler.load_upscaler_teacher` (options ``prompt``, ``noise_level``,
-    ``resolution``, ``real_images``); the text-to-image ones take ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``,
-    ``resolution``, ``real_images``, ``cache_text_embeddings``, ``text_cache_dtype``, ``device``, ``prompt_column``,
-    ``weights_dtype``, ``text_compute``);
-    other teachers ignore them, and refuse the upscaler's and ``num_frames``."""
+    ``resolution``, ``real_images``), AudioLDM folders (``AudioLDMPipeline``: a CLAP text encoder and a vocoder)
+    through :func:`onestep.teachers.audioldm.load_audioldm_teacher` (option ``audio_length_in_s``);
+    the text-to-image ones take ``text_options`` (``prompts``, ``validation_prompts``, ``negative_prompt``, ``resolution``,
+    ``real_images``, ``cache_text_embeddings``, ``text_cache_dtype``, ``device``, ``prompt_column``, ``weights_dtype``,
+    ``text_compute``);
+    other teachers ignore them, and refuse the upscaler's, ``num_frames`` and ``audio_length_in_s``."""
     s = str(spec)
     if s.startswith("gmm-") or s in ("digits", "digits-sr", "sounds"):
         _refuse_foreign_options(text_options, s)
@@ -108,6 +110,11 @@ def load_teacher(spec: str | Path, allow_hub: bool | None = None, **text_options
         if is_upscaler(index):  # StableDiffusionUpscalePipeline: image-conditioned, in latent space
             _refuse_foreign_options(text_options, name, keep=UPSCALER_OPTIONS)
             return load_upscaler_teacher(path, name=name, **text_options)
+        from .audioldm import AUDIO_OPTIONS, is_audioldm, load_audioldm_teacher
+
+        if is_audioldm(index):  # AudioLDMPipeline: text-to-audio, latents of mel spectrograms
+            _refuse_foreign_options(text_options, name, keep=AUDIO_OPTIONS)
+            return load_audioldm_teacher(path, name=name, **text_options)
         _refuse_foreign_options(text_options, name, keep=VIDEO_OPTIONS if is_text_to_video(index) else ())
         if component_class(index, "unet") == "UNet2DConditionModel" or is_text_to_video(index):
             return load_text_to_image_teacher(path, name=name, **text_options)
@@ -125,10 +132,13 @@ VIDEO_OPTIONS = ("num_frames",)
 
 def _refuse_foreign_options(options: dict, name: str, keep: tuple[str, ...] = ()) -> None:
     """Drop from ``options`` the options only some teachers take (the SD x4 upscaler's ``prompt`` and
-    ``noise_level``, text-to-video's ``num_frames``), all but ``keep``; refuse any of them that was set."""
+    ``noise_level``, text-to-video's ``num_frames``, AudioLDM's ``audio_length_in_s``), all but ``keep``; refuse
+    any of them that was set."""
+    from .audioldm import AUDIO_OPTIONS
     from .upscaler import UPSCALER_OPTIONS
 
-    for keys, what in ((UPSCALER_OPTIONS, "options of SD x4 upscaler teachers"), (VIDEO_OPTIONS, "an option of text-to-video teachers")):
+    for keys, what in ((UPSCALER_OPTIONS, "options of SD x4 upscaler teachers"), (VIDEO_OPTIONS, "an option of text-to-video teachers"),
+                       (AUDIO_OPTIONS, "an option of text-to-audio (AudioLDM) teachers")):
         given = sorted(k for k in keys if k not in keep and options.pop(k, None) is not None)
         if given:
             raise TeacherError(f"{', '.join(given)}: {what}; {name} is not one")

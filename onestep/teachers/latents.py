@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -58,13 +59,14 @@ class LatentVAE(nn.Module):
 # --------------------------------------------------------------------------- real images
 
 
-def read_image_captions(folder: str | Path) -> list[tuple[Path, str]]:
+def read_image_captions(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, option: str = "real_images") -> list[tuple[Path, str]]:
     """``(image, caption)`` pairs of a folder: captions from ``metadata.jsonl`` (``file_name`` and
     ``text``/``caption``/``prompt``, the diffusers image-folder convention) or a ``.txt`` file
-    beside each image."""
+    beside each image. ``suffixes``: the files to pair without a ``metadata.jsonl`` (``.wav`` for
+    ``option`` ``real_audio``)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise ConfigError(f"real_images {folder} is not a folder")
+        raise ConfigError(f"{option} {folder} is not a folder")
     meta = folder / "metadata.jsonl"
     pairs: list[tuple[Path, str]] = []
     if meta.is_file():
@@ -77,13 +79,13 @@ def read_image_captions(folder: str | Path) -> list[tuple[Path, str]]:
                 raise ConfigError(f"{meta}:{n}: {img} does not exist")
             pairs.append((img, caption))
     else:
-        for img in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        for img in sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes):
             txt = img.with_suffix(".txt")
             if not txt.is_file():
                 raise ConfigError(f"{img} has no caption: add {txt.name} or a metadata.jsonl (file_name, text)")
             pairs.append((img, txt.read_text(encoding="utf-8").strip()))
     if not pairs:
-        raise ConfigError(f"real_images {folder}: no captioned images")
+        raise ConfigError(f"{option} {folder}: no captioned {'images' if option == 'real_images' else 'files'}")
     return pairs
 
 
@@ -147,7 +149,7 @@ def _read_latent_cache(folder: Path) -> torch.Tensor | None:
 
 
 def _encode_shards(pairs: list[tuple[Path, str]], vae: LatentVAE, size: int, folder: Path, device, batch_size: int,
-                   shard_size: int, show_progress: bool) -> None:
+                   shard_size: int, show_progress: bool, load: Callable[[Path], torch.Tensor]) -> None:
     """Write every missing shard of ``folder``, then ``index.json`` (last: it marks the cache complete)."""
 
     def encode(start: int, stop: int, bar) -> dict[str, torch.Tensor]:
@@ -155,7 +157,7 @@ def _encode_shards(pairs: list[tuple[Path, str]], vae: LatentVAE, size: int, fol
         dtype = next(vae.parameters()).dtype
         chunk, outs = pairs[start:stop], []
         for j in range(0, len(chunk), batch_size):
-            x = torch.stack([load_image(p, size) for p, _ in chunk[j : j + batch_size]]).to(device, dtype)
+            x = torch.stack([load(p) for p, _ in chunk[j : j + batch_size]]).to(device, dtype)
             outs.append(vae.encode(x).float().cpu())
             bar.update(len(x))
         return {"latents": torch.cat(outs)}
@@ -177,6 +179,7 @@ def encode_image_folder(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     shard_size: int = LATENT_SHARD_SIZE,
+    load: Callable[[Path], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """VAE latents of the images (float32, CPU), computed once and cached on disk.
 
@@ -200,26 +203,31 @@ def encode_image_folder(
         device: where the VAE encodes.
         batch_size: images per VAE call.
         shard_size: images per shard (a cache written with another shard size still loads).
+        load: what the VAE encodes of a file (default :func:`load_image` at ``size``; AudioLDM teachers
+            give :func:`onestep.teachers.audioldm.load_mel`'s spectrograms, ``size`` their frames).
     """
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1 (got {shard_size})")
     folder = latent_cache_dir() / latent_cache_key(pairs, vae, size)
 
     def write() -> None:
-        _encode_shards(pairs, vae, size, folder, device, batch_size, shard_size, show_progress=True)
+        _encode_shards(pairs, vae, size, folder, device, batch_size, shard_size, show_progress=True,
+                       load=load or (lambda p: load_image(p, size)))
         log(f"cached VAE latents of {len(pairs)} images in {folder}")
 
     return build_once(folder, lambda: _read_latent_cache(folder), write, "latent cache")
 
 
 def image_folder_data(
-    folder: str | Path, conditioning: TextConditioning, vae: LatentVAE, size: int, device="cpu", shard_size: int = LATENT_SHARD_SIZE
+    folder: str | Path, conditioning: TextConditioning, vae: LatentVAE, size: int, device="cpu", shard_size: int = LATENT_SHARD_SIZE,
+    pairs: list[tuple[Path, str]] | None = None, load: Callable[[Path], torch.Tensor] | None = None,
 ):
     """A real-data sampler ``(n, generator) -> (latents, caption embeddings)`` over a captioned folder
     (latents cached on disk by :func:`encode_image_folder`, ``shard_size`` images a shard; captions
-    by :meth:`TextConditioning.prompt_table`: the on-disk prompt cache, or encoded per batch)."""
-    pairs = read_image_captions(folder)
-    latents = encode_image_folder(pairs, vae, size, device, shard_size=shard_size)
+    by :meth:`TextConditioning.prompt_table`: the on-disk prompt cache, or encoded per batch).
+    ``pairs`` and ``load``: the folder's files already read and what the VAE encodes of each (sounds)."""
+    pairs = pairs if pairs is not None else read_image_captions(folder)
+    latents = encode_image_folder(pairs, vae, size, device, shard_size=shard_size, load=load)
     captions = conditioning.prompt_table([c for _, c in pairs])
 
     def draw(n: int, generator: torch.Generator):

@@ -87,7 +87,7 @@ class PromptStore:
         for name in self.shards:  # headers only: a missing or short shard is found now
             with safe_open(str(folder / name), framework="pt") as f:
                 self.keys = sorted(f.keys())
-                rows += f.get_slice("encoder_hidden_states").get_shape()[0]
+                rows += f.get_slice(self.keys[0]).get_shape()[0]
         if rows != self.count:
             raise ValueError(f"the shards hold {rows} rows, the index says {self.count}")
         self._slices: dict[int, dict[str, Any]] = {}  # shard -> its open (memory-mapped) tensors
@@ -146,6 +146,7 @@ def cached_prompt_table(
     dtype: torch.dtype | str | None = None,
     batch_size: int = 64,
     shard_size: int = PROMPT_SHARD_SIZE,
+    row_key: str = "encoder_hidden_states",
 ) -> PromptTable:
     """The :class:`PromptTable` of ``prompts``, encoded once into the on-disk cache.
 
@@ -160,6 +161,7 @@ def cached_prompt_table(
         dtype: storage dtype (default float32; ``time_ids`` always float32).
         batch_size: prompts per ``encode`` call.
         shard_size: prompts per shard (a cache written with another shard size still loads).
+        row_key: a tensor ``encode`` always gives (``class_labels`` for AudioLDM's CLAP embeddings).
     """
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1 (got {shard_size})")
@@ -179,7 +181,7 @@ def cached_prompt_table(
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     def write() -> None:
-        write_shards(folder, len(uniq), shard_size, encode_rows, tensor="encoder_hidden_states", count_key="prompts",
+        write_shards(folder, len(uniq), shard_size, encode_rows, tensor=row_key, count_key="prompts",
                      meta={"dtype": str(dtype)}, index={"format": PROMPT_CACHE_FORMAT, "dtype": str(dtype)},
                      desc="prompt embeddings", unit="prompt", what="prompt cache")
         log(f"cached the embeddings of {len(uniq)} prompts ({len(prompts)} with repeats) in {folder}")

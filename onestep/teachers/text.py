@@ -71,6 +71,9 @@ class PromptEncoder:
         self.compute = compute if dtype != torch.float32 else "storage"
         self._parts: list[tuple[Any, nn.Module]] | None = None
 
+    #: the tensor every row of a prompt cache of this encoder holds
+    row_key = "encoder_hidden_states"
+
     def _components(self) -> list[tuple[str, str, type, type]]:
         """``(tokenizer folder, encoder folder, tokenizer class, encoder class)`` of each text encoder."""
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -241,7 +244,7 @@ class TextConditioning(Conditioning):
             raise ConfigError("this text conditioning has no text encoder to key its prompt cache with")
         identity = {**self.encoder.cache_identity(), "zero_empty_prompt": self.zero_empty_prompt}
         return cached_prompt_table(prompts, lambda batch: self.encode(batch, remember=False), identity, self.cache_dtype,
-                                   shard_size=self.cache_shard_size)
+                                   shard_size=self.cache_shard_size, row_key=self.encoder.row_key)
 
     def prepare(self) -> "TextConditioning":
         """Encode the empty / negative prompt, the validation prompts and (when caching) the prompt
