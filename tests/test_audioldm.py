@@ -219,6 +219,9 @@ def test_real_audio_gives_consistency_distillation_its_data(audioldm_dir, prompt
         load_teacher("digits", real_audio=str(folder))
     with pytest.raises(ConfigError, match="consistency distillation noises real samples.*an AudioLDM one real_audio"):
         make_trainer(tiny_config("consistency", tmp_path, audioldm_dir, prompts=str(prompts)))
+    with pytest.raises(ConfigError, match="AudioLDMPipeline passes none"):
+        make_trainer(tiny_config("consistency", tmp_path, audioldm_dir, prompts=str(prompts), real_audio=str(folder),
+                                 guidance_scale_range=[2.0, 4.0]))
 
 
 def test_audioldm_lcm_preset_gives_a_two_step_student_plain_diffusers_samples(audioldm_dir, prompts, pipe, tmp_path, monkeypatch):

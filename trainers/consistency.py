@@ -88,6 +88,11 @@ class ConsistencyTrainer(DistillTrainer):
     def __init__(self, config: ConsistencyConfig, teacher: Teacher | None = None):
         teacher = load_teacher_with_data(config, teacher, "consistency distillation")
         self.guidance_input = None
+        if config.guidance_scale_range is not None and teacher.meta.get("pipeline") == "AudioLDMPipeline":
+            raise ConfigError(
+                "guidance_scale_range feeds the guidance scale to the student as timestep_cond, and AudioLDMPipeline "
+                "passes none: plain diffusers would sample the student unguided; distil at a fixed guidance_scale instead"
+            )
         if config.guidance_scale_range is not None:
             self.guidance_input = GuidanceInput.for_teacher(
                 teacher, config.guidance_scale_range, config.guidance_scale, config.guidance_embedding_dim, config.guidance_levels
