@@ -106,6 +106,27 @@ def test_ctm_gan_trains_its_head_on_real_against_end_points_and_reaches_the_stud
         ctm_config(tmp_path, tiny_teacher_dir, gan_weight=-1.0)
 
 
+def test_ctm_gan_on_one_step_judges_the_students_one_step_samples_at_low_noise(tiny_teacher_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(ctm_config(tmp_path, tiny_teacher_dir, gan_weight=0.5, gan_head_channels=16, gan_on="one_step", gan_t_max=50))
+    batch = trainer.make_batch()
+    calls = []
+    G = trainer.G
+    monkeypatch.setattr(trainer, "G", lambda net, x, t, s, cond: calls.append((net, x, t, s)) or G(net, x, t, s, cond))
+    trainer.generator_loss(batch)
+    assert (batch["t_d"] <= 50).all()
+    # what the head judges is the student's one-step sample of a pure-noise draw, G(z, t_top, 0), as one-step sampling gives it
+    net, z, t, s = calls[-1]
+    assert net is trainer.student and (t == trainer.grid[-1]).all() and (s == 0).all() and z.shape == batch["real"].shape
+    assert abs(float(z.std()) - 1) < 0.2  # pure noise, not a noised real sample
+    with torch.no_grad():
+        expected = G(trainer.student, z, t, s, batch["gan_cond"])
+    torch.testing.assert_close(batch["x_gen"], expected)
+    with pytest.raises(ConfigError, match="gan_on must be one of"):
+        ctm_config(tmp_path, tiny_teacher_dir, gan_on="pixels")
+    with pytest.raises(ConfigError, match="gan_t_max must lie in"):
+        make_trainer(ctm_config(tmp_path / "big", tiny_teacher_dir, gan_weight=0.5, gan_t_max=5000)).generator_loss(batch)
+
+
 def test_gamma_one_is_the_consistency_sampler_and_gamma_zero_is_deterministic(tiny_teacher_dir, tmp_path):
     trainer = make_trainer(ctm_config(tmp_path, tiny_teacher_dir))
     ts = [959, 599, 239]

@@ -63,6 +63,7 @@ from .helpers import ema_into
 from .latent_gan import TeacherFeatureGAN
 
 DISTANCES = ("teacher_features", "l2")
+GAN_INPUTS = ("end_points", "one_step")
 
 
 @dataclass
@@ -97,6 +98,15 @@ class CTMConfig(DistillConfig):
     sampling_steps: int = config_field("default sampling steps recorded in the student (1 to N; any of them works)", 1)
     gan_weight: float = config_field("weight of the time-aware adversarial term on the end points z_est (CTM's GAN; 0: none)", 0.0)
     gan_head_channels: int = config_field("width of the time-aware discriminator head on the teacher's bottleneck", 64)
+    gan_on: str = config_field(
+        "what the GAN term judges: 'end_points' (CTM eq. 11: z_est, mostly carried from lightly noised data, close to "
+        "real ones) or 'one_step' (the student's one-step samples from pure noise, G(z, t_top, 0), what one step gives)",
+        "end_points",
+    )
+    gan_t_max: int | None = config_field(
+        "top of the discriminator's noise levels t' ~ U{0 .. gan_t_max} (default T - 1; low levels keep visible the "
+        "fine detail it should judge)"
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,6 +130,10 @@ class CTMConfig(DistillConfig):
             raise ConfigError(f"distance must be one of {DISTANCES} (got {self.distance!r})")
         if self.feature_timestep < 0 or self.dsm_weight < 0 or self.gan_weight < 0:
             raise ConfigError("feature_timestep, dsm_weight and gan_weight must be >= 0")
+        if self.gan_on not in GAN_INPUTS:
+            raise ConfigError(f"gan_on must be one of {GAN_INPUTS} (got {self.gan_on!r})")
+        if self.gan_t_max is not None and not 0 <= self.gan_t_max:
+            raise ConfigError(f"gan_t_max must be >= 0 (got {self.gan_t_max})")
         if not 0 <= self.end_jump_prob <= 1:
             raise ConfigError(f"end_jump_prob must lie in [0, 1] (got {self.end_jump_prob})")
         if not 0 <= self.uncond_prob < 1:
@@ -250,16 +264,21 @@ class CTMTrainer(TeacherFeatureGAN, DistillTrainer):
             loss_dsm = self.denoising_loss_of(self.student.g(x_n, t_n, t_n, cond), x0, x_n, t_n, noise)
             loss = loss + c.dsm_weight * loss_dsm
             logs["loss/dsm"] = loss_dsm.item()
-        # 8. The GAN term on the end points.
+        # 8. The GAN term on the end points, or on one-step samples from pure noise.
         if c.gan_weight > 0:
+            judged = z_est
+            if c.gan_on == "one_step":
+                top = self.labels(torch.full((n,), len(self.grid), dtype=torch.long))
+                judged = self.G(self.student, self.randn(tuple(x0.shape)), top, torch.zeros_like(top), cond)
+                batch["x_gen"] = judged.detach()
             batch["gan_cond"] = cond
-            loss_adv = self.adversarial_loss(z_est, cond, batch)
+            loss_adv = self.adversarial_loss(judged, cond, batch)
             loss = loss + c.gan_weight * loss_adv
             logs["loss/adv_g"] = loss_adv.item()
         return loss, logs
 
     def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The GAN head's hinge loss: real samples against the generator step's end points (same condition)."""
+        """The GAN head's hinge loss: real samples against what the generator step's term judged (same condition)."""
         return self.discriminator_loss(batch["real"].float(), batch["x_gen"], batch["gan_cond"], batch)
 
     def after_generator_step(self) -> None:

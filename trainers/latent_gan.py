@@ -1,8 +1,8 @@
 """A time-aware adversarial term on the frozen teacher's features (TAD-SR's discriminator; CTM's GAN here).
 
-The discriminator sees samples only through the teacher: ``x`` is noised at ``t' ~ U{0 .. T-1}``, the
-frozen teacher reads it and a small head :class:`TimeAwareHead` scores its bottleneck features given
-``t'``. Hinge losses, one noise draw shared by the generator's term and the discriminator's step:
+The discriminator sees samples only through the teacher: ``x`` is noised at ``t' ~ U{0 .. T-1}`` (or up to the
+config's ``gan_t_max``), the frozen teacher reads it and a small head :class:`TimeAwareHead` scores its
+bottleneck features given ``t'``. Hinge losses, one noise draw shared by the generator's term and the discriminator's step:
 
     generator:      L_adv = -D(F_T(a_t' x_gen + s_t' e'), t')
     discriminator:  L_D = relu(1 - D(F_T(a x_real + s e'), t')) + relu(1 + D(F_T(a sg(x_gen) + s e'), t'))
@@ -60,6 +60,16 @@ class TeacherFeatureGAN:
             raise ConfigError(f"{self.method_name}'s time-aware discriminator reads a UNet's (B, C, H, W) bottleneck features")
         return TimeAwareHead(feats.shape[1], width, self.schedule.num_train_timesteps)
 
+    def gan_t(self, n: int) -> torch.Tensor:
+        """The discriminator's noise levels t' ~ U{0 .. T-1}, or up to the config's ``gan_t_max`` when it has one set."""
+        t_max = getattr(self.config, "gan_t_max", None)
+        if t_max is None:
+            return self.sample_t(n)
+        T = self.schedule.num_train_timesteps
+        if not 0 <= t_max < T:
+            raise ConfigError(f"gan_t_max must lie in [0, {T - 1}] (got {t_max})")
+        return self.schedule.sample_t(n, 0, t_max, generator=self.rng, device=self.device)
+
     def discriminate(self, x: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Time-aware logits of ``x`` noised at ``t`` with ``noise``, through the frozen teacher's bottleneck."""
         _, feats = self.teacher(self.schedule.add_noise(x, noise, t), t, cond, return_features=True)
@@ -68,7 +78,7 @@ class TeacherFeatureGAN:
     def adversarial_loss(self, x_gen: torch.Tensor, cond, batch: dict[str, Any]) -> torch.Tensor:
         """The generator's hinge term ``-D(x_gen)`` at a fresh ``t'`` and noise (kept in ``batch`` for the
         discriminator's step); the head's weights take no gradient from it."""
-        t_d = self.sample_t(x_gen.shape[0])
+        t_d = self.gan_t(x_gen.shape[0])
         batch["t_d"], batch["e_d"] = t_d, self.randn(tuple(x_gen.shape))
         for p in self.heads.parameters():
             p.requires_grad_(False)
@@ -83,7 +93,7 @@ class TeacherFeatureGAN:
         step's when it ran, else fresh ones); the teacher's features carry no gradient."""
         t_d = batch.get("t_d")
         if t_d is None:
-            t_d, batch["e_d"] = self.sample_t(x_real.shape[0]), self.randn(tuple(x_real.shape))
+            t_d, batch["e_d"] = self.gan_t(x_real.shape[0]), self.randn(tuple(x_real.shape))
         with torch.no_grad():
             _, f_real = self.teacher(self.schedule.add_noise(x_real, batch["e_d"], t_d), t_d, cond, return_features=True)
             _, f_fake = self.teacher(self.schedule.add_noise(x_fake.detach(), batch["e_d"], t_d), t_d, cond, return_features=True)
