@@ -48,7 +48,7 @@ BEFORE = {"loss_t_range": [0.02, 0.98], "fake_loss_weighting": "native", "genera
 AFTER = {**BEFORE, "loss_t_range": [0.02, 0.5], "fake_loss_weighting": "snr+1", "generator_timesteps": [600]}
 #: digits_sid before issue 13 (its rows pin these, so they do not move with the preset)
 SID_BEFORE = {"generator_timesteps": [800], "max_steps": 1000, "fake_updates_per_generator": 1, "lr_generator": 5e-5, "loss_t_range": [0.02, 0.98],
-              "fake_loss_weighting": "native", "sid_t_sampling": "uniform"}
+              "fake_loss_weighting": "native", "sid_t_sampling": "uniform", "fake_guidance_scale": None}
 VARIANTS = {
     "before": ("the quickstart preset before issue 13", BEFORE),
     "t<=0.5": ("DM loss only at t <= 0.5 T", {**BEFORE, "loss_t_range": [0.02, 0.5]}),

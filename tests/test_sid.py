@@ -55,6 +55,27 @@ def test_sid_generator_gradient_is_zero_while_the_fake_score_is_the_teacher(tmp_
     assert abs(loss) < 1e-6 and grad_guided > 1e-4
     # Zero up to rounding: the two backward passes through equal networks cancel (6e-9 against 1e-2 here).
     assert grad < 1e-5 * grad_guided
+    # SiD-LSG: the fake score guided at the teacher's scale is the guided teacher again, and the zero is back
+    tr = make_trainer(tiny_config("sid", tmp_path / "lsg", tiny_teacher_dir, guidance_scale=2.0, fake_guidance_scale=2.0, export=False))
+    loss, _ = tr.generator_loss(tr.make_batch())
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert max(float(p.grad.abs().max()) for p in tr.generator.parameters() if p.grad is not None) < 1e-5 * grad_guided
+
+
+def test_lsg_fake_score_training_drops_conditions_and_plain_sid_does_not(tmp_path, tiny_teacher_dir, monkeypatch):
+    seen = []
+    for where, extra in (("plain", {}), ("lsg", {"fake_guidance_scale": 2.0, "fake_uncond_prob": 0.5})):
+        tr = make_trainer(tiny_config("sid", tmp_path / where, tiny_teacher_dir, guidance_scale=2.0, batch_size=64, export=False, **extra))
+        monkeypatch.setattr(tr, "denoising_loss", lambda net, x0, cond: seen.append(cond) or torch.zeros(()))
+        batch = tr.make_batch()
+        batch["x_gen"] = torch.zeros(64, *tr.teacher_spec.sample_shape)
+        tr.fake_score_loss(batch)
+        dropped = (seen[-1] != batch["cond"]).float().mean().item()
+        null = tr.conditioning.null(1)
+        assert dropped == 0 if not extra else (0.3 < dropped < 0.7 and (seen[-1][seen[-1] != batch["cond"]] == null).all())
+    with pytest.raises(ConfigError, match="fake_uncond_prob must lie in"):
+        tiny_config("sid", tmp_path, tiny_teacher_dir, fake_uncond_prob=1.0)
 
 
 def test_karras_timesteps_follow_the_sid_code_ladder(tiny_teacher):

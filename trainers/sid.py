@@ -10,6 +10,12 @@ Per iteration (METHODS.md, "SiD"):
    gradient reaches G through x_g directly and through both score networks.
 2. fake-score step right after (1:1), on sg(x_g): the plain denoising loss.
 
+With ``fake_guidance_scale`` (SiD-LSG, Zhou et al., 2024, arXiv:2406.01561) f_q is guided too, from the fake
+score's own conditional and unconditional predictions, and the fake score's training drops conditions
+(``fake_uncond_prob``) so that both its branches follow the generator. With the teacher's scale the loss is
+zero again while the fake score is the teacher; with the teacher alone guided it is not, and on digits SiD then
+drifts after its best point (RESULTS.md).
+
 Noise levels of the generator loss (``sid_t_sampling``): ``uniform`` draws t ~ U{low T .. high T};
 ``karras`` draws them as the official SiD code does, on EDM's sampling ladder: the noise-to-signal
 ratio sigma = s_t / a_t is uniform in sigma^(1/7) between its values at the two ends of
@@ -51,11 +57,22 @@ class SiDConfig(DistillConfig):
         "ladder; on the digits teacher it did much worse than uniform, benchmarks/grain.py)",
         "uniform",
     )
+    fake_guidance_scale: float | None = config_field(
+        "SiD-LSG (Zhou et al., 2024, arXiv:2406.01561): guide the fake score in the generator loss too, with this "
+        "scale, from its own conditional and unconditional predictions (the teacher's guidance_scale: the loss is "
+        "zero again while the fake score is the teacher); its training then drops conditions with probability "
+        "fake_uncond_prob, so its unconditional branch follows the generator. None: the fake score unguided (SiD)"
+    )
+    fake_uncond_prob: float = config_field("with fake_guidance_scale: share of the fake score's training conditions dropped", 0.1)
 
     def __post_init__(self):
         super().__post_init__()
         if self.sid_t_sampling not in SID_T_SAMPLINGS:
             raise ConfigError(f"sid_t_sampling must be one of {SID_T_SAMPLINGS} (got {self.sid_t_sampling!r})")
+        if self.fake_guidance_scale is not None and not self.fake_guidance_scale > 0:
+            raise ConfigError(f"fake_guidance_scale must be > 0 when set (got {self.fake_guidance_scale})")
+        if not 0 <= self.fake_uncond_prob < 1:
+            raise ConfigError(f"fake_uncond_prob must lie in [0, 1) (got {self.fake_uncond_prob})")
 
 
 def sid_loss(x_g: torch.Tensor, f_p: torch.Tensor, f_q: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -109,11 +126,14 @@ class SiDTrainer(DistillTrainer):
         # 2. Both scores on x_t, differentiated through their input, their weights frozen.
         with frozen(self.fake, self.teacher):
             f_p = self.teacher.guided(x_t, t, cond, uncond, c.guidance_scale)
-            f_q = self.fake(x_t, t, cond)
+            f_q = self.fake(x_t, t, cond) if c.fake_guidance_scale is None else self.fake.guided(x_t, t, cond, uncond, c.fake_guidance_scale)
         # 3. The SiD loss.
         loss = sid_loss(x_g, f_p, f_q, c.sid_alpha)
         return loss, {"loss/sid": loss.item()}
 
     def fake_score_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = self.denoising_loss(self.fake, self.detached_sample(batch), batch["cond"])
+        cond = batch["cond"]
+        if self.config.fake_guidance_scale is not None:  # (LSG) the unconditional branch learns the generator's marginal
+            cond = self.conditioning.drop(cond, self.config.fake_uncond_prob, generator=self.rng)
+        loss = self.denoising_loss(self.fake, self.detached_sample(batch), cond)
         return loss, {"loss/fake": loss.item()}
