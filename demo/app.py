@@ -123,7 +123,8 @@ def build_app(model: DemoModel, allow_load: bool = True):
 
     def sound(label, prompt, negative, alpha, seed, steps, count, teacher_steps, image=None):
         # Audio students: play the first sample (same seed and class as the gallery's first picture) through
-        # the toy vocoder, or an AudioLDM student's own. Re-sampling one sample is cheaper than keeping results between events.
+        # the toy vocoder, or an AudioLDM student's own. Re-sampling one sample is cheaper than keeping results
+        # between events.
         if model.audio is None:
             return gr.Audio(value=None, visible=False)
         req = request(label, prompt, negative, alpha, seed, steps, 1, teacher_steps, image, False)

@@ -24,6 +24,7 @@ affinely), and turns such pictures back into sound (:meth:`MelVAE.waveform`). St
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +132,11 @@ class MelVAE(LatentVAE):
 # ------------------------------------------------------------------------------- real sounds
 
 
+@lru_cache(maxsize=4)
 def slaney_mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> torch.Tensor:
     """``(n_mels, n_fft // 2 + 1)`` triangles on the Slaney mel scale (linear below 1 kHz, logarithmic above),
-    each scaled to unit area (Slaney's normalisation): the filterbank AudioLDM's front end uses."""
+    each scaled to unit area (Slaney's normalisation): the filterbank AudioLDM's front end uses (built once per
+    setting: every file of a ``real_audio`` folder reads the same one; callers must not modify it)."""
     f_max = sample_rate / 2 if f_max is None else f_max
     step, knee_hz, knee_mel, log_step = 200.0 / 3, 1000.0, 15.0, np.log(6.4) / 27.0
 
