@@ -63,7 +63,7 @@ from .pipeline import pipeline_sigmas, student_text_parts, write_pipeline_parts
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .teachers import PICKLE_SUFFIXES, Teacher
 from .upscaler_export import student_upscaler_parts, write_upscaler_pipeline
-from .weights import STUDENT_SUBFOLDERS, save_model
+from .weights import STUDENT_SUBFOLDERS, StateDict, save_model
 
 FORMAT_VERSION = 1
 META_FILE = "onestep.json"
@@ -98,6 +98,7 @@ def export_student(
     extra: dict[str, Any] | None = None,
     variant: str | None = None,
     lora_layers: dict[str, torch.Tensor] | None = None,
+    state: StateDict | None = None,
 ) -> Path:
     """Write ``generator`` (a diffusers model) and its sampling metadata to ``out``.
 
@@ -105,7 +106,9 @@ def export_student(
     (``fp16`` / ``bf16``): also its weights in that dtype as a diffusers variant. ``lora_layers``
     (:func:`onestep.lora.lora_layers_for_diffusers` of the generator before its adapters were merged):
     also ``lora/pytorch_lora_weights.safetensors`` for the teacher's pipeline; ``extra["diffusers_lora"]``
-    describes them for the model card (see :mod:`onestep.export_variants`).
+    describes them for the model card (see :mod:`onestep.export_variants`). ``state``: the weights to
+    write instead of ``generator``'s own (the same keys, possibly :class:`~onestep.weights.Deferred`,
+    computed as they are written); ``generator`` then gives the config and class.
     """
     out = Path(out)
     cls_name = type(generator).__name__
@@ -115,7 +118,7 @@ def export_student(
     text_to_image = teacher.conditioning.kind == "text"
     upscaler = teacher.meta.get("upscaler") if teacher.vae is not None else None  # an SD x4 upscaler's: a pipeline folder too
     subfolder = PIPELINE_SUBFOLDERS.get(cls_name, "unet") if text_to_image or upscaler else "generator"  # where diffusers pipelines look
-    save_model(generator, out / subfolder)
+    save_model(generator, out / subfolder, state=state)
     meta = {
         "format_version": FORMAT_VERSION,
         "method": method,
@@ -147,7 +150,7 @@ def export_student(
     if upscaler:  # a StableDiffusionUpscalePipeline folder; adds meta["upscaler"]
         write_upscaler_pipeline(out, teacher, meta)
     if variant:  # after the pipeline parts: student_unet.safetensors is the float32 file alone
-        write_variant(generator, out / subfolder, variant)
+        write_variant(generator, out / subfolder, variant, state=state)
         meta["weight_variants"] = [variant]
     if lora_layers:
         file = write_diffusers_lora(out, lora_layers)

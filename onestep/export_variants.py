@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import StudentFormatError
-from .weights import save_model
+from .weights import StateDict, save_model
 
 #: ``export_variant`` -> the dtype of the variant's weights (diffusers' variant names).
 VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,14 +30,14 @@ LORA_SUBFOLDER = "lora"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def write_variant(net: nn.Module, folder: str | Path, variant: str) -> None:
+def write_variant(net: nn.Module, folder: str | Path, variant: str, state: StateDict | None = None) -> None:
     """Save ``net`` (a diffusers model, already saved in float32 to ``folder``) once more as the
     diffusers weight variant ``variant`` (``fp16`` or ``bf16``): its weights cast to that dtype in
     ``diffusion_pytorch_model.<variant>.safetensors`` (sharded as diffusers shards) beside the float32
-    file, which stays the default."""
+    file, which stays the default. ``state``: the weights to write instead of ``net``'s own."""
     if variant not in VARIANT_DTYPES:
         raise StudentFormatError(f"unknown weight variant {variant!r}: expected one of {sorted(VARIANT_DTYPES)}")
-    save_model(net, folder, variant=variant, dtype=VARIANT_DTYPES[variant])
+    save_model(net, folder, variant=variant, dtype=VARIANT_DTYPES[variant], state=state)
 
 
 def diffusers_lora_blocker(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .weights import Deferred
+
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
 #: Inside a transformer block, LoRA adapts these layers: the attention projections of the image
@@ -104,6 +106,47 @@ def merged_lora(net: nn.Module) -> nn.Module:
     return net
 
 
+def merged_lora_state(net: nn.Module) -> dict[str, torch.Tensor | Deferred]:
+    """The float32 state dict of ``merged_lora(float32 copy of net)`` without building that copy: each
+    adapted layer's weight is :class:`~onestep.weights.Deferred`, ``base.float() + delta`` (peft's
+    ``get_delta_weight`` of the active adapters, added in the order ``merge`` adds them), and every
+    other floating tensor is cast to float32 when it is written. Writing it
+    (:func:`onestep.weights.write_safetensors`) holds one merged tensor at a time, where the merged copy
+    of an SDXL UNet is 10.3 GB. The adapters' current values are read when each entry is written."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = {name: m for name, m in net.named_modules() if isinstance(m, BaseTunerLayer)}
+
+    def to_float32(t: torch.Tensor) -> torch.Tensor | Deferred:
+        if not t.is_floating_point() or t.dtype == torch.float32:
+            return t
+        return Deferred(tuple(t.shape), torch.float32, lambda: t.detach().float())
+
+    def merged_weight(m: BaseTunerLayer, base: torch.Tensor) -> Deferred:
+        for adapter in m.active_adapters:
+            if m.use_dora.get(adapter) or getattr(m, "lora_bias", {}).get(adapter):
+                raise ValueError("merged_lora_state: DoRA and LoRA biases are not merged here (add_lora makes neither)")
+
+        @torch.no_grad()
+        def compute() -> torch.Tensor:
+            w = base.detach().to(torch.float32, copy=True)
+            for adapter in m.active_adapters:
+                if adapter in m.lora_A:
+                    w += m.get_delta_weight(adapter).to(w)
+            return w
+
+        return Deferred(tuple(base.shape), torch.float32, compute)
+
+    out: dict[str, torch.Tensor | Deferred] = {}
+    for key, t in net.state_dict(keep_vars=True).items():
+        owner, sep, rest = key.partition(".base_layer.")
+        if sep and owner in wrapped:
+            out[f"{owner}.{rest}"] = merged_weight(wrapped[owner], t) if rest == "weight" else to_float32(t)
+        elif not any(part.startswith("lora_") for part in key.split(".")):  # not the adapters themselves
+            out[key] = to_float32(t)
+    return out
+
+
 def lora_layers_for_diffusers(net: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """The adapters ``name`` of ``net`` as the state dict diffusers' LoRA loaders read
     (``pipe.load_lora_weights``): ``<layer>.lora_A.weight`` and ``<layer>.lora_B.weight`` for every
@@ -144,4 +187,5 @@ __all__ = [
     "lora_layers_for_diffusers",
     "lora_target_modules",
     "merged_lora",
+    "merged_lora_state",
 ]

@@ -8,6 +8,9 @@ and by evaluation (scoring each ``checkpoint-N`` of a run), so it lives in core.
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,17 +53,43 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def write_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None
-) -> Path:
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor computed only when it is written (:func:`write_safetensors`), its shape and dtype known
+    beforehand: a state dict of these describes a network that is never held whole (a LoRA generator
+    merged in float32, an EMA average), each tensor built, written and freed in turn."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    compute: Callable[[], torch.Tensor]
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def value(self) -> torch.Tensor:
+        t = self.compute()
+        if tuple(t.shape) != tuple(self.shape) or t.dtype != self.dtype:
+            raise RuntimeError(f"deferred tensor: computed {tuple(t.shape)} {t.dtype}, announced {tuple(self.shape)} {self.dtype}")
+        return t
+
+
+#: A state dict whose values may be :class:`Deferred`.
+StateDict = Mapping[str, "torch.Tensor | Deferred"]
+
+
+def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write ``tensors`` to a safetensors file one tensor at a time (the same format ``safetensors``
     writes, read back by it and by diffusers). ``safetensors.torch.save_file`` first turns every tensor
     into a ``bytes`` copy, so saving a network holds it twice (an SDXL UNet in float32: 10.3 GB more);
-    here the extra memory is one tensor. ``dtype``: floating tensors are cast to it as they are written."""
+    here the extra memory is one tensor. :class:`Deferred` values are computed as they are written.
+    ``dtype``: floating tensors are cast to it as they are written."""
     import json
 
-    def stored(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
+    def stored(t: torch.Tensor | Deferred) -> torch.Tensor:
+        t = t.value() if isinstance(t, Deferred) else t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t.cpu().contiguous()
@@ -90,19 +119,22 @@ def write_safetensors(
     return Path(path)
 
 
-def save_model(net: nn.Module, folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None) -> Path:
+def save_model(
+    net: nn.Module, folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None, state: StateDict | None = None
+) -> Path:
     """What ``net.save_pretrained(folder, safe_serialization=True[, variant=variant])`` writes for a diffusers
     model (``config.json`` and one ``diffusion_pytorch_model[.variant].safetensors``), with the weights
     written a tensor at a time (:func:`onestep.weights.write_safetensors`; ``dtype``: cast as written), so
-    an SDXL-size UNet is never held twice, nor split into shards that would have to be gathered again."""
+    an SDXL-size UNet is never held twice, nor split into shards that would have to be gathered again.
+    ``state``: the weights to write instead of ``net``'s own (``net`` then gives only its config)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     net.save_config(folder)
     name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
-    return write_safetensors(net.state_dict(), folder / name, {"format": "pt"}, dtype=dtype)
+    return write_safetensors(net.state_dict() if state is None else state, folder / name, {"format": "pt"}, dtype=dtype)
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_tensors(tensors: StateDict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``tensors`` (detached, on the CPU, contiguous) to a safetensors file, one tensor at a time
     (:func:`write_safetensors`)."""
     return write_safetensors(tensors, path, metadata)
@@ -162,15 +194,18 @@ def load_trainable(
             expected[n].copy_(v)
 
 
-def check_same_network(net: nn.Module, path: str | Path, what: str) -> Path:
+def check_same_network(net: nn.Module | StateDict, path: str | Path, what: str) -> Path:
     """The weights file of ``path`` (:func:`weights_file`) if it holds exactly ``net``'s state dict (keys
     and shapes, read from the header without loading the tensors); a :class:`ConfigError` naming
-    ``what`` otherwise. LoRA adapters on ``net`` are not part of the network: the plain layers' names
-    and shapes are compared (what :func:`onestep.lora.merged_lora` leaves)."""
+    ``what`` otherwise. ``net``: a network or a state dict. LoRA adapters on a network are not part of
+    it: the plain layers' names and shapes are compared (what :func:`onestep.lora.merged_lora` leaves)."""
     from safetensors import safe_open
 
     file = weights_file(path)
-    state = {k.replace(".base_layer.", "."): v for k, v in net.state_dict().items() if "lora_" not in k}
+    if isinstance(net, nn.Module):
+        state = {k.replace(".base_layer.", "."): v for k, v in net.state_dict().items() if "lora_" not in k}
+    else:
+        state = net
     with safe_open(str(file), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if set(shapes) != set(state):
@@ -198,6 +233,33 @@ def average_with(net: nn.Module, path: str | Path, weight: float) -> nn.Module:
         elif not torch.equal(v, o.to(v.device)):
             raise ConfigError(f"export_average_with: {file}: {k} differs and cannot be averaged")
     return net
+
+
+def averaged_state(state: StateDict, path: str | Path, weight: float) -> dict[str, torch.Tensor | Deferred]:
+    """:func:`average_with` for a state dict that is written, not held: each floating tensor becomes
+    ``(1 - weight) * tensor + weight * other``, :class:`Deferred`, read from ``path`` (the same network,
+    checked first) when it is written. Other buffers must be equal (checked now)."""
+    from safetensors import safe_open
+
+    file = check_same_network(state, path, "export_average_with")
+    other = safe_open(str(file), "pt")  # memory-mapped; kept open while the entries are written
+
+    def mixed(k: str, v: torch.Tensor | Deferred) -> Callable[[], torch.Tensor]:
+        def compute() -> torch.Tensor:
+            t = v.value() if isinstance(v, Deferred) else v.detach()
+            return t.lerp(other.get_tensor(k).to(device=t.device, dtype=t.dtype), weight)
+
+        return compute
+
+    out: dict[str, torch.Tensor | Deferred] = {}
+    for k, v in state.items():
+        if v.is_floating_point():
+            out[k] = Deferred(tuple(v.shape), v.dtype, mixed(k, v))
+        else:
+            if not torch.equal(v.cpu(), other.get_tensor(k)):
+                raise ConfigError(f"export_average_with: {file}: {k} differs and cannot be averaged")
+            out[k] = v
+    return out
 
 
 def generator_from_checkpoint(generator: nn.Module, checkpoint: str | Path) -> nn.Module:
@@ -242,6 +304,8 @@ def generator_from_checkpoint(generator: nn.Module, checkpoint: str | Path) -> n
 __all__ = [
     "EXPORT_WEIGHTS",
     "average_with",
+    "averaged_state",
+    "Deferred",
     "check_same_network",
     "GENERATOR_WEIGHTS",
     "generator_from_checkpoint",
@@ -252,6 +316,7 @@ __all__ = [
     "STUDENT_SUBFOLDERS",
     "write_safetensors",
     "save_trainable",
+    "StateDict",
     "trainable_state",
     "weights_file",
 ]

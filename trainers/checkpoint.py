@@ -12,9 +12,10 @@ export (EMA weights, LoRA merged, gathered under FSDP) and exports it as a stude
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from onestep.config import config_to_dict
 from onestep.denoiser import Denoiser
 from onestep.errors import ConfigError, TrainingDiverged
 from onestep.files import replace_dir, staging_dir
-from onestep.lora import lora_layers_for_diffusers, merged_lora
-from onestep.weights import EXPORT_WEIGHTS, average_with, load_trainable, save_state, save_tensors
+from onestep.lora import lora_layers_for_diffusers, merged_lora, merged_lora_state
+from onestep.weights import EXPORT_WEIGHTS, StateDict, average_with, averaged_state, load_trainable, save_state, save_tensors
 
 from .checkpoint_files import CHECKPOINT_FORMAT, load_training_state, save_training_state
 from .memory import float32_copy, to_float32
@@ -170,13 +171,11 @@ class CheckpointMixin:
             elif acc.is_main_process:
                 save_state(net, path / f"{name}.safetensors")
         if self.export_differs():
-            # The weights an export would hold now (EMA, LoRA merged, averaged), for evaluation
-            # (with FSDP every process gathers).
-            net = self.generator_on_main()
-            if acc.is_main_process:
-                save_state(net, path / EXPORT_WEIGHTS)
-            del net
-            gc.collect()  # that copy is a whole float32 network (SDXL: 10.3 GB): gone before the export makes its own
+            # The weights an export would hold now (EMA, LoRA merged, averaged), for evaluation;
+            # written a tensor at a time, never held whole (with FSDP every process gathers).
+            with self.export_state() as (_, state):
+                if state is not None:
+                    save_tensors(state, path / EXPORT_WEIGHTS)
         acc.wait_for_everyone()  # every process's files are in
         if acc.is_main_process:
             (path / CHECKPOINT_MARKER).write_text(json.dumps({"step": self.state.step, "format": CHECKPOINT_FORMAT}) + "\n")
@@ -274,6 +273,49 @@ class CheckpointMixin:
             self.ema.copy_to([p for p in net.parameters() if p.requires_grad])
         return self._finish_export(net, lora)
 
+    @contextmanager
+    def export_state(self, lora: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[nn.Module | None, StateDict | None]]:
+        """``(network, state dict)`` of the generator an export holds now (EMA weights, LoRA merged,
+        averaged with ``export_average_with``) on the main process, ``(None, None)`` on the others; the
+        network gives the config and class, the state dict the weights. Every process must enter it
+        (with FSDP the weights are gathered). Write the weights inside the ``with``.
+
+        Without FSDP nothing is copied whole: EMA weights are the EMA's own tensors, and a LoRA
+        generator's merged float32 weights (and an average) are :class:`~onestep.weights.Deferred`,
+        built one at a time as they are written (the merged copy of an SDXL UNet is 10.3 GB), while
+        the EMA's adapters stand in the network. ``lora``: filled with the adapters in diffusers' form."""
+        if self.fsdp:
+            net = self._gathered_generator(lora)
+            yield (None, None) if net is None else (net, net.state_dict())
+            return
+        if not self.accelerator.is_main_process:
+            yield None, None
+            return
+        c, net = self.config, self.generator.backbone
+        if not self.export_differs():
+            yield net, net.state_dict()
+            return
+        trained = [p for p in net.parameters() if p.requires_grad]
+        swap = self.ema is not None and bool(c.generator_lora_rank)  # the adapters are read as the entries are written
+        if swap:
+            self.ema.store(trained)
+            self.ema.copy_to(trained)
+        try:
+            if c.generator_lora_rank:
+                if lora is not None:
+                    lora.update(lora_layers_for_diffusers(net, "generator"))
+                state = merged_lora_state(net)
+            else:
+                state = net.state_dict()
+                if self.ema is not None:
+                    state.update(zip(self._ema_names(), self.ema.shadow_params))
+            if c.export_average_with is not None:
+                state = averaged_state(state, c.export_average_with, c.export_average_weight)
+            yield net, state
+        finally:
+            if swap:
+                self.ema.restore(trained)
+
     def _finish_export(self, net: nn.Module, lora: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """LoRA merged into plain layers (its adapters first copied into ``lora`` in diffusers' form when
         given), then the average with ``export_average_with`` (in place)."""
@@ -338,24 +380,25 @@ class CheckpointMixin:
             lora = {} if why_not is None else None
             alpha = c.generator_lora_alpha or c.generator_lora_rank
             extra["diffusers_lora"] = {"rank": c.generator_lora_rank, "alpha": alpha, "file": None, **({"reason": why_not} if why_not else {})}
-        net = self.generator_on_main(lora)
-        if not self.accelerator.is_main_process:
-            return None
-        if why_not and self.teacher_spec.conditioning.kind == "text":
-            logger.warning(f"export: the student has no diffusers LoRA file (lora/): {why_not}")
-        final = self.output_dir / "student"
-        staging = staging_dir(final)  # written aside, then renamed: an existing student is replaced only whole
-        export_student(
-            staging,
-            net,
-            self.teacher_spec,
-            method=self.method_name,
-            prediction_type=self.generator.prediction_type,
-            timesteps=self.export_timesteps(),
-            extra=extra,
-            variant=None if c.export_variant == "none" else c.export_variant,
-            lora_layers=lora,
-        )
+        with self.export_state(lora) as (net, state):
+            if not self.accelerator.is_main_process:
+                return None
+            if why_not and self.teacher_spec.conditioning.kind == "text":
+                logger.warning(f"export: the student has no diffusers LoRA file (lora/): {why_not}")
+            final = self.output_dir / "student"
+            staging = staging_dir(final)  # written aside, then renamed: an existing student is replaced only whole
+            export_student(
+                staging,
+                net,
+                self.teacher_spec,
+                method=self.method_name,
+                prediction_type=self.generator.prediction_type,
+                timesteps=self.export_timesteps(),
+                extra=extra,
+                variant=None if c.export_variant == "none" else c.export_variant,
+                lora_layers=lora,
+                state=state,
+            )
         return replace_dir(staging, final)
 
     def check_finite(self, what: str) -> None:

@@ -190,7 +190,7 @@ def cast_frozen(triad, vae: nn.Module | None, dtype: torch.dtype, compute: str =
     The teacher's backbone is cast: with a full-copy fake score it is the teacher's alone; with a
     LoRA fake score it is shared, and its base weights are cast while the adapters stay float32.
     A LoRA generator's base weights are cast too (they are the teacher's own tensors unless FSDP gave
-    it a copy; its adapters stay float32; the export merges them into a float32 copy), as diffusers'
+    it a copy; its adapters stay float32; the export writes them merged in float32, a tensor at a time), as diffusers'
     LoRA training scripts keep the base in ``weight_dtype``.
     A full generator and a full-copy fake score are not touched. The VAE stays float32 under fp16 when
     its config asks for it (``force_upcast``: the SDXL VAE overflows in fp16), and with ``compute``
