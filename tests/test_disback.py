@@ -80,6 +80,23 @@ def test_far_start_records_from_the_fake_score_on_g0_then_backtracks(tmp_path):
     assert state["target"] == "teacher" and state["nodes"] == ["node-00.safetensors", "node-01.safetensors", "node-02.safetensors"]
 
 
+@pytest.mark.parametrize("max_steps, warned", [(20, True), (21, False)])
+def test_a_run_too_short_to_reach_the_teacher_is_warned_about(tmp_path, caplog, max_steps, warned):
+    """Record 12, two nodes, interval 2, a generator step every 4th iteration (12, 16, 20, ...): node 1
+    for two generator steps, then the teacher from iteration 20 (the grid25 row ran 120 generator steps
+    against 3 x 50 of nodes and never reached the teacher)."""
+    import logging
+
+    init = _far_start(tmp_path)
+    cfg = {**SMALL, **init, "max_steps": max_steps, "disback_nodes": 2, "disback_record_steps": 12, "disback_interval": 2,
+           "fake_updates_per_generator": 4}
+    with caplog.at_level(logging.WARNING):
+        tr = make_trainer(load_config("gmm_disback", cfg, output_dir=str(tmp_path / "run")))
+    assert ("ends before the teacher becomes the target" in caplog.text) == warned
+    assert "iteration 20" in caplog.text if warned else True
+    assert [tr.target_index(s) for s in (12, 16, 20)] == [1, 1, 0] and tr.is_generator_step(20)
+
+
 def _bench():
     spec = importlib.util.spec_from_file_location("disback_claim", ROOT / "benchmarks" / "disback_claim.py")
     mod = importlib.util.module_from_spec(spec)

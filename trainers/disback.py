@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from accelerate.logging import get_logger
 from torch import nn
 
 from onestep.config import config_field
@@ -43,6 +44,7 @@ from .fdistill import FDistillConfig, FDistillTrainer
 from .sid import SiDConfig, SiDTrainer
 from .vsd import VSDConfig, VSDTrainer
 
+logger = get_logger(__name__)
 
 @dataclass
 class DisBackFields:
@@ -73,6 +75,18 @@ class DisBackMixin:
                 f"DisBack on {self.teacher_spec.name}: the fake score is a fresh network, not a copy of the teacher; "
                 "set regression_warmup_steps > 0 (it then learns the teacher's data meanwhile) or init_fake_score "
                 "to a fake score fitted to the teacher"
+            )
+        # The teacher is the target only after N-1 intervals of backtracking: a run too short for that
+        # trains its generator on the degraded nodes alone and never on the teacher.
+        reach = self.backtrack_start + config.fake_updates_per_generator * (config.disback_nodes - 1) * config.disback_interval
+        teacher_steps = self.generator_steps_since_backtrack(config.max_steps) - (config.disback_nodes - 1) * config.disback_interval
+        if teacher_steps <= 0:
+            logger.warning(
+                f"DisBack: max_steps {config.max_steps} ends before the teacher becomes the target (iteration {reach}: "
+                f"{config.disback_record_steps} recording iterations, then {config.disback_nodes - 1} nodes x "
+                f"{config.disback_interval} generator steps); the generator trains on intermediate nodes only. Raise max_steps "
+                "or lower disback_record_steps / disback_interval",
+                main_process_only=True,
             )
 
     # ------------------------------------------------------------- stages
