@@ -1,10 +1,11 @@
 """The Gradio demo for one-step sampling: ``onestep demo --student DIR [--teacher T]``.
 
-:mod:`onestep.demo.model` holds what runs (no gradio needed); :mod:`onestep.demo.app` builds
-the page. The demo samples through :mod:`onestep.samplers`, like ``onestep sample``.
+:mod:`onestep.demo.model` holds what runs (no gradio needed), :mod:`onestep.demo.request` what a
+request asks for and the checks on it; :mod:`onestep.demo.app` builds the page. The demo samples through :mod:`onestep.samplers`, like ``onestep sample``.
 """
 
-from .model import DemoInputError, DemoModel, DemoRequest, DemoResult
+from .model import DemoModel
+from .request import DemoInputError, DemoRequest, DemoResult
 
 __all__ = ["DemoInputError", "DemoModel", "DemoRequest", "DemoResult", "build_app", "launch_demo"]
 

@@ -18,7 +18,8 @@ from typing import Any
 from onestep.errors import OnestepError
 
 from .gallery import input_items, result_items
-from .model import MAX_SEED, MAX_TEACHER_STEPS, DemoModel, DemoRequest, DemoResult
+from .model import DemoModel
+from .request import MAX_SEED, MAX_TEACHER_STEPS, DemoRequest, DemoResult
 
 # Tiny images (16x16 digits) are shown at their own resolution and scaled up without blurring.
 CSS = """

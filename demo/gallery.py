@@ -17,7 +17,7 @@ import torch
 from onestep.viz import save_samples_picture, to_uint8
 
 if TYPE_CHECKING:
-    from .model import DemoResult
+    from .request import DemoResult
 
 def gallery_items(
     x: torch.Tensor, seeds: list[int], labels: list[int] | None, title: str = "", label_word: str = "class"

@@ -36,6 +36,7 @@ from onestep.triad import Triad
 from onestep.weights import check_same_network, load_trainable, weights_file
 
 from .checkpoint import CheckpointMixin, LoopState
+from .exporting import ExportMixin
 from .helpers import MethodHelpers
 from .interrupt import StopRequest
 from .config import DistillConfig, load_teacher_for, method_of, resolve_mixed_precision
@@ -58,7 +59,7 @@ def _regression_lambda(base, factor: float, steps: int):
     return lambda step: base(step) * (factor if step < steps else 1.0)
 
 
-class DistillTrainer(MethodHelpers, CheckpointMixin):
+class DistillTrainer(MethodHelpers, CheckpointMixin, ExportMixin):
     """Shared loop; methods override :meth:`generator_loss` and :meth:`fake_score_loss`.
 
     Args:
