@@ -106,3 +106,37 @@ def test_export_and_checkpoint_hold_what_the_whole_export_copy_holds(sd_dir, pro
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in trained.items())
     if lora:
         assert any("lora_B" in k for k in trained) and student["conv_in.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-ema", "full-ema"])
+def test_previews_and_evaluation_sample_the_export_without_copying_the_generator(sd_dir, prompt_file, tmp_path, monkeypatch, lora):
+    """``export_view``: the EMA weights stand in the trained network while it samples (restored after), and
+    no copy of the generator is made. A full generator's samples are the whole export copy's bit for bit;
+    a LoRA one samples unmerged, equal to the merged copy within float rounding."""
+    import trainers.exporting as exporting
+    from onestep.trainers import make_trainer
+
+    config = tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), generator_timesteps=[999], batch_size=2, max_steps=2,
+                         fake_updates_per_generator=1, ema_decay=0.5, export=False, preview_num=2,
+                         **(dict(generator_lora_rank=4, generator_lora_alpha=8.0) if lora else {}))
+    trainer = make_trainer(config)
+    _randomise_adapters(trainer.generator.backbone)
+    trainer.train()
+    trained = {k: v.clone() for k, v in trainer.generator.backbone.state_dict().items()}
+    reference, _ = trainer.preview_samples(net=trainer.generator_for_export())
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the generator was copied")
+
+    monkeypatch.setattr(exporting, "float32_copy", no_copy)
+    monkeypatch.setattr(exporting.copy, "deepcopy", no_copy)
+    x, _ = trainer.preview_samples()
+    assert trainer.save_preview(2).is_file()
+    with trainer.export_view() as net:
+        assert net is trainer.generator.backbone
+        assert any(not torch.equal(p, trained[k]) for k, p in net.state_dict().items())  # the EMA weights, not the trained ones
+    assert all(torch.equal(v, trainer.generator.backbone.state_dict()[k]) for k, v in trained.items())
+    if lora:
+        assert torch.allclose(x, reference, atol=1e-4)
+    else:
+        assert torch.equal(x, reference)

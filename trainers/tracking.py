@@ -194,20 +194,20 @@ class RunTracking:
         leaving the training's random streams as they were."""
         tr = self.trainer
         acc = tr.accelerator
-        net = tr.generator_on_main()
-        if not acc.is_main_process:
-            return {}
-        n = tr.config.eval_num_samples
-        devices = [acc.device] if acc.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            x, _ = tr.preview_samples(n=n, net=net)
-            if self.metric == "digits_fid":
-                value = float(self.score_fn(x))
-            else:
-                x = images_of(tr, x)
-                valid = tr.conditioning.validation_prompts
-                prompts = [valid[i % len(valid)] for i in range(n)]
-                value = float(self.score_fn(x, prompts, self.clip)["clip_score"])
+        with tr.export_view() as net:  # the EMA weights stand in the generator while it samples
+            if not acc.is_main_process:
+                return {}
+            n = tr.config.eval_num_samples
+            devices = [acc.device] if acc.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                x, _ = tr.preview_samples(n=n, net=net)
+                if self.metric == "digits_fid":
+                    value = float(self.score_fn(x))
+                else:
+                    x = images_of(tr, x)
+                    valid = tr.conditioning.validation_prompts
+                    prompts = [valid[i % len(valid)] for i in range(n)]
+                    value = float(self.score_fn(x, prompts, self.clip)["clip_score"])
         logs = {f"eval/{self.metric}": value}
         acc.log(logs, step=step)
         logger.info(f"step {step}: eval/{self.metric} = {value:.4g} ({n} samples)")
