@@ -1,4 +1,4 @@
-"""The ``onestep eval`` command group (``fid``, ``clip``, ``run``, ``t2i``): arguments here, work in
+"""The ``onestep eval`` command group (``fid``, ``clip``, ``clap``, ``run``, ``t2i``, ``sr``): arguments here, work in
 :mod:`onestep.eval.commands` (imported only when a command runs, so ``onestep --help`` stays fast)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ examples:
   onestep eval fid --images samples/ --ref my_real_images/ --extractor inception --inception-weights ~/inception.pth
   onestep eval fid --student S --extractor inception --ref-stats ref.npz --inception-weights W   # ref.npz: mu, sigma
   onestep eval clip --student my_t2i_student --prompts prompts.txt --clip-model ~/clip-vit-b-32
+  onestep eval clap --student my_audioldm_student --prompts prompts.txt --clap-model ~/clap-htsat-unfused   # sounds vs prompts
   onestep eval run --run runs/quickstart --report                                # every checkpoint, a curve
   onestep eval t2i --student S --captions annotations/captions_val2014.json --images val2014/ --clip ~/clip-vit-l-14 \\
       --num-samples 30000 --inception-weights ~/weights-inception-2015-12-05-6726825d.pth   # COCO FID-30K, CLIP, P/R
@@ -118,6 +119,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=32)
     _common(c)
 
+    a = es.add_parser("clap", help="CLAP score of a text-to-audio student over a prompt file")
+    a.add_argument("--prompts", required=True, help="text (one prompt a line), .jsonl or .csv with a caption column")
+    a.add_argument("--caption-column", help="CSV column / JSONL field of the prompt (default: caption, prompt or text)")
+    a.add_argument("--clap-model", required=True, help="local transformers ClapModel folder (safetensors, its feature extractor "
+                   "and tokenizer), e.g. laion/clap-htsat-unfused saved with save_pretrained")
+    a.add_argument("--student", help="text-to-audio student: a diffusers AudioLDMPipeline folder (model_index.json)")
+    a.add_argument("--audio", help="folder of mono 16-bit WAV files, file i (by name) for prompt i")
+    a.add_argument("--num-samples", type=int, default=None, help="score only the first N prompts")
+    a.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's own)")
+    a.add_argument("--guidance-scale", type=float, default=1.0, help="guidance passed to the pipeline (default 1: none)")
+    a.add_argument("--batch-size", type=int, default=16)
+    _common(a)
+
     r = es.add_parser("run", help="evaluate every checkpoint of a training run and write the curve")
     r.add_argument("--run", required=True, help="run folder (checkpoint-*/ and student/)")
     r.add_argument("--num-samples", type=int, default=500, help="samples per checkpoint (default 500)")
@@ -163,6 +177,15 @@ def run(args) -> int:
 
         rec = sr_command(student=args.student, images=args.images, num_samples=args.num_samples, steps=args.steps, seed=args.seed,
                          batch_size=args.batch_size, out=args.out, report=args.report, device=args.device, progress=progress)
+    elif args.eval_command == "clap":
+        from .clap import clap_command
+
+        rec = clap_command(
+            prompts=args.prompts, clap_model=args.clap_model, student=args.student, audio=args.audio,
+            caption_column=args.caption_column, num_samples=args.num_samples, steps=args.steps, seed=args.seed,
+            guidance_scale=args.guidance_scale, batch_size=args.batch_size, out=args.out, report=args.report,
+            device=args.device, progress=progress,
+        )
     elif args.eval_command == "clip":
         rec = commands.clip_command(
             prompts=args.prompts, clip_model=args.clip_model, student=args.student, images=args.images,

@@ -62,9 +62,10 @@ def clip_score(
     return {"clip_score": float(s.mean()), "clip_score_std": float(s.std()) if len(s) > 1 else 0.0, "per_sample": s.tolist()}
 
 
-def open_pipeline(folder: str | Path, device: torch.device | str = "cpu", what: str = "CLIP scoring"):
-    """Load a text-to-image student folder that is a diffusers pipeline (``model_index.json``; safetensors
-    only) onto ``device``, progress bar off. Returns ``(pipeline, the onestep.json fields or {})``."""
+def open_pipeline(folder: str | Path, device: torch.device | str = "cpu", what: str = "CLIP scoring", kind: str = "images"):
+    """Load a student folder that is a diffusers pipeline (``model_index.json``; safetensors only) onto
+    ``device``, progress bar off. ``kind``: what it makes (``images``, ``audio``), for the error messages.
+    Returns ``(pipeline, the onestep.json fields or {})``."""
     from diffusers import DiffusionPipeline
 
     from onestep.export import read_student_meta
@@ -73,8 +74,8 @@ def open_pipeline(folder: str | Path, device: torch.device | str = "cpu", what: 
     folder = Path(folder).expanduser()
     if not (folder / "model_index.json").is_file():
         raise OnestepError(
-            f"{folder}: not a text-to-image student (no model_index.json); {what} samples a diffusers pipeline "
-            "folder, or scores a folder of images with --images"
+            f"{folder}: not a text-to-{'audio' if kind == 'audio' else 'image'} student (no model_index.json); {what} samples a "
+            f"diffusers pipeline folder, or scores a folder of {'WAV files with --audio' if kind == 'audio' else 'images with --images'}"
         )
     pickles = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:

@@ -241,7 +241,8 @@ def clip_command(
     if (student is None) == (images is None):
         raise OnestepError("give exactly one of --student DIR and --images DIR")
     if student is not None and (Path(student) / "vocoder").is_dir():
-        raise OnestepError(f"{student} is a text-to-audio student: the CLIP score compares images with prompts, not sounds")
+        raise OnestepError(f"{student} is a text-to-audio student: the CLIP score compares images with prompts; "
+                           "score its sounds with `onestep eval clap --clap-model DIR`")
     texts = read_prompts(prompts, caption_column)
     if num_samples is not None:
         texts = texts[:num_samples]

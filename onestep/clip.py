@@ -173,14 +173,15 @@ def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x[..., top : top + height, left : left + width]
 
 
-def _embeds(out: Any) -> torch.Tensor:
-    """transformers returns a tensor or, in newer versions, an output object with pooled embeddings."""
+def pooled_embeds(out: Any) -> torch.Tensor:
+    """The projected embeddings a ``get_*_features`` call returns: a tensor or, in newer transformers, an output
+    object holding them (CLIP's and CLAP's)."""
     if isinstance(out, torch.Tensor):
         return out
     for key in ("image_embeds", "text_embeds", "pooler_output"):
         if getattr(out, key, None) is not None:
             return getattr(out, key)
-    raise OnestepError(f"unexpected CLIP output {type(out).__name__}")
+    raise OnestepError(f"unexpected CLIP / CLAP output {type(out).__name__}")
 
 
 class ClipEncoder(nn.Module):
@@ -209,7 +210,7 @@ class ClipEncoder(nn.Module):
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings (``get_image_features``), differentiable in ``images``."""
-        return _embeds(self.model.get_image_features(pixel_values=self.pixels(images)))
+        return pooled_embeds(self.model.get_image_features(pixel_values=self.pixels(images)))
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``: padded and truncated to the text model's positions (77 for CLIP)."""
@@ -221,7 +222,7 @@ class ClipEncoder(nn.Module):
 
     def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Projected text embeddings (``get_text_features``)."""
-        return _embeds(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        return pooled_embeds(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
     def cosine(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``cos(E_img(images[i]), E_txt(tokens[i]))`` for each ``i``, in float32."""
@@ -269,4 +270,4 @@ def load_clip(path: str | Path, device: torch.device | str = "cpu", need_tokeniz
     return ClipEncoder(model, tokenizer, preprocessing).to(device)
 
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "ClipEncoder", "ClipPreprocessing", "load_clip"]
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "ClipEncoder", "ClipPreprocessing", "load_clip", "pooled_embeds"]
