@@ -158,6 +158,20 @@ def test_dmd2_student_of_an_audioldm_teacher_is_a_pipeline_folder_plain_diffuser
                  "--out", str(tmp_path / "n")]) == 2
 
 
+@pytest.mark.parametrize("frozen_dtype", ["float32", "bf16"])
+def test_the_memory_plan_counts_the_vocoder_with_the_vae(audioldm_dir, prompts, tmp_path, frozen_dtype):
+    from onestep.trainers import make_trainer
+    from onestep.trainers.plan import memory_plan
+
+    config = tiny_config("dmd2", tmp_path, audioldm_dir, prompts=str(prompts), frozen_dtype=frozen_dtype, frozen_compute="storage",
+                         export=False)
+    rows, _ = memory_plan(config)
+    row = next(r for r in rows if r.role.startswith("VAE"))
+    vae = make_trainer(config).teacher_spec.vae
+    assert row.role == "VAE + vocoder" and any(True for _ in vae.vocoder.parameters())
+    assert row.bytes == sum(p.numel() * p.element_size() for p in vae.parameters())
+
+
 def write_tone_folder(folder, freqs=(300.0, 1000.0, 2500.0), rate=8000, seconds=0.032):
     """Captioned WAV files of pure tones (``metadata.jsonl``) at the tiny vocoder's rate."""
     import json

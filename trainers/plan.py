@@ -153,8 +153,12 @@ def memory_plan(config: DistillConfig) -> tuple[list[Row], dict[str, str]]:
         rows += _trained("generator", m, ema)
     if "vae" in parts:
         v = _count(parts["vae"].parameters())
+        role = "VAE"
+        if "vocoder" in parts:  # AudioLDM: the vocoder is held (and cast) with the VAE
+            v += _count(parts["vocoder"].parameters())
+            role = "VAE + vocoder"
         vae_fb = 4 if compute == "float32" else fb  # float32 compute leaves the VAE float32
-        rows.append(Row("VAE", f"frozen weights ({'float32' if vae_fb == 4 else frozen_name})", v, vae_fb * v))
+        rows.append(Row(role, f"frozen weights ({'float32' if vae_fb == 4 else frozen_name})", v, vae_fb * v))
     text = [k for k in TEXT_ENCODERS if k in parts]
     if text:
         t = sum(_count(parts[k].parameters()) for k in text)
