@@ -108,7 +108,10 @@ def write_pipeline_parts(out: Path, teacher, meta: dict[str, Any], generator_sub
     if is_sd3(index):
         model, model_class, all_parts = "transformer", "SD3Transformer2DModel", sd3_parts(src, index)
     elif is_audioldm(index):  # AudioLDMPipeline: the vocoder too, and the clip's audio settings in onestep.json
-        model, model_class, all_parts = "unet", "UNet2DConditionModel", AUDIOLDM_PARTS
+        # (MusicLDMPipeline: also CLAP's feature extractor, which its pipeline ranks several waveforms a prompt with)
+        has_features = (index.get("feature_extractor") or [None])[0] is not None
+        model, model_class = "unet", "UNet2DConditionModel"
+        all_parts = AUDIOLDM_PARTS + (("feature_extractor",) if has_features else ())
         meta["audio"] = dict(teacher.meta["audio"])
     else:
         unet_class = "UNet3DConditionModel" if is_text_to_video(index) else "UNet2DConditionModel"  # TextToVideoSDPipeline: SD's parts

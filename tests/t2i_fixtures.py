@@ -154,11 +154,19 @@ def write_roberta_vocab(folder: Path) -> dict[str, int]:
 AUDIO_MELS = 16  # the vocoder's mel bins: latents 4 x 8 x 8 (16 frames x 16 bins, the VAE downsamples by 2)
 
 
-def make_tiny_audioldm(out: str | Path, seed: int = 0) -> Path:
+def tiny_clap_audio_config() -> dict:
+    """A tiny CLAP audio tower (HTSAT) that reads ``ClapFeatureExtractor``'s default 64-bin features."""
+    return dict(num_mel_bins=64, spec_size=256, patch_size=4, patch_stride=[4, 4], patch_embeds_hidden_size=8, hidden_size=16,
+                depths=[1, 1], num_attention_heads=[2, 2], window_size=8, projection_dim=8, enable_fusion=False)
+
+
+def make_tiny_audioldm(out: str | Path, seed: int = 0, music: bool = False) -> Path:
     """A tiny random text-to-audio pipeline folder (``AudioLDMPipeline``): a CLAP text encoder with projection and an
     offline RoBERTa tokenizer, a UNet taking the text embedding as ``class_labels`` (``simple_projection``,
     concatenated to the time embedding; no cross-attention context), a one-channel mel VAE, a HiFi-GAN vocoder
-    (16 mel bins, 16x upsampling at 8 kHz: 16 frames are 256 samples, 0.032 s) and a DDIM scheduler config."""
+    (16 mel bins, 16x upsampling at 8 kHz: 16 frames are 256 samples, 0.032 s) and a DDIM scheduler config.
+    ``music``: a ``MusicLDMPipeline`` folder instead: a whole ``ClapModel`` as the text encoder, with CLAP's
+    feature extractor."""
     import tempfile
 
     from diffusers import AudioLDMPipeline, AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -188,10 +196,18 @@ def make_tiny_audioldm(out: str | Path, seed: int = 0) -> Path:
         model_in_dim=AUDIO_MELS, sampling_rate=8000, upsample_initial_channel=16, upsample_rates=[4, 4], upsample_kernel_sizes=[8, 8],
         resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False,
     ))
-    pipe = AudioLDMPipeline(
-        vae=vae, text_encoder=ClapTextModelWithProjection(text), tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER),
-        vocoder=vocoder,
-    )
+    if music:
+        from diffusers import MusicLDMPipeline
+        from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
+
+        clap = ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=tiny_clap_audio_config(), projection_dim=projection))
+        pipe = MusicLDMPipeline(vae=vae, text_encoder=clap, tokenizer=tok, feature_extractor=ClapFeatureExtractor(truncation="rand_trunc"),
+                                unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER), vocoder=vocoder)
+    else:
+        pipe = AudioLDMPipeline(
+            vae=vae, text_encoder=ClapTextModelWithProjection(text), tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER),
+            vocoder=vocoder,
+        )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 

@@ -158,6 +158,46 @@ def test_dmd2_student_of_an_audioldm_teacher_is_a_pipeline_folder_plain_diffuser
                  "--out", str(tmp_path / "n")]) == 2
 
 
+def test_a_musicldm_folder_is_a_teacher_and_its_student_a_musicldm_pipeline(prompts, tmp_path):
+    """MusicLDMPipeline: a whole ClapModel as text encoder (its get_text_features), guidance 2.0, and CLAP's feature
+    extractor, which the student folder keeps. (diffusers' deprecated pipeline reads get_text_features as a tensor,
+    as transformers 4 returned it; under transformers 5 it is handed that tensor here.)"""
+    from diffusers import DiffusionPipeline, MusicLDMPipeline
+
+    from onestep.clip import pooled_embeds
+    from onestep.export import load_student
+    from onestep.samplers.student import sample_text_student
+    from onestep.trainers import make_trainer
+
+    def as_in_transformers_4(pipe):
+        features = pipe.text_encoder.get_text_features
+        pipe.text_encoder.get_text_features = lambda *a, **k: pooled_embeds(features(*a, **k))
+        return pipe
+
+    folder = make_tiny_audioldm(tmp_path / "musicldm", music=True)
+    pipe = as_in_transformers_4(MusicLDMPipeline.from_pretrained(folder, use_safetensors=True))
+    teacher = load_teacher(folder, prompts=str(prompts))
+    assert teacher.guidance_scale == 2.0 and teacher.meta["pipeline"] == "MusicLDMPipeline"
+    cond = teacher.conditioning.from_labels(PROMPTS[:2])["class_labels"]
+    with torch.no_grad():
+        theirs = pipe._encode_prompt(PROMPTS[:2], "cpu", 1, False)
+    torch.testing.assert_close(cond, theirs, rtol=0, atol=1e-6)
+    assert not torch.allclose(cond[0], cond[1])
+
+    out = make_trainer(tiny_config("dmd2", tmp_path, folder, prompts=str(prompts), generator_timesteps=[999], batch_size=2,
+                                   max_steps=1)).train()
+    assert (out / "feature_extractor" / "preprocessor_config.json").is_file() and (out / "vocoder").is_dir()
+    student = load_student(out)
+    texts, seeds = ["a red cube", "a dog barking in the rain"], [3, 4]
+    ours = student.vae.waveform(sample_text_student(student, texts, seeds))
+    plain = as_in_transformers_4(DiffusionPipeline.from_pretrained(out, use_safetensors=True))
+    assert type(plain).__name__ == "MusicLDMPipeline" and type(plain.text_encoder).__name__ == "ClapModel"
+    plain.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    theirs = plain(prompt=texts, num_inference_steps=1, guidance_scale=1.0, generator=gens, output_type="pt").audios
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("frozen_dtype", ["float32", "bf16"])
 def test_the_memory_plan_counts_the_vocoder_with_the_vae(audioldm_dir, prompts, tmp_path, frozen_dtype):
     from onestep.trainers import make_trainer

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from t2i_fixtures import make_tiny_audioldm, write_prompts, write_roberta_vocab
+from t2i_fixtures import make_tiny_audioldm, tiny_clap_audio_config, write_prompts, write_roberta_vocab
 
 from onestep.audio import write_wav
 from onestep.cli import main
@@ -26,9 +26,7 @@ def clap_dir(tmp_path_factory):
     torch.manual_seed(0)
     text = dict(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                 max_position_embeddings=80, projection_dim=8)
-    audio = dict(num_mel_bins=64, spec_size=256, patch_size=4, patch_stride=[4, 4], patch_embeds_hidden_size=8, hidden_size=16,
-                 depths=[1, 1], num_attention_heads=[2, 2], window_size=8, projection_dim=8, enable_fusion=False)
-    ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=8)).save_pretrained(out)
+    ClapModel(ClapConfig(text_config=text, audio_config=tiny_clap_audio_config(), projection_dim=8)).save_pretrained(out)
     ClapFeatureExtractor(truncation="rand_trunc").save_pretrained(out)  # laion/clap-htsat-unfused's truncation
     RobertaTokenizer(str(out / "vocab" / "vocab.json"), str(out / "vocab" / "merges.txt"), model_max_length=77).save_pretrained(out)
     return out

@@ -5,6 +5,9 @@ through ``class_labels``, a ``simple_projection`` class embedding concatenated t
 ``vae/`` (an ``AutoencoderKL`` of one-channel mel spectrograms ``(1, T, M)``: T frames, M mel bins),
 ``text_encoder/`` (``ClapTextModelWithProjection``) with ``tokenizer/`` (RoBERTa), ``vocoder/``
 (``SpeechT5HifiGan``: mel frames to waveform samples) and ``scheduler/``. Everything loads from safetensors.
+``MusicLDMPipeline`` folders have the same layout with a whole ``ClapModel`` as ``text_encoder/`` (its
+``get_text_features``, already normalised) and CLAP's ``feature_extractor/``; they load the same way,
+guidance 2.0 as that pipeline's default.
 
 As the pipeline runs it:
 
@@ -40,6 +43,8 @@ from .prompt_cache import cache_dtype
 from .text import PromptEncoder
 
 AUDIOLDM_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "vocoder")
+#: The text encoders of the pipelines loaded here: AudioLDM's, and MusicLDM's whole CLAP model.
+CLAP_TEXT_ENCODERS = ("ClapTextModelWithProjection", "ClapModel")
 #: Loader options only AudioLDM folders take.
 AUDIO_OPTIONS = ("audio_length_in_s", "real_audio")
 #: The log-mel values mapped to black (-1) and white (+1) in pictures: AudioLDM's mels are ``log(max(mel, 1e-5))``,
@@ -47,19 +52,22 @@ AUDIO_OPTIONS = ("audio_length_in_s", "real_audio")
 MEL_RANGE = (-12.0, 4.0)
 #: ``AudioLDMPipeline``'s default guidance scale.
 AUDIOLDM_GUIDANCE = 2.5
+#: ``MusicLDMPipeline``'s.
+MUSICLDM_GUIDANCE = 2.0
 
 
 def is_audioldm(index: dict[str, Any]) -> bool:
-    """An ``AudioLDMPipeline`` folder: a CLAP text encoder (with projection) and a vocoder beside the UNet."""
+    """An ``AudioLDMPipeline`` (or ``MusicLDMPipeline``) folder: a CLAP text encoder and a vocoder beside the UNet."""
     from .sd import component_class
 
-    return component_class(index, "vocoder") is not None and component_class(index, "text_encoder") == "ClapTextModelWithProjection"
+    return component_class(index, "vocoder") is not None and component_class(index, "text_encoder") in CLAP_TEXT_ENCODERS
 
 
 class ClapPromptEncoder(PromptEncoder):
     """Encodes prompts as ``AudioLDMPipeline`` does: RoBERTa tokens (padded to the tokenizer's length, with
-    the attention mask) through ``ClapTextModelWithProjection``, its ``text_embeds`` L2-normalised. A
-    condition is ``{"class_labels": (B, D)}``. ``size`` is the spectrogram's ``(frames, mel bins)``."""
+    the attention mask) through ``ClapTextModelWithProjection``, its ``text_embeds`` L2-normalised; or, when
+    ``text_encoder/`` holds a whole ``ClapModel`` (``MusicLDMPipeline``), its ``get_text_features`` (normalised
+    by CLAP itself). A condition is ``{"class_labels": (B, D)}``. ``size`` is the spectrogram's ``(frames, mel bins)``."""
 
     #: the tensor every row of a prompt cache of this encoder holds
     row_key = "class_labels"
@@ -68,10 +76,18 @@ class ClapPromptEncoder(PromptEncoder):
                  compute: str = "storage"):
         super().__init__(folder, False, size, device=device, dtype=dtype, compute=compute)
 
-    def _components(self) -> list[tuple[str, str, type, type]]:
-        from transformers import AutoTokenizer, ClapTextModelWithProjection
+    @property
+    def whole_clap(self) -> bool:
+        """Whether ``text_encoder/`` is a whole ``ClapModel`` (MusicLDM) rather than its text tower."""
+        import json
 
-        return [("tokenizer", "text_encoder", AutoTokenizer, ClapTextModelWithProjection)]
+        config = json.loads((self.folder / "text_encoder" / "config.json").read_text())
+        return config.get("model_type") == "clap"
+
+    def _components(self) -> list[tuple[str, str, type, type]]:
+        from transformers import AutoTokenizer, ClapModel, ClapTextModelWithProjection
+
+        return [("tokenizer", "text_encoder", AutoTokenizer, ClapModel if self.whole_clap else ClapTextModelWithProjection)]
 
     @property
     def family(self) -> str:
@@ -80,10 +96,14 @@ class ClapPromptEncoder(PromptEncoder):
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         import torch.nn.functional as F
 
+        from ..clip import pooled_embeds
+
         (tok, enc), = self._load()
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        out = enc(ids.input_ids.to(self.device), attention_mask=ids.attention_mask.to(self.device))
-        return {"class_labels": F.normalize(out.text_embeds, dim=-1).float().cpu()}
+        input_ids, mask = ids.input_ids.to(self.device), ids.attention_mask.to(self.device)
+        if hasattr(enc, "get_text_features"):  # MusicLDM: CLAP's own (normalised) text features, as its pipeline takes them
+            return {"class_labels": pooled_embeds(enc.get_text_features(input_ids, attention_mask=mask)).float().cpu()}
+        return {"class_labels": F.normalize(enc(input_ids, attention_mask=mask).text_embeds, dim=-1).float().cpu()}
 
 
 class MelVAE(LatentVAE):
@@ -228,7 +248,7 @@ def load_audioldm_teacher(
     audio_length_in_s: float | None = None,
     real_audio: str | Path | None = None,
 ) -> Teacher:
-    """Load an ``AudioLDMPipeline`` folder as a latent text-to-audio :class:`~onestep.teachers.Teacher`.
+    """Load an ``AudioLDMPipeline`` (or ``MusicLDMPipeline``) folder as a latent text-to-audio :class:`~onestep.teachers.Teacher`.
 
     The prompt options are those of :func:`onestep.teachers.sd.load_text_to_image_teacher`;
     ``audio_length_in_s`` sets the clips' length (default: the UNet's ``sample_size``, as the pipeline);
@@ -280,7 +300,7 @@ def load_audioldm_teacher(
         prediction_type=sched_cfg.get("prediction_type", "epsilon"),
         conditioning=conditioning,
         sample_shape=(int(unet.config.in_channels), frames // f, mels // f),
-        guidance_scale=AUDIOLDM_GUIDANCE,
+        guidance_scale=MUSICLDM_GUIDANCE if index.get("_class_name") == "MusicLDMPipeline" else AUDIOLDM_GUIDANCE,
         clip=None,
         sha256=_sha256_of(list((path / "unet").glob("*.safetensors"))),
         real_data=real_data,
@@ -308,6 +328,8 @@ def student_audio_parts(path: Path, meta: dict[str, Any], device: torch.device |
 __all__ = [
     "AUDIOLDM_GUIDANCE",
     "AUDIOLDM_PARTS",
+    "CLAP_TEXT_ENCODERS",
+    "MUSICLDM_GUIDANCE",
     "AUDIO_OPTIONS",
     "ClapPromptEncoder",
     "MEL_RANGE",
