@@ -224,8 +224,9 @@ def _plan_bytes(rows, role: str, what: str) -> int:
 
 
 def child_train(row: str, teacher: Path, prompts: Path, out_dir: Path, resolution: int, max_steps: int, images: str | None,
-                cpu_overrides: str = CPU_OVERRIDES, validation_prompts: Path | None = None) -> dict:
-    """Build the config as the CLI does, train, measure; the result as a dict (one JSON line on stdout)."""
+                cpu_overrides: str = CPU_OVERRIDES, validation_prompts: Path | None = None, preview: bool = False) -> dict:
+    """Build the config as the CLI does, train, measure; the result as a dict (one JSON line on stdout). ``preview``:
+    one preview grid (2 samples) after the last iteration, its seconds and the peak RSS after it recorded apart."""
     import torch
 
     from onestep.config import parse_overrides
@@ -234,7 +235,8 @@ def child_train(row: str, teacher: Path, prompts: Path, out_dir: Path, resolutio
 
     _, preset, extra, _ = ROWS[row]
     argv = [*extra, *cpu_overrides.split(), "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", str(resolution),
-            "--batch_size", "1", "--max_steps", str(max_steps), "--checkpoint_every", "0", "--preview_every", "0",
+            "--batch_size", "1", "--max_steps", str(max_steps), "--checkpoint_every", "0",
+            "--preview_every", str(max_steps) if preview else "0", "--preview_num", "2",
             "--eval_every", "0", "--log_with", "none", "--export", "true", "--overwrite", "true"]
     if images:
         argv += ["--real_images", images]
@@ -259,6 +261,16 @@ def child_train(row: str, teacher: Path, prompts: Path, out_dir: Path, resolutio
         return logs
 
     tr.train_step = timed_step  # the loop calls self.train_step(): each iteration timed, loading and export not
+    previews: list[tuple[float, int]] = []
+    save_preview = tr.save_preview
+
+    def timed_preview(step):
+        t = time.perf_counter()
+        path = save_preview(step)
+        previews.append((time.perf_counter() - t, _peak_rss()))  # the peak so far, the preview's included
+        return path
+
+    tr.save_preview = timed_preview
     t1 = time.perf_counter()
     student = tr.train()
     train_s = time.perf_counter() - t1
@@ -282,6 +294,7 @@ def child_train(row: str, teacher: Path, prompts: Path, out_dir: Path, resolutio
             "train_loop_s": getattr(tr, "train_seconds", None), "after_loop_s": train_s - sum(step_s),
             "steps_run": getattr(tr, "steps_run", len(step_s)), "measured": measured, "plan": planned,
             "train_peak_rss_gib": hwm[-1] / GIB if hwm else None,
+            "preview_s": previews[-1][0] if previews else None, "preview_peak_rss_gib": previews[-1][1] / GIB if previews else None,
             "frozen_dtype": assumptions["frozen_dtype"], "networks": networks,
             "student": str(student) if student else None, "torch_threads": torch.get_num_threads()}
 
@@ -390,6 +403,8 @@ def run_row(row: str, args, workdir: Path, prompts: Path) -> dict:
         prompts = write_prompts(workdir / f"prompts-{FEW_PROMPTS[row]}.txt", FEW_PROMPTS[row])
     train_argv = ["--child-train", row, "--folder", str(folder), "--prompts", str(prompts), "--resolution", str(resolution),
                   "--max-steps", str(args.max_steps), "--run-dir", str(workdir / "runs" / row), "--cpu-overrides", args.cpu_overrides]
+    if args.preview:
+        train_argv.append("--preview")
     if ROWS[row][3]:
         train_argv += ["--images", str(real_images(workdir, resolution))]
     if row in FEW_PROMPTS:
@@ -429,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="weights, runs, prompts, images and child logs (default /tmp/onestep-scale; tiny: <workdir>/tiny)")
     p.add_argument("--out", type=Path, default=HERE / "scale-out" / "table.md", help="the markdown table (default benchmarks/scale-out/table.md)")
     p.add_argument("--json", type=Path, help="write the rows (and run_meta, date, command) here")
+    p.add_argument("--preview", action="store_true", help="one preview grid (2 samples) after the last iteration; its seconds and "
+                   "the peak RSS after it go into --json as preview_s, preview_peak_rss_gib")
     p.add_argument("--keep-runs", action="store_true", help="keep each row's run folder (checkpoint and student); default: removed once measured")
     p.add_argument("--cpu-overrides", default=CPU_OVERRIDES,
                    help=f"config overrides every row gets (default {CPU_OVERRIDES!r}; '' for the presets' own settings)")
@@ -449,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.child_train:
         res = child_train(args.child_train, args.folder, args.prompts, args.run_dir, args.resolution, args.max_steps, args.images,
-                          args.cpu_overrides, args.validation_prompts)
+                          args.cpu_overrides, args.validation_prompts, args.preview)
         print(json.dumps(res), flush=True)
         return 0
     if args.child_load:
