@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from onestep.clip import pooled_embeds
 from onestep.errors import OnestepError
-from onestep.files import PICKLE_SUFFIXES
+from onestep.files import transformers_model_folder
 
 CLAP_SCORE_DEFINITION = (
     "CLAP score = mean over sounds of cos(audio_embeds, text_embeds), with ClapModel.get_audio_features / "
@@ -81,12 +81,7 @@ def load_clap(path: str | Path, device: torch.device | str = "cpu") -> ClapScore
     Pickle weights are refused and no code from the folder runs."""
     from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 
-    path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        raise OnestepError(f"--clap-model {path}: not a ClapModel folder (config.json missing); it must be a local path")
-    if not list(path.glob("*.safetensors")):
-        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        raise OnestepError(f"{path}: no .safetensors weights" + (f" ({', '.join(pickles)} refused: pickle files are not loaded)" if pickles else ""))
+    path = transformers_model_folder(path, "--clap-model", "ClapModel")
     if not (path / "preprocessor_config.json").is_file():
         raise OnestepError(f"--clap-model {path}: no preprocessor_config.json (the ClapFeatureExtractor); save the ClapProcessor there")
     tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path

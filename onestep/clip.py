@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import OnestepError
-from .files import PICKLE_SUFFIXES
+from .files import transformers_model_folder
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -249,12 +249,7 @@ def load_clip(path: str | Path, device: torch.device | str = "cpu", need_tokeniz
     """
     from transformers import CLIPModel, CLIPTokenizer
 
-    path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        raise OnestepError(f"{what} {path}: not a CLIPModel folder (config.json missing); it must be a local path")
-    if not list(path.glob("*.safetensors")):
-        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        raise OnestepError(f"{path}: no .safetensors weights" + (f" ({', '.join(pickles)} refused: pickle files are not loaded)" if pickles else ""))
+    path = transformers_model_folder(path, what, "CLIPModel")
     tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
     tokenizer = None
     if (tok_dir / "vocab.json").is_file() or (tok_dir / "tokenizer.json").is_file():

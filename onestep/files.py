@@ -14,6 +14,21 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
 
+def transformers_model_folder(path: str | Path, what: str, model: str) -> Path:
+    """``path`` as a local ``save_pretrained`` folder of a transformers ``model`` (``CLIPModel``, ``ClapModel``):
+    its ``config.json`` and ``.safetensors`` weights must be there (pickle weights are refused, nothing is
+    downloaded); a :class:`~onestep.errors.OnestepError` naming ``what`` (the flag or field) otherwise."""
+    from .errors import OnestepError
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise OnestepError(f"{what} {path}: not a {model} folder (config.json missing); it must be a local path")
+    if not list(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        raise OnestepError(f"{path}: no .safetensors weights" + (f" ({', '.join(pickles)} refused: pickle files are not loaded)" if pickles else ""))
+    return path
+
+
 def cache_dir(name: str) -> Path:
     """``$ONESTEP_CACHE/<name>``, default ``~/.cache/onestep/<name>`` (e.g. ``latents``, ``fid-stats``)."""
     return Path(os.environ.get("ONESTEP_CACHE") or Path.home() / ".cache" / "onestep") / name
@@ -70,4 +85,7 @@ def replace_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-__all__ = ["IMAGE_SUFFIXES", "PICKLE_SUFFIXES", "cache_dir", "read_json_object", "replace_dir", "staging_dir", "write_file", "write_text"]
+__all__ = [
+    "IMAGE_SUFFIXES", "PICKLE_SUFFIXES", "cache_dir", "read_json_object", "replace_dir", "staging_dir", "transformers_model_folder", "write_file",
+    "write_text",
+]
