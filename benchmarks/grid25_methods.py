@@ -3,6 +3,7 @@ one-step consistency student of ``gmm_lcm``.
 
     OMP_NUM_THREADS=1 python benchmarks/grid25_methods.py --out benchmarks/grid25-methods-out     # about 30 min on one thread
     OMP_NUM_THREADS=1 python benchmarks/grid25_methods.py --methods vsd --no-lcm                   # one row, 3 min
+    OMP_NUM_THREADS=1 python benchmarks/grid25_methods.py --methods --lcm-set '{"num_ddim_timesteps": 20}'   # the consistency row alone
 
 Each score-distillation row trains ``configs/gmm_dmd2_grid25.yaml`` (2000 iterations of regression warm start
 at lr 1e-3, then 800 at lr 1e-5 with t ~ U{0.05 T .. 0.3 T}, Fourier-feature networks) with ``method:``
@@ -73,14 +74,14 @@ def score_distillation_row(name: str, out: Path, n: int) -> dict:
     return {"fields": ROWS[name], "by_iteration": points, "final": points[c.max_steps], "seconds": round(time.time() - start, 1)}
 
 
-def consistency_row(out: Path, n: int) -> dict:
-    """``gmm_lcm`` as shipped, sampled in 1, 2 and 4 steps."""
+def consistency_row(out: Path, n: int, overrides: dict | None = None) -> dict:
+    """``gmm_lcm`` (with ``overrides``), sampled in 1, 2 and 4 steps."""
     from onestep.consistency import lcm_timesteps
     from onestep.samplers.student import sample_student_from_seeds
     from onestep.trainers import load_config, make_trainer
 
     tr = make_trainer(load_config("gmm_lcm", {"overwrite": True, "log_with": "none", "export": False, "checkpoint_every": 0,
-                                              "preview_every": 0}, output_dir=str(out / "lcm")))
+                                              "preview_every": 0, **(overrides or {})}, output_dir=str(out / "lcm")))
     start = time.time()
     tr.train()
     gen, rows = tr.sampling_generator(tr.generator_for_export()), {}
@@ -89,7 +90,7 @@ def consistency_row(out: Path, n: int) -> dict:
                                          batch_size=1000)
         rows[k] = _metrics(x)
         print("lcm", k, json.dumps(rows[k]), flush=True)
-    return {"by_steps": rows, "seconds": round(time.time() - start, 1)}
+    return {"by_steps": rows, "seconds": round(time.time() - start, 1), "overrides": overrides or {}}
 
 
 def table(results: dict) -> str:
@@ -108,8 +109,10 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=list(ROWS), default=list(ROWS), help="score-distillation rows")
+    p.add_argument("--methods", nargs="*", choices=list(ROWS), default=list(ROWS), help="score-distillation rows (none: '--methods')")
     p.add_argument("--no-lcm", action="store_true", help="skip the consistency row")
+    p.add_argument("--lcm-set", type=json.loads, default=None, metavar="JSON",
+                   help='config fields of the consistency row on top of gmm_lcm, e.g. \'{"num_ddim_timesteps": 20, "max_steps": 8000}\'')
     p.add_argument("--samples", type=int, default=3000, help="fixed-seed samples per score")
     p.add_argument("--out", type=Path, default=Path("benchmarks/grid25-methods-out"))
     a = p.parse_args(argv)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in a.methods:
         results["rows"][name] = score_distillation_row(name, a.out, a.samples)
     if not a.no_lcm:
-        results["lcm"] = consistency_row(a.out, a.samples)
+        results["lcm"] = consistency_row(a.out, a.samples, a.lcm_set)
     results["meta"] = {"command": "python benchmarks/grid25_methods.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                        "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (a.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
