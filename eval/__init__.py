@@ -1,4 +1,4 @@
-"""Evaluation: FID/KID and precision/recall (torch-fidelity), digits-FID, CLIP score, COCO text-to-image, reports.
+"""Evaluation: FID/KID and precision/recall (torch-fidelity), digits-FID, CLIP and CLAP scores, COCO text-to-image, reports.
 
 Importing this package is cheap: names load on first use, and torch-fidelity is imported
 only by the functions that compute with it.
@@ -19,11 +19,13 @@ Modules:
   (``onestep.eval.precision_recall.precision_recall``, k = 3).
 - :mod:`~onestep.eval.clip`: :func:`clip_score`, ``100 * max(cos, 0)`` averaged, on
   :mod:`onestep.clip`'s CLIP wrapper.
+- :mod:`~onestep.eval.clap`: :func:`clap_score`, the mean CLAP cosine of sounds and their prompts
+  (``onestep eval clap``).
 - :mod:`~onestep.eval.mixture`: mode coverage and weights for the 2D mixture teachers.
 - :mod:`~onestep.eval.generate`: sampling students and checkpoints for evaluation.
 - :mod:`~onestep.eval.report`: ``metrics.json``, tables, plots, ``report.md``.
 - :mod:`~onestep.eval.t2i`: ``onestep eval t2i``, the COCO captions protocol (FID-30K, CLIP score, precision/recall).
-- :mod:`~onestep.eval.commands` and :mod:`~onestep.eval.cli`: ``onestep eval fid | clip | run | t2i``.
+- :mod:`~onestep.eval.commands` and :mod:`~onestep.eval.cli`: ``onestep eval fid | clip | clap | run | t2i | sr``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _EXPORTS = {
     "register_extractors": "extractors",
     "reference_statistics": "stats_cache",
     "clip_score": "clip",
+    "clap_score": "clap",
     "read_prompts": "onestep.teachers.text",
 }
 
