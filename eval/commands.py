@@ -38,6 +38,19 @@ def _is_digits_student(student) -> bool:
     return tuple(student.sample_shape) == (1, 16, 16) and c.kind == "class" and c.num_classes == 10
 
 
+def _not_digits(student) -> str | None:
+    """Why ``student``'s samples cannot be compared with the real digits (None when they can)."""
+    from onestep.audio import audio_meta_of
+
+    if audio_meta_of(student.meta) is not None:
+        return ("its samples are mel spectrograms of sounds: score them with `onestep eval clap` (text-to-audio) "
+                "or benchmarks/audio.py (the sounds teacher's referee)")
+    if student.conditioning.kind == "text" or student.vae is not None:
+        return ("it is a latent / text-to-image student: give real images with --ref DIR and --extractor inception, "
+                "or use `onestep eval t2i` / `onestep eval clip`")
+    return None
+
+
 def _class_accuracy(images: torch.Tensor, labels: list[int] | None) -> float | None:
     """Share of samples the digits SVC (:func:`onestep.digits.classify_digits`) reads as the asked class."""
     if labels is None:
@@ -83,6 +96,9 @@ def fid_command(
     labels = None
     if student is not None:
         s = load_student(student, device=dev)
+        why = _not_digits(s) if ref == "digits" else None
+        if why:  # digits-FID of anything but digits is a number without meaning: refused before any sampling
+            raise OnestepError(f"{student}: the reference is the real digits (the default), but {why}")
         x, labels, timesteps = sample_student_images(s, num_samples, steps, seed, batch_size, dev, progress)
         record.update(student=student_info(s), steps=len(timesteps), timesteps=timesteps, seeds=[seed, seed + num_samples - 1], labels="i % num_classes" if labels else None)
         name = f"student ({len(timesteps)} step{'s' if len(timesteps) > 1 else ''})"
@@ -171,6 +187,9 @@ def run_command(
         raise OnestepError(f"{run_dir}: no exported student/ (its onestep.json gives the generator's architecture); finish the run first")
     dev = _device(device)
     student = load_student(run_dir / "student", device=dev)
+    why = _not_digits(student) if ref == "digits" else None
+    if why:
+        raise OnestepError(f"{run_dir}: the reference is the real digits (the default), but {why}")
     ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
     max_steps = (student.meta.get("config") or {}).get("max_steps")
     ref_s = reference_statistics(ref, extractor, ref_stats, cache_dir, batch_size, dev, inception_weights, progress)

@@ -485,3 +485,23 @@ def test_random_onestep_json_gives_a_student_or_a_student_error(fuzz_student, st
     assert isinstance(student, Student)
     x, _ = sample_student_from_seeds(student.generator, student, student.timesteps, [0])  # a student that loads samples
     assert tuple(x.shape) == (1, *student.sample_shape)
+
+
+def test_digits_fid_of_a_sounds_student_is_refused_before_sampling(tmp_path, capsys):
+    """The default reference is the real digits: a student of spectrograms gets a pointer to its own scores."""
+    from onestep.export import export_student
+    from onestep.teachers import load_teacher
+
+    teacher = load_teacher("sounds")
+    student = export_student(tmp_path / "sounds_student", teacher.new_backbone(), teacher, "consistency", [999])
+    before = snapshot(tmp_path)
+    line = cli_error(capsys, "eval", "fid", "--student", student, "--num-samples", 2, "--out", tmp_path / "eval", "--device", "cpu",
+                     "--no-progress", "--cache-dir", tmp_path / "cache")
+    assert line.startswith("onestep eval: error:") and "mel spectrograms" in line and "benchmarks/audio.py" in line
+    assert snapshot(tmp_path) == before
+    run = tmp_path / "run"
+    shutil.copytree(student, run / "student")  # a finished run of it: `onestep eval run` refuses it the same way
+    before = snapshot(tmp_path)
+    line = cli_error(capsys, "eval", "run", "--run", run, "--num-samples", 2, "--device", "cpu", "--no-progress", "--cache-dir", tmp_path / "cache")
+    assert "mel spectrograms" in line
+    assert snapshot(tmp_path) == before
