@@ -117,7 +117,10 @@ def compare(dmd2: list[dict], db: list[dict], key: str = "sliced_w2") -> dict:
     return out
 
 
-def plot_convergence(results: dict, ref: float, path: Path) -> None:
+def plot_convergence(results: dict, ref: float, path: Path, key: str = "sliced_w2", ylabel: str = "sliced W2 to the teacher's mixture",
+                     title: str = "far start: DMD2 vs DisBack-DMD2 (DisBack's generator steps start after its recording stage)") -> None:
+    """``key`` of every run's curve against generator steps and against iterations, seeds as line styles; ``ref``
+    (the teacher's value) as a black line."""
     from onestep.viz import _plt, _save
 
     plt = _plt()
@@ -129,15 +132,15 @@ def plot_convergence(results: dict, ref: float, path: Path) -> None:
             ls = "-" if si == 0 else ":"
             for ax, xkey in zip(axes, ("generator_steps", "iteration")):
                 xs = [p[xkey] for p in r["curve"]]
-                ax.plot(xs, [p["sliced_w2"] for p in r["curve"]], color=c, linestyle=ls, linewidth=1, label=f"{label} (seed {seed})")
+                ax.plot(xs, [p[key] for p in r["curve"]], color=c, linestyle=ls, linewidth=1, label=f"{label} (seed {seed})")
     for ax, xl in zip(axes, ("generator steps", "iterations (DisBack's recording stage included)")):
         ax.axhline(ref, color="black", linewidth=1, label="teacher 50-step DDIM")
         ax.set_xlabel(xl)
-        ax.set_ylabel("sliced W2 to the teacher's mixture")
+        ax.set_ylabel(ylabel)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="upper right", ncol=2)
-    fig.suptitle("far start: DMD2 vs DisBack-DMD2 (DisBack's generator steps start after its recording stage)")
+    fig.suptitle(title)
     _save(fig, path, dpi=110)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from disback_claim import compare, parse_variant, run  # noqa: E402
+from disback_claim import compare, parse_variant, plot_convergence, run  # noqa: E402
 from quality import _load  # noqa: E402
 
 PRESET = "digits_dmd2"
@@ -68,28 +68,6 @@ def evaluator(n: int):
         return {"fid": float(digits_fid(x.float().cpu()))}
 
     return evaluate
-
-
-def plot_convergence(runs: dict, teacher_fid: float, path: Path) -> None:
-    from onestep.viz import _plt, _save
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for si, (seed, by_label) in enumerate(runs.items()):
-        for ri, (label, r) in enumerate(by_label.items()):
-            for ax, xkey in zip(axes, ("generator_steps", "iteration")):
-                ax.plot([p[xkey] for p in r["curve"]], [p["fid"] for p in r["curve"]], color=colors[ri % len(colors)],
-                        linestyle="-" if si == 0 else ":", linewidth=1, label=f"{label} (seed {seed})")
-    for ax, xl in zip(axes, ("generator steps", "iterations (DisBack's recording stage included)")):
-        ax.axhline(teacher_fid, color="black", linewidth=1, label="teacher, 50-step DDIM")
-        ax.set_xlabel(xl)
-        ax.set_ylabel("digits-FID")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("digits from a far start (a generator of transposed digits): DMD2 vs DisBack-DMD2")
-    _save(fig, path, dpi=110)
 
 
 def table(summary: dict) -> str:
@@ -167,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
             summary["seconds"] = round(time.time() - start_time, 1)
             (args.out / "results.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
             (args.out / "table.md").write_text(f"Command: `{summary['command']}`\n\n" + table(summary))
-            plot_convergence(summary["runs"], summary["teacher_fid"], args.out / "convergence.png")
+            plot_convergence(summary["runs"], summary["teacher_fid"], args.out / "convergence.png", key="fid", ylabel="digits-FID",
+                             title="digits from a far start (a generator of transposed digits): DMD2 vs DisBack-DMD2")
     grid = torch.cat([x[:20].float().cpu() for x in panels.values()])
     save_samples_picture(grid, args.out / "samples.png", title="rows of 10: " + " | ".join(panels), nrow=10)
     print(table(summary))
