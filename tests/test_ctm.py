@@ -180,7 +180,9 @@ def test_the_student_exports_reloads_and_samples_like_the_trainer(tiny_teacher_d
         ts = student.timesteps_for(steps)
         a, _ = sample_student_from_seeds(student.generator, student, ts, [0, 1], [3, 4])
         b, _ = sample_student_from_seeds(ours, trainer.teacher_spec, ts, [0, 1], [3, 4])
-        torch.testing.assert_close(a, b)
+        # the same weights; the reloaded network and the trained one's copy may take other CPU kernels
+        # (a 2-thread AMD EPYC differs in one pixel of 512 by 1.2e-5 after 4 steps)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert UNet2DModel.from_pretrained(folder / "generator").config.num_class_embeds == 11 * 9  # plain diffusers
     # onestep sample --gamma / --nu override the student's own
     import numpy as np

@@ -113,7 +113,7 @@ def test_previews_and_evaluation_sample_the_export_without_copying_the_generator
     """``export_view``: the EMA weights stand in the trained network while it samples (restored after), and
     no copy of the generator is made. A full generator's samples are the whole export copy's bit for bit;
     a LoRA one samples unmerged, equal to the merged copy within float rounding."""
-    import trainers.exporting as exporting
+    import onestep.trainers.exporting as exporting
     from onestep.trainers import make_trainer
 
     config = tiny_config("dmd2", tmp_path, sd_dir, prompts=str(prompt_file), generator_timesteps=[999], batch_size=2, max_steps=2,
