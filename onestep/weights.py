@@ -221,17 +221,11 @@ def check_same_network(net: nn.Module | StateDict, path: str | Path, what: str) 
 def average_with(net: nn.Module, path: str | Path, weight: float) -> nn.Module:
     """``net`` (in place) as ``(1 - weight) * net + weight * other``, ``other`` read from ``path`` (a student
     folder or a ``.safetensors`` of the same network: the same keys and shapes, checked first).
-    Floating-point tensors are averaged; other buffers must be equal."""
-    from safetensors.torch import load_file
-
-    file = check_same_network(net, path, "export_average_with")
-    other = load_file(str(file))
-    for k, v in net.state_dict().items():
-        o = other[k]
-        if v.is_floating_point():
-            v.lerp_(o.to(device=v.device, dtype=v.dtype), weight)
-        elif not torch.equal(v, o.to(v.device)):
-            raise ConfigError(f"export_average_with: {file}: {k} differs and cannot be averaged")
+    Floating-point tensors are averaged; other buffers must be equal (:func:`averaged_state`, one tensor at a time)."""
+    state = net.state_dict()
+    for k, v in averaged_state(state, path, weight).items():
+        if isinstance(v, Deferred):
+            state[k].copy_(v.value())
     return net
 
 
