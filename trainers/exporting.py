@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +73,8 @@ class ExportMixin:
         if not self.accelerator.is_main_process:
             yield None
             return
-        net = self.generator.backbone
-        trained = [p for p in net.parameters() if p.requires_grad] if self.ema is not None else []
-        if trained:
-            self.ema.store(trained)
-            self.ema.copy_to(trained)
-        try:
+        with self._ema_weights_in(self.generator.backbone) as net:
             yield net
-        finally:
-            if trained:
-                self.ema.restore(trained)
 
     @contextmanager
     def export_state(self, lora: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[nn.Module | None, StateDict | None]]:
@@ -106,12 +98,9 @@ class ExportMixin:
         if not self.export_differs():
             yield net, net.state_dict()
             return
-        trained = [p for p in net.parameters() if p.requires_grad]
-        swap = self.ema is not None and bool(c.generator_lora_rank)  # the adapters are read as the entries are written
-        if swap:
-            self.ema.store(trained)
-            self.ema.copy_to(trained)
-        try:
+        # LoRA: the EMA's adapters stand in the network, read as the entries are written; a full
+        # generator's EMA weights are the EMA's own tensors (no swap, no copy)
+        with self._ema_weights_in(net) if c.generator_lora_rank else nullcontext():
             if c.generator_lora_rank:
                 if lora is not None:
                     lora.update(lora_layers_for_diffusers(net, "generator"))
@@ -123,8 +112,19 @@ class ExportMixin:
             if c.export_average_with is not None:
                 state = averaged_state(state, c.export_average_with, c.export_average_weight)
             yield net, state
+
+    @contextmanager
+    def _ema_weights_in(self, net: nn.Module) -> Iterator[nn.Module]:
+        """``net`` (the trained generator) with the EMA weights standing in its trained parameters inside the
+        ``with``, its own restored after; ``net`` as it is without EMA."""
+        trained = [p for p in net.parameters() if p.requires_grad] if self.ema is not None else []
+        if trained:
+            self.ema.store(trained)
+            self.ema.copy_to(trained)
+        try:
+            yield net
         finally:
-            if swap:
+            if trained:
                 self.ema.restore(trained)
 
     def _finish_export(self, net: nn.Module, lora: dict[str, torch.Tensor] | None = None) -> nn.Module:
