@@ -138,21 +138,14 @@ def sample_audio_pipeline(
     """Sounds of a text-to-audio student folder that is a diffusers pipeline (``AudioLDMPipeline``), as plain
     diffusers samples it, one per prompt; sound ``i`` uses seed ``seed + i``. Returns ``(waveforms (N, samples),
     the vocoder's sample rate, student info)``."""
-    from tqdm.auto import tqdm
-
-    from .clip import open_pipeline, pipeline_info, pipeline_steps
+    from .clip import open_pipeline, pipeline_info, pipeline_outputs, pipeline_steps
 
     pipe, meta = open_pipeline(folder, device, what="CLAP scoring", kind="audio")
     if getattr(pipe, "vocoder", None) is None:
         raise OnestepError(f"{folder}: not a text-to-audio student (no vocoder); the CLAP score compares sounds with prompts")
     steps = pipeline_steps(meta, steps)
-    rate = int(pipe.vocoder.config.sampling_rate)
-    outs = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, leave=False):
-        batch = prompts[i : i + batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(seed + i + j) for j in range(len(batch))]
-        outs.append(pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="pt").audios.float().cpu())
-    return torch.cat(outs), rate, pipeline_info(folder, meta, steps)
+    waves = pipeline_outputs(pipe, prompts, steps, seed, guidance_scale, batch_size, progress, field="audios")
+    return waves, int(pipe.vocoder.config.sampling_rate), pipeline_info(folder, meta, steps)
 
 
 def read_sounds(folder: str | Path, count: int) -> tuple[list[np.ndarray], list[int]]:

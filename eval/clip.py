@@ -87,20 +87,30 @@ def open_pipeline(folder: str | Path, device: torch.device | str = "cpu", what: 
 
 
 @torch.no_grad()
-def pipeline_images(
-    pipe, prompts: list[str], steps: int, seed: int = 0, guidance_scale: float = 1.0, batch_size: int = 32, progress: bool = False
+@torch.no_grad()
+def pipeline_outputs(
+    pipe, prompts: list[str], steps: int, seed: int = 0, guidance_scale: float = 1.0, batch_size: int = 32, progress: bool = False,
+    field: str = "images",
 ) -> torch.Tensor:
-    """One image per prompt from a loaded pipeline; image ``i`` uses seed ``seed + i`` (a CPU generator),
-    so an image does not depend on the batch size. Returns float images in [-1, 1] on CPU."""
+    """One output per prompt from a loaded pipeline (its ``field``: ``images``, or ``audios`` of a text-to-audio
+    pipeline), as float tensors on CPU; output ``i`` uses seed ``seed + i`` (a CPU generator), so it does not
+    depend on the batch size."""
     from tqdm.auto import tqdm
 
     outs = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, leave=False):
         batch = prompts[i : i + batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(seed + i + j) for j in range(len(batch))]
-        img = pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="pt").images
-        outs.append(img.float().cpu() * 2 - 1)  # [0, 1] -> [-1, 1]
+        out = pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="pt")
+        outs.append(getattr(out, field).float().cpu())
     return torch.cat(outs)
+
+
+def pipeline_images(
+    pipe, prompts: list[str], steps: int, seed: int = 0, guidance_scale: float = 1.0, batch_size: int = 32, progress: bool = False
+) -> torch.Tensor:
+    """One image per prompt from a loaded pipeline (:func:`pipeline_outputs`), float in [-1, 1] on CPU."""
+    return pipeline_outputs(pipe, prompts, steps, seed, guidance_scale, batch_size, progress) * 2 - 1  # [0, 1] -> [-1, 1]
 
 
 def pipeline_steps(meta: dict[str, Any], steps: int | None) -> int:
